@@ -1,0 +1,209 @@
+"""The storage protocol every backend implements.
+
+Backends are *storage primitives only*: they know runs, an append-only log of
+opaque byte records per run, an inbox per run, a due-time index and leases.
+Durable-execution semantics (what a record means, replay, retries) live one
+layer up in ``substantial._journal``, the only caller of a backend.
+
+Every method is atomic in its store. Time is passed in by the caller as epoch
+seconds (``now``), so the same rules hold on every store and tests can move
+the clock; workers on several machines need NTP-synchronised clocks, like
+every lease-based system.
+
+Rules shared by every store (the conformance suite in ``tests/conformance``
+checks each one):
+
+* ``create_run`` inserts the run (status PENDING, log = [first record],
+  ``due_at`` as given) unless the id exists; returns False then, changing nothing.
+* A run is *claimable* when ``due_at is not None and due_at <= now`` and it is
+  not leased (``lease_expires_at is None or lease_expires_at <= now``) and its
+  status is not terminal and its workflow is in the claimer's set.
+  ``claim_due`` takes up to ``limit`` claimable runs of one queue, oldest due
+  first, sets status RUNNING (and ``started_at`` if unset), a new lease owner
+  and expiry, and ``lease_token = previous + 1``. Two concurrent claimers
+  never get the same run.
+* ``append`` writes iff ``token == lease_token`` and ``expected_len ==
+  log_len`` (else raises :class:`~substantial.errors.LeaseLost`); it then
+  applies ``update`` in the same atomic step.
+* Releasing (``release`` or ``append(..., update=RunUpdate(release=True))``)
+  clears the lease and sets ``due_at``; but if the inbox holds an item past
+  ``inbox_pos`` or a cancel is pending, ``due_at`` becomes ``now`` so a
+  delivery racing with a release is never stranded. Terminal statuses clear
+  ``due_at`` and the lease.
+* ``deliver`` appends to the inbox with id = previous id + 1 (ids start at 1)
+  and sets ``due_at = now`` (the run stays leased if it is). Unknown run:
+  raises RunNotFound; terminal run: raises RunFinished.
+* ``read`` returns the run, its log from ``log_from``, and inbox items with
+  id > ``inbox_pos`` in id order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from .._types import RunStatus
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunRecord:
+    """A run's row: everything but its log and inbox."""
+
+    run_id: str
+    workflow: str
+    queue: str
+    status: RunStatus
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    due_at: float | None = None
+    result: Any = None  # JSON value of a completed run
+    error: str | None = None  # message of a failed run
+    log_len: int = 0
+    inbox_pos: int = 0  # id of the last inbox item moved into the log
+    lease_token: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NewRun:
+    run_id: str
+    workflow: str
+    queue: str
+    first_record: bytes
+    created_at: float
+    due_at: float | None
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim:
+    run_id: str
+    token: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxItem:
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Snapshot:
+    run: RunRecord
+    log: list[bytes]  # records from the requested offset
+    inbox: list[InboxItem]  # pending items (id > run.inbox_pos), in id order
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunUpdate:
+    """Changes applied atomically with an append. Unset fields are left alone."""
+
+    status: RunStatus | None = None
+    result: Any = _UNSET
+    error: str | None = None
+    ended_at: float | None = None
+    inbox_pos: int | None = None
+    release: bool = False  # drop the lease (then due_at applies)
+    due_at: float | None = None  # next due time when releasing; None = wait for an event
+
+    @property
+    def has_result(self) -> bool:
+        return self.result is not _UNSET
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One store. Implementations: memory, sqlite, fs, redis, postgres."""
+
+    async def open(self) -> None:
+        """Connect / create schema. Idempotent. Called before first use."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def create_run(self, new: NewRun) -> bool: ...
+
+    async def claim_due(
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[Claim]: ...
+
+    async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None: ...
+
+    async def append(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
+    ) -> int:
+        """Returns the new log length."""
+        ...
+
+    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+        """Extend the lease; False if the token is no longer current."""
+        ...
+
+    async def release(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        due_at: float | None,
+        status: RunStatus,
+        now: float,
+    ) -> bool:
+        """Drop the lease with a status (SUSPENDED or PENDING) and next due time.
+        False if the token is no longer current (nothing changed)."""
+        ...
+
+    async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
+        """Add an inbox item; returns its id."""
+        ...
+
+    async def request_cancel(self, run_id: str, *, now: float) -> None:
+        """Mark for cancellation and make due. Unknown run: RunNotFound; terminal: no-op."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        statuses: Collection[RunStatus] | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        """Runs ordered by created_at then run_id."""
+        ...
+
+    def subscribe(self) -> AsyncIterator[str]:
+        """Hints that something changed: yields run ids ("" = unspecified).
+
+        Hints are best-effort (a missed hint costs at most one poll interval);
+        stores without a notification channel return an iterator that never yields.
+        """
+        ...
+
+    @property
+    def poll_interval(self) -> float | None:
+        """Fallback polling period for work made by other processes; None = never
+        needed (every change is signalled through ``subscribe``)."""
+        ...

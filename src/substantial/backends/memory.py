@@ -1,0 +1,252 @@
+"""The in-memory store: the reference implementation of the protocol.
+
+Public and real, for users' tests: a :class:`MemoryBackend` is private to its
+process (``memory://``), keeps everything in dicts, and signals every change
+in-process, so a worker never polls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .._types import RunStatus
+from ..errors import LeaseLost, RunFinished, RunNotFound
+from ._hub import LocalHub
+from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+
+
+@dataclass
+class _Run:
+    rec: RunRecord
+    log: list[bytes] = field(default_factory=list)
+    inbox: list[InboxItem] = field(default_factory=list)
+    last_inbox_id: int = 0
+
+
+def apply_release(rec: RunRecord, due_at: float | None, now: float, pending: bool) -> RunRecord:
+    """Shared release rule: a pending delivery or cancel makes the run due now."""
+    if rec.status.is_terminal:
+        due_at = None
+    elif pending or rec.cancel_requested:
+        due_at = now if due_at is None else min(due_at, now)
+    return replace(rec, due_at=due_at, lease_owner=None, lease_expires_at=None)
+
+
+class MemoryBackend:
+    """Process-local store. ``MemoryBackend()`` or ``open_backend("memory://")``."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+        self._hub = LocalHub()
+        self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    @property
+    def poll_interval(self) -> float | None:
+        return None
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def subscribe(self) -> AsyncIterator[str]:
+        return self._hub.subscribe()
+
+    async def create_run(self, new: NewRun) -> bool:
+        self._count("create_run")
+        if new.run_id in self._runs:
+            return False
+        rec = RunRecord(
+            run_id=new.run_id,
+            workflow=new.workflow,
+            queue=new.queue,
+            status=RunStatus.PENDING,
+            created_at=new.created_at,
+            due_at=new.due_at,
+            log_len=1,
+            parent_id=new.parent_id,
+        )
+        self._runs[new.run_id] = _Run(rec=rec, log=[new.first_record])
+        self._hub.publish(new.run_id)
+        return True
+
+    async def claim_due(
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[Claim]:
+        self._count("claim_due")
+        wanted = set(workflows)
+        due = [
+            r
+            for r in self._runs.values()
+            if r.rec.queue == queue
+            and r.rec.workflow in wanted
+            and r.rec.due_at is not None
+            and r.rec.due_at <= now
+            and (r.rec.lease_expires_at is None or r.rec.lease_expires_at <= now)
+            and not r.rec.status.is_terminal
+        ]
+        due.sort(key=lambda r: (r.rec.due_at or 0.0, r.rec.created_at, r.rec.run_id))
+        claims = []
+        for r in due[:limit]:
+            token = r.rec.lease_token + 1
+            r.rec = replace(
+                r.rec,
+                status=RunStatus.RUNNING,
+                started_at=r.rec.started_at if r.rec.started_at is not None else now,
+                lease_token=token,
+                lease_owner=owner,
+                lease_expires_at=now + lease_seconds,
+            )
+            claims.append(Claim(run_id=r.rec.run_id, token=token))
+        return claims
+
+    async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
+        self._count("read")
+        r = self._runs.get(run_id)
+        if r is None:
+            return None
+        pending = [i for i in r.inbox if i.id > r.rec.inbox_pos]
+        return Snapshot(run=r.rec, log=r.log[log_from:], inbox=pending)
+
+    def _owned(self, run_id: str, token: int) -> _Run:
+        r = self._runs.get(run_id)
+        if r is None:
+            raise RunNotFound(run_id)
+        if r.rec.lease_token != token:
+            raise LeaseLost(run_id)
+        return r
+
+    async def append(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
+    ) -> int:
+        self._count("append")
+        r = self._owned(run_id, token)
+        if r.rec.log_len != expected_len:
+            raise LeaseLost(
+                run_id,
+                f"run {run_id!r}: log length is {r.rec.log_len}, expected {expected_len}",
+            )
+        r.log.extend(records)
+        rec = replace(r.rec, log_len=len(r.log))
+        if update is not None:
+            rec = _apply_update(rec, update)
+            if update.release or rec.status.is_terminal:
+                pending = bool(r.inbox) and r.inbox[-1].id > rec.inbox_pos
+                rec = apply_release(rec, update.due_at, now, pending)
+        r.rec = rec
+        if update is not None and (update.release or rec.status.is_terminal):
+            self._hub.publish(run_id)
+        return rec.log_len
+
+    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+        self._count("renew")
+        r = self._runs.get(run_id)
+        if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
+            return False
+        r.rec = replace(r.rec, lease_expires_at=now + lease_seconds)
+        return True
+
+    async def release(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        due_at: float | None,
+        status: RunStatus,
+        now: float,
+    ) -> bool:
+        self._count("release")
+        r = self._runs.get(run_id)
+        if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
+            return False
+        pending = bool(r.inbox) and r.inbox[-1].id > r.rec.inbox_pos
+        rec = r.rec if r.rec.status.is_terminal else replace(r.rec, status=status)
+        r.rec = apply_release(rec, due_at, now, pending)
+        self._hub.publish(run_id)
+        return True
+
+    async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
+        self._count("deliver")
+        r = self._runs.get(run_id)
+        if r is None:
+            raise RunNotFound(run_id)
+        if r.rec.status.is_terminal:
+            raise RunFinished(run_id, r.rec.status.value)
+        r.last_inbox_id += 1
+        r.inbox.append(InboxItem(id=r.last_inbox_id, data=data))
+        r.rec = replace(r.rec, due_at=now)
+        self._hub.publish(run_id)
+        return r.last_inbox_id
+
+    async def request_cancel(self, run_id: str, *, now: float) -> None:
+        self._count("request_cancel")
+        r = self._runs.get(run_id)
+        if r is None:
+            raise RunNotFound(run_id)
+        if r.rec.status.is_terminal:
+            return
+        r.rec = replace(r.rec, cancel_requested=True, due_at=now)
+        self._hub.publish(run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self._count("get_run")
+        r = self._runs.get(run_id)
+        return None if r is None else r.rec
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        statuses: Collection[RunStatus] | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        self._count("list_runs")
+        out = [
+            r.rec
+            for r in self._runs.values()
+            if (workflow is None or r.rec.workflow == workflow)
+            and (statuses is None or r.rec.status in statuses)
+        ]
+        out.sort(key=lambda rec: (rec.created_at, rec.run_id))
+        return out if limit is None else out[:limit]
+
+    # -- test helpers -------------------------------------------------------
+
+    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+        """Overwrite one stored log record (to test how bad data is handled)."""
+        self._runs[run_id].log[position] = data
+
+
+def _apply_update(rec: RunRecord, u: RunUpdate) -> RunRecord:
+    changes: dict[str, Any] = {}
+    if u.status is not None:
+        changes["status"] = u.status
+    if u.has_result:
+        changes["result"] = u.result
+    if u.error is not None:
+        changes["error"] = u.error
+    if u.ended_at is not None:
+        changes["ended_at"] = u.ended_at
+    if u.inbox_pos is not None:
+        changes["inbox_pos"] = u.inbox_pos
+    return replace(rec, **changes) if changes else rec

@@ -1,0 +1,86 @@
+"""Factories for every store the suites run on, each isolated per test.
+
+Redis and PostgreSQL tests talk to the real servers on loopback
+(``SUBSTANTIAL_TEST_REDIS`` / ``SUBSTANTIAL_TEST_POSTGRES`` override the URLs).
+They fail, never skip, when the server is missing and ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from substantial.backends import Backend
+
+REDIS_URL = os.environ.get("SUBSTANTIAL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("SUBSTANTIAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+LOCAL = ["memory", "sqlite", "fs"]
+SERVERS = ["redis", "postgres"]
+ALL = LOCAL + SERVERS
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    """Skip locally when a server is missing; fail in CI, where it must run."""
+    msg = f"{what} unavailable: {exc!r}"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@asynccontextmanager
+async def make_backend(kind: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A fresh, opened backend of ``kind``; removes what it created afterwards."""
+    backend: Backend
+    if kind == "memory":
+        from substantial.backends.memory import MemoryBackend
+
+        backend = MemoryBackend()
+    elif kind == "sqlite":
+        from substantial.backends.sqlite import SQLiteBackend
+
+        backend = SQLiteBackend(tmp_path / "state.db")
+    elif kind == "fs":
+        from substantial.backends.fs import FSBackend
+
+        backend = FSBackend(tmp_path / "logs")
+    elif kind == "redis":
+        from substantial.backends.redis import RedisBackend
+
+        backend = RedisBackend(REDIS_URL, prefix=f"subtest-{uuid.uuid4().hex[:12]}")
+    elif kind == "postgres":
+        from substantial.backends.postgres import PostgresBackend
+
+        backend = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}")
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    try:
+        await backend.open()
+    except Exception as exc:  # server not running
+        unavailable(kind, exc)
+    try:
+        yield backend
+    finally:
+        drop = getattr(backend, "drop_everything", None)
+        if drop is not None:
+            await drop()
+        await backend.close()
+
+
+def url_for(kind: str, tmp_path: Path) -> tuple[str, str]:
+    """A store URL usable from another process, plus an isolation suffix."""
+    tag = uuid.uuid4().hex[:12]
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/state.db", tag
+    if kind == "fs":
+        return f"file://{tmp_path}/logs", tag
+    if kind == "redis":
+        return f"{REDIS_URL}?prefix=subtest-{tag}", tag
+    if kind == "postgres":
+        return f"{POSTGRES_URL}?schema=subtest_{tag}", tag
+    raise ValueError(kind)

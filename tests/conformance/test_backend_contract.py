@@ -1,0 +1,357 @@
+"""The storage contract. Every backend runs this file unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from substantial import RunStatus
+from substantial.backends import Backend, NewRun, RunUpdate
+from substantial.errors import LeaseLost, RunFinished, RunNotFound
+
+T0 = 1_700_000_000.0
+WF = ("wf",)
+
+
+def new_run(run_id: str | None = None, *, due: float | None = T0, wf: str = "wf",
+            queue: str = "default", first: bytes = b'{"k":"start"}') -> NewRun:
+    return NewRun(
+        run_id=run_id or uuid.uuid4().hex,
+        workflow=wf,
+        queue=queue,
+        first_record=first,
+        created_at=T0,
+        due_at=due,
+    )
+
+
+async def claim_one(b: Backend, *, now: float = T0, owner: str = "w1", lease: float = 10.0):
+    claims = await b.claim_due(
+        queue="default", workflows=WF, limit=1, owner=owner, lease_seconds=lease, now=now
+    )
+    return claims[0] if claims else None
+
+
+async def test_create_run_stores_the_first_record_and_is_pending(backend: Backend) -> None:
+    assert await backend.create_run(new_run("r1", first=b"first"))
+    snap = await backend.read("r1")
+    assert snap is not None
+    assert snap.log == [b"first"]
+    assert snap.inbox == []
+    assert snap.run.status == RunStatus.PENDING
+    assert snap.run.workflow == "wf"
+    assert snap.run.log_len == 1
+    assert snap.run.created_at == T0
+
+
+async def test_create_run_is_idempotent_on_run_id(backend: Backend) -> None:
+    assert await backend.create_run(new_run("r1", first=b"a"))
+    assert not await backend.create_run(new_run("r1", first=b"b"))
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"a"]
+
+
+async def test_concurrent_creates_of_one_id_create_exactly_one_run(backend: Backend) -> None:
+    results = await asyncio.gather(
+        *(backend.create_run(new_run("same", first=f"{i}".encode())) for i in range(10))
+    )
+    assert sorted(results) == [False] * 9 + [True]
+    assert len(await backend.list_runs()) == 1
+
+
+async def test_read_and_get_of_unknown_run_return_none(backend: Backend) -> None:
+    assert await backend.read("nope") is None
+    assert await backend.get_run("nope") is None
+
+
+async def test_claim_takes_due_runs_and_issues_growing_tokens(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c1 = await claim_one(backend)
+    assert c1 is not None and c1.run_id == "r1"
+    run = await backend.get_run("r1")
+    assert run is not None
+    assert run.status == RunStatus.RUNNING
+    assert run.started_at == T0
+    assert run.lease_owner == "w1"
+    # leased: nobody else can claim it until the lease expires
+    assert await claim_one(backend, owner="w2", now=T0 + 5) is None
+    c2 = await claim_one(backend, owner="w2", now=T0 + 11)
+    assert c2 is not None and c2.token > c1.token
+
+
+async def test_claim_skips_runs_not_yet_due_or_waiting(backend: Backend) -> None:
+    await backend.create_run(new_run("later", due=T0 + 60))
+    await backend.create_run(new_run("waiting", due=None))
+    assert await claim_one(backend) is None
+    c = await claim_one(backend, now=T0 + 60)
+    assert c is not None and c.run_id == "later"
+
+
+async def test_claim_only_takes_registered_workflows_and_its_queue(backend: Backend) -> None:
+    await backend.create_run(new_run("other-wf", wf="unknown"))
+    await backend.create_run(new_run("other-q", queue="q2"))
+    assert await claim_one(backend) is None
+    run = await backend.get_run("other-wf")
+    assert run is not None and run.status == RunStatus.PENDING
+    claims = await backend.claim_due(
+        queue="q2", workflows=WF, limit=5, owner="w", lease_seconds=5, now=T0
+    )
+    assert [c.run_id for c in claims] == ["other-q"]
+
+
+async def test_claim_respects_limit_and_due_order(backend: Backend) -> None:
+    for i in range(5):
+        await backend.create_run(new_run(f"r{i}", due=T0 - i))
+    claims = await backend.claim_due(
+        queue="default", workflows=WF, limit=3, owner="w", lease_seconds=5, now=T0
+    )
+    assert [c.run_id for c in claims] == ["r4", "r3", "r2"]
+
+
+async def test_concurrent_claims_are_exclusive(backend: Backend) -> None:
+    for i in range(20):
+        await backend.create_run(new_run(f"r{i}"))
+
+    async def claimer(owner: str) -> list[str]:
+        got: list[str] = []
+        for _ in range(10):
+            cs = await backend.claim_due(
+                queue="default", workflows=WF, limit=3, owner=owner, lease_seconds=30, now=T0
+            )
+            got += [c.run_id for c in cs]
+        return got
+
+    results = await asyncio.gather(*(claimer(f"w{i}") for i in range(4)))
+    everything = [r for got in results for r in got]
+    assert sorted(everything) == sorted(f"r{i}" for i in range(20))
+
+
+async def test_append_with_current_token_and_length(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    n = await backend.append("r1", token=c.token, expected_len=1, records=[b"1", b"2"], now=T0)
+    assert n == 3
+    snap = await backend.read("r1", log_from=1)
+    assert snap is not None and snap.log == [b"1", b"2"] and snap.run.log_len == 3
+
+
+async def test_append_with_stale_token_is_rejected(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    old = await claim_one(backend, lease=1)
+    new = await claim_one(backend, now=T0 + 2, owner="w2")
+    assert old is not None and new is not None
+    with pytest.raises(LeaseLost):
+        await backend.append("r1", token=old.token, expected_len=1, records=[b"x"], now=T0 + 2)
+    await backend.append("r1", token=new.token, expected_len=1, records=[b"y"], now=T0 + 2)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"0", b"y"]
+
+
+async def test_append_with_wrong_expected_length_is_rejected(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    with pytest.raises(LeaseLost):
+        await backend.append("r1", token=c.token, expected_len=5, records=[b"x"], now=T0)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"0"]
+
+
+async def test_racing_appends_with_same_expectation_write_once(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    outcomes = await asyncio.gather(
+        *(
+            backend.append("r1", token=c.token, expected_len=1, records=[f"{i}".encode()], now=T0)
+            for i in range(8)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for o in outcomes if o == 2) == 1
+    assert all(isinstance(o, LeaseLost) for o in outcomes if o != 2)
+    snap = await backend.read("r1")
+    assert snap is not None and len(snap.log) == 2
+
+
+async def test_append_update_finishes_a_run(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    update = RunUpdate(status=RunStatus.COMPLETED, result={"x": [1, 2]}, ended_at=T0 + 1)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"], update=update,
+                         now=T0 + 1)
+    run = await backend.get_run("r1")
+    assert run is not None
+    assert run.status == RunStatus.COMPLETED
+    assert run.result == {"x": [1, 2]}
+    assert run.ended_at == T0 + 1
+    assert run.due_at is None and run.lease_owner is None
+    assert await claim_one(backend, now=T0 + 100) is None
+
+
+async def test_append_update_records_failure_message(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    update = RunUpdate(status=RunStatus.FAILED, error="boom: it's broken", ended_at=T0)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"e"], update=update, now=T0)
+    run = await backend.get_run("r1")
+    assert run is not None and run.status == RunStatus.FAILED
+    assert run.error == "boom: it's broken" and run.result is None
+
+
+async def test_append_can_release_with_a_due_time(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=T0 + 30)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"s"], update=update, now=T0)
+    run = await backend.get_run("r1")
+    assert run is not None and run.status == RunStatus.SUSPENDED and run.due_at == T0 + 30
+    assert await claim_one(backend, now=T0 + 29) is None
+    assert await claim_one(backend, now=T0 + 30) is not None
+
+
+async def test_renew_extends_lease_and_fails_for_stale_token(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend, lease=10)
+    assert c is not None
+    assert await backend.renew("r1", token=c.token, lease_seconds=10, now=T0 + 8)
+    assert await claim_one(backend, owner="w2", now=T0 + 15) is None
+    c2 = await claim_one(backend, owner="w2", now=T0 + 19)
+    assert c2 is not None
+    assert not await backend.renew("r1", token=c.token, lease_seconds=10, now=T0 + 19)
+
+
+async def test_release_sets_status_and_due_time(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    assert await backend.release(
+        "r1", token=c.token, due_at=T0 + 5, status=RunStatus.SUSPENDED, now=T0
+    )
+    run = await backend.get_run("r1")
+    assert run is not None and run.status == RunStatus.SUSPENDED and run.lease_owner is None
+    assert await claim_one(backend, now=T0 + 4) is None
+    c2 = await claim_one(backend, now=T0 + 5)
+    assert c2 is not None
+    assert not await backend.release(
+        "r1", token=c.token, due_at=None, status=RunStatus.SUSPENDED, now=T0
+    )
+
+
+async def test_deliver_fills_inbox_in_order_and_makes_run_due(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    ids = [await backend.deliver("r1", f"e{i}".encode(), now=T0) for i in range(3)]
+    assert ids == [1, 2, 3]
+    snap = await backend.read("r1")
+    assert snap is not None
+    assert [i.data for i in snap.inbox] == [b"e0", b"e1", b"e2"]
+    assert snap.run.due_at == T0
+    assert await claim_one(backend) is not None
+
+
+async def test_concurrent_deliveries_get_distinct_ordered_ids(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    ids = await asyncio.gather(*(backend.deliver("r1", b"%d" % i, now=T0) for i in range(20)))
+    assert sorted(ids) == list(range(1, 21))
+    snap = await backend.read("r1")
+    assert snap is not None and [i.id for i in snap.inbox] == list(range(1, 21))
+
+
+async def test_inbox_consumption_is_recorded_with_append(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    for i in range(3):
+        await backend.deliver("r1", b"%d" % i, now=T0)
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"ev0", b"ev1"],
+                         update=RunUpdate(inbox_pos=2), now=T0)
+    snap = await backend.read("r1")
+    assert snap is not None
+    assert snap.run.inbox_pos == 2
+    assert [i.data for i in snap.inbox] == [b"2"]
+
+
+async def test_release_while_a_delivery_is_pending_keeps_the_run_due(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.deliver("r1", b"late", now=T0 + 1)  # arrives while leased
+    await backend.release("r1", token=c.token, due_at=None, status=RunStatus.SUSPENDED, now=T0 + 2)
+    run = await backend.get_run("r1")
+    assert run is not None and run.due_at is not None and run.due_at <= T0 + 2
+    assert await claim_one(backend, now=T0 + 2) is not None
+
+
+async def test_append_release_while_a_delivery_is_pending_keeps_the_run_due(
+    backend: Backend,
+) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.deliver("r1", b"late", now=T0 + 1)
+    update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=None)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"w"], update=update,
+                         now=T0 + 2)
+    assert await claim_one(backend, now=T0 + 2) is not None
+
+
+async def test_deliver_to_unknown_or_finished_run_is_refused(backend: Backend) -> None:
+    with pytest.raises(RunNotFound):
+        await backend.deliver("ghost", b"x", now=T0)
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"],
+                         update=RunUpdate(status=RunStatus.COMPLETED, result=1, ended_at=T0),
+                         now=T0)
+    with pytest.raises(RunFinished):
+        await backend.deliver("r1", b"x", now=T0)
+
+
+async def test_request_cancel_marks_and_makes_due(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    await backend.request_cancel("r1", now=T0)
+    run = await backend.get_run("r1")
+    assert run is not None and run.cancel_requested and run.due_at == T0
+    with pytest.raises(RunNotFound):
+        await backend.request_cancel("ghost", now=T0)
+
+
+async def test_list_runs_filters_by_workflow_and_status(backend: Backend) -> None:
+    await backend.create_run(new_run("a", wf="wf"))
+    await backend.create_run(new_run("b", wf="other"))
+    await backend.create_run(new_run("c", wf="wf"))
+    await claim_one(backend)  # a or c becomes RUNNING
+    runs = await backend.list_runs(workflow="wf")
+    assert sorted(r.run_id for r in runs) == ["a", "c"]
+    pending = await backend.list_runs(statuses=[RunStatus.PENDING])
+    assert len(pending) == 2
+    assert len(await backend.list_runs(limit=2)) == 2
+
+
+async def test_binary_records_round_trip_unchanged(backend: Backend) -> None:
+    weird = bytes(range(256)) + b"\n\x00{}"
+    await backend.create_run(new_run("r1", first=weird))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append("r1", token=c.token, expected_len=1, records=[weird[::-1]], now=T0)
+    await backend.deliver("r1", weird, now=T0)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [weird, weird[::-1]]
+    assert snap.inbox[0].data == weird
+
+
+async def test_subscribe_hints_after_delivery(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    stream = backend.subscribe()
+    waiter = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.2)
+    await backend.deliver("r1", b"x", now=T0)
+    assert await asyncio.wait_for(waiter, 5) in ("r1", "")
+    await stream.aclose()  # type: ignore[attr-defined]
