@@ -32,8 +32,7 @@ def default_url() -> str:
 
 def _missing(extra: str, exc: ImportError) -> ConfigurationError:
     return ConfigurationError(
-        f"this store needs the optional dependency '{exc.name}': "
-        f"pip install 'substantial[{extra}]'"
+        f"this store needs the optional dependency '{exc.name}': pip install 'substantial[{extra}]'"
     )
 
 

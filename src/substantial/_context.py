@@ -1,0 +1,613 @@
+"""The workflow-side API: :class:`Context` and its durable primitives.
+
+Determinism rules (read these before writing a workflow):
+
+* Every durable call (``save``, ``sleep``, ``receive``, ``ensure``, ``now``,
+  ``random``, ``uuid4``, ``log.*``, ``start_child``, ``revert``,
+  ``continue_using``) gets the next sequence id in call order. On replay a call
+  whose record exists returns the recorded outcome without acting.
+* So workflow code between durable calls must decide the same way on every
+  replay: no wall clock (use ``c.now()``), no ``random`` (``c.random()``), no
+  I/O, no reading mutable global state. Anything that may differ goes in
+  ``c.save(...)``.
+* Events are positional: an event becomes visible at the point of the log where
+  the worker moved it from the run's inbox, so every replay sees the same
+  events at the same point.
+* If replay meets a different call than the log recorded at a step, the run
+  stops FAILED with a :class:`~substantial.errors.NonDeterminismError` naming
+  both calls and where they were made; it is never silently continued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import inspect
+import logging
+import os
+import random as _random
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Generator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import _records as R
+from ._interrupts import CancelRun, StopRun, Suspend
+from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
+from .codec import coerce, to_json
+from .errors import (
+    NonDeterminismError,
+    PayloadTooLarge,
+    RunCancelled,
+    RunFailed,
+    RunReverted,
+    SaveFailed,
+    SerializationError,
+)
+from .workflow import Workflow, workflow_name
+
+if TYPE_CHECKING:
+    from ._journal import RunSession
+
+T = TypeVar("T")
+run_log = logging.getLogger("substantial.run")
+_PKG_DIR = os.path.dirname(__file__)
+
+
+def _caller() -> str:
+    """``file.py:line`` of the user code that made the current durable call."""
+    f = sys._getframe(2)
+    while f is not None and os.path.dirname(f.f_code.co_filename) == _PKG_DIR:
+        f = f.f_back  # type: ignore[assignment]
+    if f is None:
+        return "?"
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def _describe(p: str, name: str | None, at: str | None) -> str:
+    call = f"{p}({name!r})" if name is not None else f"{p}()"
+    return f"{call} at {at}" if at else call
+
+
+class _Done:
+    """Awaitable no-op: ``c.log.info(...)`` works with or without ``await``."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+class RunLogger:
+    """``c.log.info(message, **fields)``: recorded once, not once per replay."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def info(self, message: str, **fields: Any) -> _Done:
+        return self._ctx._log("info", message, fields)
+
+    def warn(self, message: str, **fields: Any) -> _Done:
+        return self._ctx._log("warn", message, fields)
+
+    warning = warn
+
+    def error(self, message: str, **fields: Any) -> _Done:
+        return self._ctx._log("error", message, fields)
+
+
+class ChildHandle:
+    """A child run started by ``c.start_child``; ``await h.result()`` is durable."""
+
+    def __init__(self, ctx: Context, run_id: str) -> None:
+        self._ctx = ctx
+        self.run_id = run_id
+
+    async def result(self) -> Any:
+        outcome = await self._ctx._child_outcome(self.run_id)
+        status = outcome.get("status")
+        if status == RunStatus.COMPLETED:
+            return outcome.get("v")
+        msg = outcome.get("err") or f"child run {self.run_id} ended {status}"
+        if status == RunStatus.CANCELLED:
+            raise RunCancelled(msg, run_id=self.run_id)
+        if status == RunStatus.REVERTED:
+            raise RunReverted(msg, run_id=self.run_id)
+        raise RunFailed(msg, run_id=self.run_id)
+
+
+def child_event(run_id: str) -> str:
+    return f"substantial.child:{run_id}"
+
+
+class Context:
+    """What a workflow receives as its first argument. See the module docstring."""
+
+    def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
+        self._session = session
+        self._hot_wait = hot_wait
+        self._clock = session.journal.clock
+        start = session.start
+        self.run_id: str = session.run_id
+        self.workflow: str = start.get("wf", session.run.workflow)
+        self.kwargs: dict[str, Any] = dict(start.get("kw") or {})
+        self.log = RunLogger(self)
+        self._seq = 0
+        self._calls: dict[int, list[int]] = {}  # seq -> positions of its records
+        self._max_seq = -1
+        self._event_pos: list[int] = []  # positions of event records, ascending
+        self._by_name: dict[str, list[int]] = {}
+        self._consumed: dict[str, int] = {}  # name -> how many have been received
+        self._cursor = 1  # events at positions < cursor are visible
+        self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
+        self._pending: list[R.Record] = []  # log records waiting for the next write
+        self._compensations: list[tuple[int, Callable[[], Any]]] = []
+        self._indexed = 0
+        self._index_new()
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _index_new(self) -> None:
+        """Index records appended to the session since the last call."""
+        records = self._session.records
+        for pos in range(self._indexed, len(records)):
+            rec = records[pos]
+            k = rec.get("k")
+            if k == R.EVENT:
+                self._event_pos.append(pos)
+                self._by_name.setdefault(rec["name"], []).append(pos)
+            elif "s" in rec:
+                s = rec["s"]
+                self._calls.setdefault(s, []).append(pos)
+                self._max_seq = max(self._max_seq, s)
+        self._indexed = len(records)
+
+    def _begin(self, p: str, name: str | None = None) -> tuple[int, list[R.Record], str]:
+        seq = self._seq
+        self._seq += 1
+        at = _caller()
+        recs = [self._session.records[i] for i in self._calls.get(seq, ())]
+        if recs:
+            first = recs[0]
+            if first.get("p") != p or first.get("name") != name:
+                raise NonDeterminismError(
+                    run_id=self.run_id,
+                    step=seq,
+                    expected=_describe(p, name, at),
+                    recorded=_describe(first.get("p", "?"), first.get("name"), first.get("at")),
+                )
+        return seq, recs, at
+
+    def _final(self, seq: int, recs: list[R.Record]) -> R.Record | None:
+        for pos in self._calls.get(seq, ()):
+            rec = self._session.records[pos]
+            if R.is_final(rec):
+                self._advance(pos + 1)
+                return rec
+        return None
+
+    def _replayed_past(self, seq: int) -> bool:
+        """True if the log already holds later calls: this one completed."""
+        return seq < self._max_seq
+
+    def _advance(self, to: int) -> None:
+        """Make events before position ``to`` visible, feeding handlers in log order."""
+        if to <= self._cursor:
+            return
+        lo = bisect.bisect_left(self._event_pos, self._cursor)
+        hi = bisect.bisect_left(self._event_pos, to)
+        self._cursor = to
+        for pos in self._event_pos[lo:hi]:
+            rec = self._session.records[pos]
+            for name, cb in self._handlers:
+                if name == rec["name"]:
+                    cb(rec.get("v"))
+
+    async def _sync(self) -> None:
+        """Live edge: take in pending events, check for cancellation."""
+        await self._session.pull_if_needed()
+        if self._session.run.cancel_requested:
+            raise CancelRun()
+        self._index_new()
+        self._advance(len(self._session.records))
+
+    async def _write(self, *recs: R.Record, what: str) -> int:
+        """Append records (after any buffered log lines); returns position of the last."""
+        batch = [*self._pending, *recs]
+        self._pending.clear()
+        first = await self._session.append(batch, what=what)
+        self._index_new()
+        last = first + len(batch) - 1
+        self._advance(last + 1)
+        return last
+
+    def _rec(
+        self, k: str, seq: int, p: str, at: str, name: str | None = None, **fields: Any
+    ) -> R.Record:
+        rec: R.Record = {"k": k, "s": seq, "p": p, "at": at}
+        if name is not None:
+            rec["name"] = name
+        rec.update(fields)
+        return rec
+
+    def flush_records(self) -> list[R.Record]:
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
+    def check_complete(self) -> None:
+        """The workflow returned: it must have made every call the log recorded."""
+        if self._seq <= self._max_seq:
+            pos = self._calls.get(self._seq, [0])[0]
+            rec = self._session.records[pos]
+            raise NonDeterminismError(
+                run_id=self.run_id,
+                step=self._seq,
+                expected="return (the workflow ended)",
+                recorded=_describe(rec.get("p", "?"), rec.get("name"), rec.get("at")),
+            )
+
+    # -- waiting --------------------------------------------------------------
+
+    async def _wait(self, due: float | None, *, events: bool) -> None:
+        """Wait for ``due`` (and/or a new event) in place if short, else suspend.
+
+        Returns when ``due`` has passed or, with ``events``, when something
+        arrived; raises Suspend to unwind when the wait would be long.
+        """
+        now = self._clock()
+        budget_end = now + self._hot_wait
+        while True:
+            now = self._clock()
+            if due is not None and now >= due:
+                return
+            if due is not None and due - now > self._hot_wait and not events:
+                raise Suspend(due)
+            if now >= budget_end:
+                raise Suspend(due)
+            limit = budget_end - now if due is None else min(budget_end, due) - now
+            if await self._session.wait_for_change(limit):
+                await self._sync()
+                if events:
+                    return
+
+    # -- primitives -------------------------------------------------------------
+
+    async def save(
+        self,
+        f: Callable[[], T | Awaitable[T]],
+        *,
+        compensate_with: Callable[[], Any] | None = None,
+        retry: Retry | None = None,
+        timeout: Seconds | None = None,
+        key: str | None = None,
+        type: Any = None,
+    ) -> Any:
+        """Run ``f`` once and persist its JSON result; replays return the stored value."""
+        return await self._save("save", f, compensate_with, retry, timeout, type)
+
+    async def _save(
+        self,
+        p: str,
+        f: Callable[[], Any],
+        compensate_with: Callable[[], Any] | None,
+        retry: Retry | None,
+        timeout: Seconds | None,
+        tp: Any,
+    ) -> Any:
+        seq, recs, at = self._begin(p)
+        what = f"{p}() at {at} (step {seq})"
+        final = self._final(seq, recs)
+        if final is None:
+            final = await self._execute(seq, p, at, f, recs, retry or DEFAULT_RETRY, timeout, what)
+        if compensate_with is not None:
+            self._compensations.append((seq, compensate_with))
+        err = final.get("err")
+        if err is not None:
+            if err["type"] in ("SerializationError", "PayloadTooLarge"):
+                cls = PayloadTooLarge if err["type"] == "PayloadTooLarge" else SerializationError
+                raise cls(err["msg"])
+            raise SaveFailed(err["msg"], error_type=err["type"], attempts=err["n"], step=seq)
+        return coerce(final.get("v"), tp, what=what)
+
+    async def _execute(
+        self,
+        seq: int,
+        p: str,
+        at: str,
+        f: Callable[[], Any],
+        recs: list[R.Record],
+        policy: Retry,
+        timeout: Seconds | None,
+        what: str,
+    ) -> R.Record:
+        await self._sync()
+        tries = [r for r in recs if r["k"] == R.TRY]
+        attempt = len(tries)
+        if tries:
+            await self._wait(tries[-1]["retry"], events=False)
+        limit = None if timeout is None else to_seconds(timeout)
+        while True:
+            attempt += 1
+            try:
+                value = await _invoke(f, limit)
+                final = self._rec(
+                    R.CALL,
+                    seq,
+                    p,
+                    at,
+                    v=to_json(value, what=what, limit=self._session.journal.max_payload),
+                )
+            except SerializationError as exc:
+                final = self._rec(
+                    R.CALL,
+                    seq,
+                    p,
+                    at,
+                    err={"type": type(exc).__name__, "msg": str(exc), "n": attempt},
+                )
+            except Exception as exc:
+                msg = str(exc) or type(exc).__name__
+                err = {"type": type(exc).__name__, "msg": msg}
+                if attempt >= policy.max_attempts or isinstance(exc, policy.non_retryable):
+                    final = self._rec(R.CALL, seq, p, at, err={**err, "n": attempt})
+                else:
+                    retry_at = self._clock() + policy.delay_after(attempt)
+                    await self._write(
+                        self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at), what=what
+                    )
+                    await self._wait(retry_at, events=False)
+                    continue
+            await self._write(final, what=what)
+            return final
+
+    async def sleep(self, duration: Seconds) -> None:
+        """Durable timer: survives restarts."""
+        seq, recs, at = self._begin("sleep")
+        await self._timer(seq, recs, at, lambda: self._clock() + to_seconds(duration))
+
+    async def sleep_until(self, when: datetime) -> None:
+        seq, recs, at = self._begin("sleep")
+        if when.tzinfo is None:
+            raise ValueError("sleep_until() needs an aware datetime (e.g. tzinfo=UTC)")
+        await self._timer(seq, recs, at, when.timestamp)
+
+    async def _timer(
+        self, seq: int, recs: list[R.Record], at: str, due_fn: Callable[[], float]
+    ) -> None:
+        if self._replayed_past(seq):
+            return
+        await self._sync()
+        if recs:
+            due = recs[0]["due"]
+        else:
+            due = due_fn()
+            await self._write(self._rec(R.ARM, seq, "sleep", at, due=due), what="sleep()")
+        await self._wait(due, events=False)
+
+    async def receive(self, name: str, *, timeout: Seconds | None = None) -> Any:
+        """The next unconsumed event ``name``, in send order; waits for one."""
+        seq, recs, at = self._begin("receive", name)
+        final = self._final(seq, recs)
+        if final is None:
+            final = await self._await_event(seq, recs, at, name, timeout)
+        self._consumed[name] = self._consumed.get(name, 0) + (0 if final.get("to") else 1)
+        if final.get("to"):
+            raise TimeoutError(f"receive({name!r}) timed out")
+        return self._session.records[final["ev"]].get("v")
+
+    def _next_event(self, name: str) -> int | None:
+        positions = self._by_name.get(name, ())
+        n = self._consumed.get(name, 0)
+        if n < len(positions) and positions[n] < self._cursor:
+            return positions[n]
+        return None
+
+    async def _await_event(
+        self, seq: int, recs: list[R.Record], at: str, name: str, timeout: Seconds | None
+    ) -> R.Record:
+        arm = next((r for r in recs if r["k"] == R.ARM), None)
+        due = arm["due"] if arm else None
+        while True:
+            await self._sync()
+            pos = self._next_event(name)
+            if pos is not None:
+                final = self._rec(R.CALL, seq, "receive", at, name, ev=pos)
+                break
+            if due is None and timeout is not None:
+                due = self._clock() + to_seconds(timeout)
+                await self._write(
+                    self._rec(R.ARM, seq, "receive", at, name, due=due), what=f"receive({name!r})"
+                )
+            if due is not None and self._clock() >= due:
+                final = self._rec(R.CALL, seq, "receive", at, name, to=True)
+                break
+            await self._wait(due, events=True)
+        await self._write(final, what=f"receive({name!r})")
+        return final
+
+    def handle(self, name: str, cb: Callable[[Any], Any]) -> None:
+        """Apply ``cb(payload)`` to every event ``name``, in order, now and as they arrive."""
+        self._handlers.append((name, cb))
+        for pos in self._by_name.get(name, ()):
+            if pos >= self._cursor:
+                break
+            cb(self._session.records[pos].get("v"))
+
+    async def ensure(
+        self,
+        pred: Callable[[], bool],
+        *,
+        poll: Seconds | None = None,
+        timeout: Seconds | None = None,
+    ) -> bool:
+        """Suspend until ``pred()`` is true (re-checked on each new event, and every ``poll``)."""
+        seq, recs, at = self._begin("ensure")
+        final = self._final(seq, recs)
+        if final is None:
+            arm = next((r for r in recs if r["k"] == R.ARM), None)
+            due = arm["due"] if arm else None
+            while True:
+                await self._sync()
+                if pred():
+                    final = self._rec(R.CALL, seq, "ensure", at)
+                    break
+                if due is None and timeout is not None:
+                    due = self._clock() + to_seconds(timeout)
+                    await self._write(self._rec(R.ARM, seq, "ensure", at, due=due), what="ensure()")
+                if due is not None and self._clock() >= due:
+                    final = self._rec(R.CALL, seq, "ensure", at, to=True)
+                    break
+                wake = due
+                if poll is not None:
+                    nxt = self._clock() + to_seconds(poll)
+                    wake = nxt if wake is None else min(wake, nxt)
+                await self._wait(wake, events=True)
+            await self._write(final, what="ensure()")
+        if final.get("to"):
+            raise TimeoutError("ensure() timed out")
+        return True
+
+    async def _value(self, p: str, make: Callable[[], Any]) -> Any:
+        seq, recs, at = self._begin(p)
+        final = self._final(seq, recs)
+        if final is None:
+            await self._sync()
+            final = self._rec(R.CALL, seq, p, at, v=make())
+            await self._write(final, what=f"{p}()")
+        return final["v"]
+
+    async def now(self) -> datetime:
+        """Current time (aware UTC), recorded: identical on replay."""
+        t = await self._value("now", self._clock)
+        return datetime.fromtimestamp(t, UTC)
+
+    async def random(self) -> float:
+        """A float in [0, 1), recorded."""
+        return float(await self._value("random", _random.random))
+
+    async def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded."""
+        return uuid.UUID(await self._value("uuid4", lambda: str(uuid.uuid4())))
+
+    def _log(self, level: str, message: str, fields: dict[str, Any]) -> _Done:
+        seq, recs, at = self._begin("log")
+        if recs:
+            return _Done()
+        rec = self._rec(
+            R.LOG,
+            seq,
+            "log",
+            at,
+            level=level,
+            msg=str(message),
+            fields=to_json(fields, what=f"log.{level}() fields"),
+            t=self._clock(),
+        )
+        self._pending.append(rec)
+        py_level = {"info": logging.INFO, "warn": logging.WARNING}.get(level, logging.ERROR)
+        run_log.log(
+            py_level,
+            "[%s] %s",
+            self.run_id,
+            message,
+            extra={"run_id": self.run_id, "fields": fields},
+        )
+        return _Done()
+
+    # -- composition --------------------------------------------------------------
+
+    async def start_child(
+        self,
+        wf: Workflow[Any] | str,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+    ) -> ChildHandle:
+        """Start a child run; cancelling this run cancels it too."""
+        name = workflow_name(wf)
+        seq, recs, at = self._begin("start_child", name)
+        final = self._final(seq, recs)
+        if final is None:
+            await self._sync()
+            child_id = f"{self.run_id}.{seq}"
+            await self._session.journal.create(
+                run_id=child_id,
+                workflow=name,
+                kwargs=dict(kwargs or {}),
+                queue=queue or self._session.run.queue,
+                parent_id=self.run_id,
+            )
+            final = self._rec(R.CALL, seq, "start_child", at, name, v=child_id)
+            await self._write(final, what="start_child()")
+        return ChildHandle(self, final["v"])
+
+    async def _child_outcome(self, child_id: str) -> dict[str, Any]:
+        name = child_event(child_id)
+        seq = self._seq
+        if seq > self._max_seq and self._next_event(name) is None:
+            # Live: if the child already ended but its notice was lost, re-send it.
+            journal = self._session.journal
+            child = await journal.backend.get_run(child_id)
+            if child is not None and child.status.is_terminal and not self._by_name.get(name):
+                await journal.deliver(self.run_id, name, child_outcome(child))
+                self._session.notify()
+        value = await self.receive(name)
+        return value if isinstance(value, dict) else {}
+
+    async def revert(self) -> None:
+        """Run recorded compensations in reverse order (durably), then end as REVERTED."""
+        for _, comp in reversed(self._compensations):
+            await self._save("compensate", comp, None, None, None, None)
+        self._compensations.clear()
+        raise StopRun(RunStatus.REVERTED)
+
+    async def continue_using(
+        self, wf: Workflow[Any] | str, kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """End this run and carry on in a fresh run (new log); handles follow it."""
+        name = workflow_name(wf)
+        seq, recs, at = self._begin("continue_using", name)
+        final = self._final(seq, recs)
+        if final is None:
+            await self._sync()
+            final = self._rec(
+                R.CALL,
+                seq,
+                "continue_using",
+                at,
+                name,
+                v=str(uuid.uuid4()),
+                kw=to_json(dict(kwargs or {}), what="continue_using() kwargs"),
+            )
+            await self._write(final, what="continue_using()")
+        await self._session.journal.create(
+            run_id=final["v"],
+            workflow=name,
+            kwargs=final["kw"],
+            queue=self._session.run.queue,
+            parent_id=self._session.run.parent_id,
+        )
+        raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]})
+
+    def compensations(self) -> int:
+        return len(self._compensations)
+
+
+def child_outcome(run: Any) -> dict[str, Any]:
+    return {"status": run.status.value, "v": run.result, "err": run.error}
+
+
+async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:
+    """Call ``f``: coroutine functions on the loop, plain callables in a thread
+    (so a long blocking step cannot starve lease heartbeats)."""
+    if inspect.iscoroutinefunction(f):
+        aw: Awaitable[Any] = f()
+    else:
+        aw = asyncio.to_thread(f)
+    result = await asyncio.wait_for(aw, timeout) if timeout is not None else await aw
+    if inspect.isawaitable(result):
+        result = await asyncio.wait_for(result, timeout) if timeout is not None else await result
+    return result

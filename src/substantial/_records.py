@@ -1,0 +1,40 @@
+"""Log record shapes.
+
+A run's log is a list of JSON objects; ``k`` says what each one is. Records of
+durable calls carry ``s``, the call's sequence id, and ``p``, the primitive
+that made it (checked on replay), plus ``at``, the code location. A call may
+leave intermediate records (a failed attempt, an armed timeout) before its
+final one.
+
+=========  ==========================================================
+k          fields
+=========  ==========================================================
+start      wf, kw (kwargs), t (epoch seconds)
+event      name, v (payload), id (inbox id)
+call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed out)
+try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]
+arm        s, p, at, due (epoch seconds)                                  [sleep, timeouts]
+log        s, p, at, level, msg, fields, t
+end        status, v | err
+=========  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+START: Final = "start"
+EVENT: Final = "event"
+CALL: Final = "call"  # a durable call's final record
+TRY: Final = "try"
+ARM: Final = "arm"
+LOG: Final = "log"
+END: Final = "end"
+
+KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END})
+
+Record = dict[str, Any]
+
+
+def is_final(rec: Record) -> bool:
+    return rec["k"] in (CALL, LOG)

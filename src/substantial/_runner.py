@@ -1,0 +1,127 @@
+"""Drive one claimed run from its log to its next stop (end, suspension, cancel).
+
+This is where every outcome of a workflow coroutine is turned into exactly one
+store update, and where bad data stays contained: a corrupt log, a value that
+is not JSON or a non-deterministic replay fails *that run* with a clear
+message; the worker carries on with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextlib
+import logging
+from typing import Any
+
+from ._context import Context, child_event, child_outcome
+from ._interrupts import CancelRun, StopRun, Suspend
+from ._journal import RunSession
+from ._types import RunStatus
+from .backends import RunUpdate
+from .codec import to_json
+from .errors import BackendError, RunFinished, RunNotFound
+from .workflow import Workflow
+
+log = logging.getLogger(__name__)
+
+
+def error_message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> float | None:
+    """Run ``wf`` over ``session`` until it ends or suspends; returns the wake-up
+    time of a suspended run. Never raises for workflow errors; raises only
+    CancelledError (shutdown) and BackendError (lease lost, store down)."""
+    run = session.run
+    if session.corrupt is not None:
+        await _end(
+            session, RunStatus.FAILED, error=str(session.corrupt), error_type="CorruptRecord"
+        )
+        return None
+    if run.cancel_requested:
+        await _cancel(session)
+        return None
+    ctx = Context(session, hot_wait=hot_wait)
+    try:
+        await session.pull_if_needed()
+        result = await wf.fn(ctx, **ctx.kwargs)
+        ctx.check_complete()
+        value = to_json(
+            result,
+            what=f"the return value of workflow {wf.name!r}",
+            limit=session.journal.max_payload,
+        )
+    except Suspend as s:
+        _raise_if_lost(session)
+        pending = ctx.flush_records()
+        if pending:
+            update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=s.due)
+            await session.append(pending, update, "log record")
+        else:
+            await session.suspend(s.due)
+        return s.due
+    except CancelRun:
+        _raise_if_lost(session)
+        await _cancel(session, ctx.flush_records())
+        return None
+    except StopRun as stop:
+        _raise_if_lost(session)
+        await _end(session, RunStatus(stop.status), result=stop.result, extra=ctx.flush_records())
+        return None
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        _raise_if_lost(session)
+        if isinstance(exc, BackendError):
+            raise
+        log.info("run %s failed: %s: %s", session.run_id, type(exc).__name__, exc)
+        await _end(
+            session,
+            RunStatus.FAILED,
+            error=error_message(exc),
+            error_type=type(exc).__name__,
+            extra=ctx.flush_records(),
+        )
+        return None
+    _raise_if_lost(session)
+    await _end(session, RunStatus.COMPLETED, result=value, extra=ctx.flush_records())
+    return None
+
+
+def _raise_if_lost(session: RunSession) -> None:
+    if session.lost is not None:
+        raise session.lost
+
+
+async def _end(
+    session: RunSession,
+    status: RunStatus,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    error_type: str | None = None,
+    extra: list[Any] | None = None,
+) -> None:
+    if extra:
+        await session.append(extra, None, "log record")
+    await session.finish(status, result=result, error=error, error_type=error_type)
+    parent = session.run.parent_id
+    if parent is not None and status != RunStatus.CONTINUED:
+        run = await session.journal.backend.get_run(session.run_id)
+        if run is not None:
+            # the parent may be gone or already over: then nobody is waiting
+            with contextlib.suppress(RunNotFound, RunFinished):
+                await session.journal.deliver(
+                    parent, child_event(session.run_id), child_outcome(run)
+                )
+
+
+async def _cancel(session: RunSession, extra: list[Any] | None = None) -> None:
+    """End the run CANCELLED and cancel its descendants."""
+    children = [r["v"] for r in session.records if r.get("p") == "start_child" and "v" in r]
+    await _end(session, RunStatus.CANCELLED, extra=extra)
+    for child in children:
+        with contextlib.suppress(RunNotFound):
+            await session.journal.cancel(child)

@@ -1,0 +1,498 @@
+"""The SQLite store: the embedded default, shared safely by processes on one machine.
+
+Layout (one file, schema version in ``meta``)::
+
+    meta  (key PRIMARY KEY, value)                 schema_version = SCHEMA_VERSION
+    runs  (run_id PRIMARY KEY, RunRecord fields..., last_inbox_id)
+          index runs_claim (queue, due_at)         -- claim_due's range scan
+          index runs_created (created_at, run_id)  -- list_runs' order
+    log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
+    inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
+
+``result`` is JSON text (orjson) or NULL; ``status`` is the RunStatus value.
+Inbox items are kept after consumption (like the memory store); ``read`` only
+returns those with ``id > inbox_pos``. ``last_inbox_id`` numbers deliveries.
+
+Why it is built this way:
+
+* **WAL** lets readers run while one process writes, and with
+  ``synchronous=NORMAL`` a commit costs no fsync (durable at the next
+  checkpoint; a power cut can lose the last commits, never corrupt the file).
+* **BEGIN IMMEDIATE** on every write takes the write lock up front, so the
+  read-check-write inside a transaction (a claim, an append's fencing check)
+  is exclusive across processes, and lock waits go through ``busy_timeout``
+  instead of failing with SQLITE_BUSY when a deferred reader upgrades.
+* **One worker thread** owns the one connection: sqlite calls block (on lock
+  waits and I/O), so they run off the event loop, serialised in one place.
+  Each operation is one function run there: one executor hop, one
+  transaction. An append without an update is BEGIN, one fenced UPDATE
+  (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
+  release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
+
+Changes made in this process are hinted through a :class:`LocalHub`; changes
+made by other processes are only seen by polling every ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from .._types import RunStatus
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    LeaseLost,
+    RunFinished,
+    RunNotFound,
+    SchemaVersionError,
+)
+from ._hub import LocalHub
+from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+SCHEMA_VERSION = 1
+
+_TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
+    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
+    due_at REAL, result TEXT, error TEXT, log_len INTEGER NOT NULL DEFAULT 0,
+    inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
+    lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
+CREATE TABLE IF NOT EXISTS log (
+    run_id TEXT NOT NULL, pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, pos)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (
+    run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
+) WITHOUT ROWID;
+"""
+
+_COLS = (
+    "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
+    "error, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
+    "cancel_requested, parent_id"
+)
+
+# The release rule of memory.apply_release, in SQL. {st} is the run's status after
+# the change, {pos} its inbox_pos after the change (UPDATE reads old column values).
+_RELEASED_DUE = (
+    "CASE WHEN {st} IN " + _TERMINAL + " THEN NULL"
+    " WHEN last_inbox_id > {pos} OR cancel_requested"
+    " THEN MIN(COALESCE(:due_at, :now), :now) ELSE :due_at END"
+)
+
+_NEW_ST = "COALESCE(:status, status)"
+_NEW_POS = "COALESCE(:inbox_pos, inbox_pos)"
+_RELEASING = f"(:release OR {_NEW_ST} IN {_TERMINAL})"
+_FENCE = "WHERE run_id = :run_id AND lease_token = :token AND log_len = :expected"
+
+_APPEND = f"UPDATE runs SET log_len = log_len + :n {_FENCE}"
+_APPEND_UPDATE = f"""UPDATE runs SET
+    log_len = log_len + :n,
+    status = {_NEW_ST},
+    result = CASE WHEN :has_result THEN :result ELSE result END,
+    error = COALESCE(:error, error),
+    ended_at = COALESCE(:ended_at, ended_at),
+    inbox_pos = {_NEW_POS},
+    due_at = CASE WHEN {_RELEASING}
+        THEN {_RELEASED_DUE.format(st=_NEW_ST, pos=_NEW_POS)} ELSE due_at END,
+    lease_owner = CASE WHEN {_RELEASING} THEN NULL ELSE lease_owner END,
+    lease_expires_at = CASE WHEN {_RELEASING} THEN NULL ELSE lease_expires_at END
+{_FENCE}"""
+
+_KEPT_ST = f"CASE WHEN status IN {_TERMINAL} THEN status ELSE :status END"
+_RELEASE = f"""UPDATE runs SET
+    status = {_KEPT_ST},
+    due_at = {_RELEASED_DUE.format(st=_KEPT_ST, pos="inbox_pos")},
+    lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE run_id = :run_id AND lease_token = :token AND lease_owner IS NOT NULL"""
+
+
+_FIELDS = [name.strip() for name in _COLS.split(",")]
+
+
+def _record(row: Row) -> RunRecord:
+    f = dict(zip(_FIELDS, row, strict=True))
+    f["status"] = RunStatus(f["status"])
+    f["result"] = None if f["result"] is None else orjson.loads(f["result"])
+    f["cancel_requested"] = bool(f["cancel_requested"])
+    return RunRecord(**f)
+
+
+def _transact(conn: sqlite3.Connection, begin: str | None,
+              fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` in one transaction opened with ``begin`` (None: no transaction)."""
+    if begin is None:
+        return fn(conn)
+    conn.execute(begin)
+    try:
+        out = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return out
+
+
+def _wrap(exc: sqlite3.Error) -> BackendError:
+    msg = f"sqlite: {exc}"
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
+        return BackendUnavailable(msg)
+    return BackendError(msg)
+
+
+class SQLiteBackend:
+    """Store in one SQLite file. ``SQLiteBackend("state.db")`` or ``sqlite:///state.db``."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._poll_interval = poll_interval
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
+        self._hub = LocalHub()
+        self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    @property
+    def poll_interval(self) -> float | None:
+        return self._poll_interval
+
+    def subscribe(self) -> AsyncIterator[str]:
+        return self._hub.subscribe()
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        """A configured connection (autocommit; transactions are explicit)."""
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self) -> None:
+        """On the worker thread: connect, then create or check the schema."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _create_schema(self, c: sqlite3.Connection) -> None:
+        c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and row[0] > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has schema version {row[0]}, written by a newer Substantial; "
+                f"this version understands up to {SCHEMA_VERSION}"
+            )
+        # not executescript(): it would COMMIT the transaction first
+        for stmt in filter(str.strip, _SCHEMA.split(";")):
+            c.execute(stmt)
+        c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+    def _teardown(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+        """Run ``fn`` on the worker thread, in a transaction unless ``begin`` is None."""
+        executor = self._executor
+        if executor is None:
+            raise BackendError(f"SQLite store {self.path} is not open")
+
+        def job() -> T:
+            if self._conn is None:  # open() failed while this job was queued
+                raise BackendError(f"SQLite store {self.path} is not open")
+            return _transact(self._conn, begin, fn)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, job)
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(fn, "BEGIN IMMEDIATE")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        # Set before the setup job runs: later jobs queue behind it on the one thread.
+        self._executor = executor = ThreadPoolExecutor(1, thread_name_prefix="substantial-sqlite")
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._setup)
+        except BaseException as exc:
+            self._executor = None
+            executor.shutdown(wait=False)
+            if isinstance(exc, sqlite3.Error):
+                raise _wrap(exc) from exc
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._teardown)
+        finally:
+            executor.shutdown(wait=False)
+
+    # -- operations -----------------------------------------------------------
+
+    async def create_run(self, new: NewRun) -> bool:
+        self._count("create_run")
+
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
+                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                (new.run_id, new.workflow, new.queue, RunStatus.PENDING.value,
+                 new.created_at, new.due_at, new.parent_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            c.execute("INSERT INTO log (run_id, pos, data) VALUES (?, 0, ?)",
+                      (new.run_id, new.first_record))
+            return True
+
+        created = await self._write(tx)
+        if created:
+            self._hub.publish(new.run_id)
+        return created
+
+    async def claim_due(
+        self, *, queue: str, workflows: Collection[str], limit: int, owner: str,
+        lease_seconds: float, now: float,
+    ) -> list[Claim]:
+        self._count("claim_due")
+        wanted = list(set(workflows))
+        if not wanted or limit <= 0:
+            return []
+        marks = ", ".join("?" * len(wanted))
+        select = (
+            f"SELECT run_id, lease_token FROM runs WHERE queue = ? AND due_at <= ? "
+            f"AND workflow IN ({marks}) AND status NOT IN {_TERMINAL} "
+            f"AND (lease_expires_at IS NULL OR lease_expires_at <= ?) "
+            f"ORDER BY due_at, created_at, run_id LIMIT ?"
+        )
+
+        def tx(c: sqlite3.Connection) -> list[Claim]:
+            rows = c.execute(select, (queue, now, *wanted, now, limit)).fetchall()
+            if rows:
+                c.executemany(
+                    "UPDATE runs SET status = ?, started_at = COALESCE(started_at, ?), "
+                    "lease_token = lease_token + 1, lease_owner = ?, lease_expires_at = ? "
+                    "WHERE run_id = ?",
+                    [(RunStatus.RUNNING.value, now, owner, now + lease_seconds, r[0])
+                     for r in rows],
+                )
+            return [Claim(run_id=r[0], token=r[1] + 1) for r in rows]
+
+        return await self._write(tx)
+
+    async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
+        self._count("read")
+
+        def tx(c: sqlite3.Connection) -> Snapshot | None:
+            row = c.execute(f"SELECT {_COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            rec = _record(row)
+            start = log_from if log_from >= 0 else max(0, rec.log_len + log_from)
+            log = [r[0] for r in c.execute(
+                "SELECT data FROM log WHERE run_id = ? AND pos >= ? ORDER BY pos",
+                (run_id, start),
+            )]
+            inbox = [InboxItem(id=r[0], data=r[1]) for r in c.execute(
+                "SELECT id, data FROM inbox WHERE run_id = ? AND id > ? ORDER BY id",
+                (run_id, rec.inbox_pos),
+            )]
+            return Snapshot(run=rec, log=log, inbox=inbox)
+
+        return await self._run(tx, "BEGIN")  # one read snapshot for all three
+
+    async def append(
+        self, run_id: str, *, token: int, expected_len: int, records: Sequence[bytes],
+        update: RunUpdate | None = None, now: float,
+    ) -> int:
+        self._count("append")
+        params: dict[str, Any] = {
+            "run_id": run_id, "token": token, "expected": expected_len, "n": len(records),
+        }
+        if update is not None:
+            params.update(
+                status=None if update.status is None else update.status.value,
+                has_result=update.has_result,
+                result=(None if not update.has_result or update.result is None
+                        else orjson.dumps(update.result).decode()),
+                error=update.error,
+                ended_at=update.ended_at,
+                inbox_pos=update.inbox_pos,
+                release=update.release,
+                due_at=update.due_at,
+                now=now,
+            )
+        rows = [(run_id, expected_len + i, data) for i, data in enumerate(records)]
+
+        def tx(c: sqlite3.Connection) -> int:
+            if c.execute(_APPEND if update is None else _APPEND_UPDATE, params).rowcount != 1:
+                row = c.execute(
+                    "SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                if row is None:
+                    raise RunNotFound(run_id)
+                if row[0] != token:
+                    raise LeaseLost(run_id)
+                raise LeaseLost(
+                    run_id, f"run {run_id!r}: log length is {row[1]}, expected {expected_len}"
+                )
+            if rows:
+                c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
+            return expected_len + len(rows)
+
+        new_len = await self._write(tx)
+        # A run already terminal before this append had its lease and due time cleared
+        # (and was hinted) then, so re-applying the release changes nothing worth a hint.
+        if update is not None and (
+            update.release or (update.status is not None and update.status.is_terminal)
+        ):
+            self._hub.publish(run_id)
+        return new_len
+
+    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+        self._count("renew")
+
+        sql = ("UPDATE runs SET lease_expires_at = ? "
+               "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL")
+        args = (now + lease_seconds, run_id, token)
+        return await self._write(lambda c: c.execute(sql, args).rowcount == 1)
+
+    async def release(
+        self, run_id: str, *, token: int, due_at: float | None, status: RunStatus, now: float
+    ) -> bool:
+        self._count("release")
+        params = {"run_id": run_id, "token": token, "status": status.value,
+                  "due_at": due_at, "now": now}
+        released = await self._write(lambda c: c.execute(_RELEASE, params).rowcount == 1)
+        if released:
+            self._hub.publish(run_id)
+        return released
+
+    async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
+        self._count("deliver")
+
+        def tx(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                "SELECT status, last_inbox_id FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            if RunStatus(row[0]).is_terminal:
+                raise RunFinished(run_id, row[0])
+            item_id: int = row[1] + 1
+            c.execute("UPDATE runs SET last_inbox_id = ?, due_at = ? WHERE run_id = ?",
+                      (item_id, now, run_id))
+            c.execute("INSERT INTO inbox (run_id, id, data) VALUES (?, ?, ?)",
+                      (run_id, item_id, data))
+            return item_id
+
+        item_id = await self._write(tx)
+        self._hub.publish(run_id)
+        return item_id
+
+    async def request_cancel(self, run_id: str, *, now: float) -> None:
+        self._count("request_cancel")
+
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                f"UPDATE runs SET cancel_requested = 1, due_at = ? "
+                f"WHERE run_id = ? AND status NOT IN {_TERMINAL}",
+                (now, run_id),
+            )
+            if cur.rowcount == 1:
+                return True
+            if c.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise RunNotFound(run_id)
+            return False  # terminal: no-op
+
+        if await self._write(tx):
+            self._hub.publish(run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self._count("get_run")
+        sql = f"SELECT {_COLS} FROM runs WHERE run_id = ?"
+        row: Row | None = await self._run(lambda c: c.execute(sql, (run_id,)).fetchone(), None)
+        return None if row is None else _record(row)
+
+    async def list_runs(
+        self, *, workflow: str | None = None, statuses: Collection[RunStatus] | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        self._count("list_runs")
+        where: list[str] = []
+        args: list[Any] = []
+        if workflow is not None:
+            where.append("workflow = ?")
+            args.append(workflow)
+        if statuses is not None:
+            wanted = sorted({RunStatus(s).value for s in statuses})
+            if not wanted:
+                return []
+            where.append(f"status IN ({', '.join('?' * len(wanted))})")
+            args += wanted
+        sql = f"SELECT {_COLS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, run_id LIMIT ?"
+        args.append(-1 if limit is None else max(limit, 0))
+        rows: list[Row] = await self._run(lambda c: c.execute(sql, args).fetchall(), None)
+        return [_record(row) for row in rows]
+
+    # -- test helpers -------------------------------------------------------
+
+    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+        """Overwrite one stored log record (to test how bad data is handled)."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?", (data, run_id, position)
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        if cur.rowcount != 1:
+            raise IndexError(f"run {run_id!r} has no log record #{position}")

@@ -1,0 +1,64 @@
+"""JSON in and out of the store.
+
+Values are stored as JSON (orjson). Nothing is ever unpickled: bytes in a store
+can only become plain JSON data, never code. ``coerce`` turns that data back
+into a declared type (pydantic models, dataclasses, datetime, UUID, ...) with
+pydantic, so a workflow sees the same typed value live and on replay.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from .errors import PayloadTooLarge, SerializationError
+
+_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps(value: Any, *, what: str, limit: int | None = None) -> bytes:
+    """Encode ``value``; ``what`` names the call in the error ("save() at x.py:3")."""
+    try:
+        data = orjson.dumps(value, default=_default, option=_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise SerializationError(f"{what}: value is not JSON-serializable ({exc})") from None
+    if limit is not None and len(data) > limit:
+        raise PayloadTooLarge(
+            f"{what}: encoded value is {len(data)} bytes, over the limit of {limit} bytes"
+        )
+    return data
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def to_json(value: Any, *, what: str, limit: int | None = None) -> Any:
+    """The JSON form of ``value`` exactly as a replay will see it."""
+    return orjson.loads(dumps(value, what=what, limit=limit))
+
+
+@lru_cache(maxsize=256)
+def _adapter(tp: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
+def coerce(value: Any, tp: Any, *, what: str) -> Any:
+    """Turn stored JSON back into ``tp``; None means "keep the JSON value"."""
+    if tp is None:
+        return value
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as exc:
+        raise SerializationError(f"{what}: stored value does not fit {tp!r}: {exc}") from None

@@ -1,0 +1,306 @@
+"""The client: start runs, send events, wait for results, search; and host workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, summarize
+from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
+from .backends import Backend, RunRecord, open_backend
+from .errors import (
+    ClientError,
+    ConfigurationError,
+    RunCancelled,
+    RunFailed,
+    RunReverted,
+)
+from .filters import compile_filter
+from .worker import Worker, WorkerOptions, install_sigterm
+from .workflow import Workflow, workflow_name
+
+log = logging.getLogger(__name__)
+
+
+def _lease_default() -> float:
+    raw = os.environ.get("SUBSTANTIAL_LEASE_SECONDS")
+    if not raw:
+        return 30.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"SUBSTANTIAL_LEASE_SECONDS must be a number, got {raw!r}"
+        ) from None
+    if value <= 0:
+        raise ConfigurationError("SUBSTANTIAL_LEASE_SECONDS must be positive")
+    return value
+
+
+class RunHandle:
+    """A reference to one run (it need not exist in this process)."""
+
+    def __init__(self, conductor: Conductor, run_id: str) -> None:
+        self._conductor = conductor
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run_id!r})"
+
+    async def send(self, name: str, value: Any = None) -> None:
+        """Deliver an event; once this returns the event is never lost."""
+        await self._conductor._ensure_open()
+        await self._conductor.journal.deliver(self.run_id, name, value)
+
+    async def status(self) -> RunStatus:
+        return (await self._record()).status
+
+    async def summary(self) -> RunSummary:
+        return summarize(await self._record())
+
+    async def cancel(self) -> None:
+        """Ask for cancellation; descendants are cancelled too. No-op on ended runs."""
+        await self._conductor._ensure_open()
+        await self._conductor.journal.cancel(self.run_id)
+
+    async def logs(self) -> list[LogRecord]:
+        await self._conductor._ensure_open()
+        return await self._conductor.journal.logs(self.run_id)
+
+    async def result(self, timeout: Seconds | None = None) -> Any:
+        """Wait for the run to end and return its value, following continue_using.
+
+        Raises RunFailed (message = the run's error), RunCancelled, RunReverted,
+        or TimeoutError after ``timeout``.
+        """
+        limit = None if timeout is None else to_seconds(timeout)
+        async with asyncio.timeout(limit):
+            run_id = self.run_id
+            while True:
+                run = await self._conductor._wait_terminal(run_id)
+                if run.status == RunStatus.CONTINUED and isinstance(run.result, dict):
+                    run_id = str(run.result["continued_to"])
+                    continue
+                return _outcome(run)
+
+    async def _record(self) -> RunRecord:
+        await self._conductor._ensure_open()
+        return await self._conductor.journal.get(self.run_id)
+
+
+def _outcome(run: RunRecord) -> Any:
+    if run.status == RunStatus.COMPLETED:
+        return run.result
+    if run.status == RunStatus.FAILED:
+        raise RunFailed(run.error or "the run failed", run_id=run.run_id)
+    if run.status == RunStatus.CANCELLED:
+        raise RunCancelled(f"run {run.run_id!r} was cancelled", run_id=run.run_id)
+    if run.status == RunStatus.REVERTED:
+        raise RunReverted(f"run {run.run_id!r} was reverted", run_id=run.run_id)
+    raise ClientError(f"run {run.run_id!r} ended {run.status}")  # pragma: no cover
+
+
+class Conductor:
+    """Entry point: ``Conductor(FSBackend("./logs"))`` or ``Conductor("sqlite:///state.db")``.
+
+    ``None`` uses ``SUBSTANTIAL_BACKEND`` or SQLite under ``./.substantial/``.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        clock: Clock | None = None,
+    ) -> None:
+        self.backend: Backend = (
+            open_backend(backend) if backend is None or isinstance(backend, str) else backend
+        )
+        self.journal = (
+            Journal(self.backend, max_payload_bytes=max_payload_bytes)
+            if clock is None
+            else Journal(self.backend, max_payload_bytes=max_payload_bytes, clock=clock)
+        )
+        self.workflows: dict[str, Workflow[Any]] = {}
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+        self._notifier: asyncio.Task[None] | None = None
+        self._workers: list[Worker] = []
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Conductor:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _ensure_open(self) -> None:
+        if self._opened:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._opened:
+                await self.backend.open()
+                self._notifier = asyncio.create_task(self._listen(), name="substantial-hints")
+                self._opened = True
+
+    async def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._notifier
+            self._notifier = None
+        if self._opened:
+            await self.backend.close()
+            self._opened = False
+
+    async def _listen(self) -> None:
+        stream: AsyncIterator[str] = self.backend.subscribe()
+        async for run_id in stream:
+            for w in self._workers:
+                w.hint(run_id)
+            targets = self._waiters.values() if not run_id else [self._waiters.get(run_id, set())]
+            for events in targets:
+                for ev in events:
+                    ev.set()
+
+    # -- registration and workers ---------------------------------------------------
+
+    def register(self, *workflows: Workflow[Any]) -> None:
+        for wf in workflows:
+            if not isinstance(wf, Workflow):
+                raise ConfigurationError(
+                    f"register() takes functions decorated with @workflow(), got {wf!r}"
+                )
+            known = self.workflows.get(wf.name)
+            if known is not None and known.fn is not wf.fn:
+                raise ConfigurationError(f"two different workflows are named {wf.name!r}")
+            self.workflows[wf.name] = wf
+
+    def run(
+        self,
+        *,
+        queues: tuple[str, ...] | list[str] = ("default",),
+        concurrency: int = 64,
+        lease: timedelta | float | None = None,
+        hot_wait: timedelta | float = 5.0,
+        burst: bool = False,
+        handle_sigterm: bool = True,
+    ) -> asyncio.Task[None]:
+        """Start a worker in this process as a background task.
+
+        Cancelling the task stops the worker cleanly: leases are released and
+        awaiting the task does not raise. ``burst=True`` returns once nothing is
+        due (useful in tests and batch scripts).
+        """
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        options = WorkerOptions(
+            queues=tuple(queues),
+            concurrency=concurrency,
+            lease=_lease_default() if lease is None else to_seconds(lease),
+            hot_wait=to_seconds(hot_wait),
+            burst=burst,
+        )
+        worker = Worker(self.journal, dict(self.workflows), options)
+        task = asyncio.get_running_loop().create_task(self._serve(worker), name="substantial")
+        if handle_sigterm and not burst:
+            install_sigterm(task)
+        return task
+
+    async def _serve(self, worker: Worker) -> None:
+        try:
+            await self._ensure_open()
+            self._workers.append(worker)
+            try:
+                await worker.run()
+            finally:
+                self._workers.remove(worker)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # a cancelled worker ends normally: awaiting it is quiet
+
+    async def run_until_idle(self, **options: Any) -> None:
+        """Run a worker until no run is due (timers in the future are left alone)."""
+        await self.run(burst=True, **options)
+
+    # -- client ---------------------------------------------------------------------
+
+    async def start(
+        self,
+        wf: Workflow[Any] | str,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        queue: str = "default",
+        connection: Any = None,
+    ) -> RunHandle:
+        """Start a run (idempotent on ``run_id``: the first start wins).
+
+        ``connection`` (PostgreSQL): an open asyncpg connection whose transaction
+        the run joins, so it exists iff that transaction commits.
+        """
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise ClientError(f"kwargs must be a dict of keyword arguments, got {kwargs!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ClientError("run_id must be a non-empty string")
+        await self._ensure_open()
+        rid = run_id or str(uuid.uuid4())
+        await self.journal.create(
+            run_id=rid,
+            workflow=workflow_name(wf),
+            kwargs=dict(kwargs or {}),
+            queue=queue,
+            connection=connection,
+        )
+        return RunHandle(self, rid)
+
+    def handle(self, run_id: str) -> RunHandle:
+        return RunHandle(self, run_id)
+
+    async def search(
+        self, workflow_name: str | Workflow[Any] | None, filter: Mapping[str, Any] | None = None
+    ) -> list[RunSummary]:
+        """Runs of a workflow matching ``filter`` (the Metatype grammar; see filters)."""
+        pred = compile_filter(filter)
+        await self._ensure_open()
+        name = None if workflow_name is None else globals()["workflow_name"](workflow_name)
+        runs = await self.journal.list_runs(name)
+        return [s for s in map(summarize, runs) if pred(s)]
+
+    async def _wait_terminal(self, run_id: str) -> RunRecord:
+        await self._ensure_open()
+        ev = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(ev)
+        poll = self.backend.poll_interval
+        try:
+            while True:
+                ev.clear()
+                run = await self.journal.get(run_id)
+                if run.status.is_terminal:
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), poll)
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(ev)
+                if not waiters:
+                    del self._waiters[run_id]

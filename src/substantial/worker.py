@@ -1,0 +1,199 @@
+"""The worker: claims due runs, holds their leases, drives them, wakes on hints.
+
+One loop claims work; each claimed run is driven by its own task; one
+heartbeat task renews every held lease at a third of the lease time. Wake-ups
+come from the store's hint stream (and local timers for the runs this worker
+put to sleep); polling happens only when the store cannot signal other
+processes, at its ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._journal import Journal, RunSession
+from ._runner import drive
+from .backends import Claim
+from .errors import BackendError, LeaseLost
+from .workflow import Workflow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerOptions:
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = 64
+    lease: float = 30.0  # seconds
+    hot_wait: float = 5.0  # waits shorter than this continue in place
+    idle_poll: float | None = None  # override the store's poll interval
+    burst: bool = False  # stop when nothing is due (handy in tests and scripts)
+
+
+class Worker:
+    def __init__(
+        self,
+        journal: Journal,
+        workflows: Mapping[str, Workflow[Any]],
+        options: WorkerOptions,
+    ) -> None:
+        self.journal = journal
+        self.workflows = workflows
+        self.options = options
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._active: dict[str, tuple[RunSession | None, asyncio.Task[None]]] = {}
+        self._kick = asyncio.Event()
+        self._timers: list[float] = []  # due times this worker handed back
+
+    # -- hints ------------------------------------------------------------------
+
+    def hint(self, run_id: str) -> None:
+        """Something changed for ``run_id`` (or "" = anything): wake the right party."""
+        entry = self._active.get(run_id) if run_id else None
+        if entry is not None and entry[0] is not None:
+            entry[0].notify()
+        else:
+            self._kick.set()
+
+    # -- main loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name="substantial-heartbeat")
+        try:
+            await self._loop()
+        finally:
+            heartbeat.cancel()
+            tasks = [t for _, t in self._active.values()]
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _loop(self) -> None:
+        opts = self.options
+        poll = opts.idle_poll if opts.idle_poll is not None else self.journal.backend.poll_interval
+        backoff = 0.1
+        while True:
+            self._kick.clear()
+            free = opts.concurrency - len(self._active)
+            got = 0
+            if free > 0:
+                try:
+                    for queue in opts.queues:
+                        claims = await self.journal.claim(
+                            queue=queue,
+                            workflows=list(self.workflows),
+                            limit=free - got,
+                            owner=self.owner,
+                            lease=opts.lease,
+                        )
+                        for c in claims:
+                            self._start(c)
+                        got += len(claims)
+                    backoff = 0.1
+                except BackendError as exc:
+                    log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            if got and got >= free:
+                continue  # there may be more due right now
+            if opts.burst and not self._active and not got:
+                return
+            await self._idle(poll)
+
+    async def _idle(self, poll: float | None) -> None:
+        now = self.journal.clock()
+        while self._timers and self._timers[0] <= now:
+            heapq.heappop(self._timers)
+        timeout = poll
+        if self._timers:
+            until_timer = max(self._timers[0] - now, 0.0) + 0.001
+            timeout = until_timer if timeout is None else min(timeout, until_timer)
+        if self.options.burst:
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), timeout)
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._drive(claim), name=f"substantial-run-{claim.run_id}")
+        self._active[claim.run_id] = (None, task)
+
+    async def _drive(self, claim: Claim) -> None:
+        session: RunSession | None = None
+        try:
+            session = await self.journal.open_session(claim, self.options.lease)
+            if session is None:
+                return
+            self._active[claim.run_id] = (session, self._active[claim.run_id][1])
+            wf = self.workflows[session.run.workflow]
+            due = await drive(session, wf, hot_wait=self.options.hot_wait)
+            if due is not None:
+                heapq.heappush(self._timers, due)
+        except asyncio.CancelledError:
+            if session is not None and session.lost is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(session.hand_back())
+            raise
+        except BackendError as exc:
+            log.warning("run %s abandoned: %s", claim.run_id, exc)
+        except Exception:
+            log.exception("run %s: unexpected engine error", claim.run_id)
+        finally:
+            self._active.pop(claim.run_id, None)
+            self._kick.set()
+
+    async def _heartbeat(self) -> None:
+        interval = self.options.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            for run_id, (session, task) in list(self._active.items()):
+                if session is None or session.lost is not None:
+                    continue
+                try:
+                    ok = await self.journal.renew(run_id, session.token, self.options.lease)
+                except BackendError as exc:
+                    log.warning("heartbeat for run %s failed: %s", run_id, exc)
+                    continue
+                if not ok:
+                    log.warning("run %s: lease lost to another worker; abandoning", run_id)
+                    session.lost = LeaseLost(run_id)
+                    task.cancel()
+
+
+def install_sigterm(task: asyncio.Task[Any]) -> None:
+    """On SIGTERM: stop the worker gracefully (releasing leases), then exit as
+    SIGTERM would have. Only when nobody else handles SIGTERM."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        loop = asyncio.get_running_loop()
+    except (ValueError, RuntimeError):
+        return
+
+    def on_term() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+        def exit_after(_: asyncio.Task[Any]) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task.add_done_callback(exit_after)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return

@@ -1,0 +1,53 @@
+"""The ``@workflow()`` decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+R = TypeVar("R")
+WorkflowFn = Callable[..., Awaitable[R]]
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow(Generic[R]):
+    """A registered-able workflow: an async function whose first argument is a Context.
+
+    The name identifies the workflow in the store: keep it stable across
+    deployments (runs in flight find their code by it).
+    """
+
+    name: str
+    fn: Callable[..., Awaitable[R]]
+
+    async def __call__(self, c: Context, **kwargs: Any) -> R:
+        return await self.fn(c, **kwargs)
+
+
+@overload
+def workflow(fn: WorkflowFn[R], /) -> Workflow[R]: ...
+@overload
+def workflow(*, name: str | None = None) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
+@overload
+def workflow(name: str | None = None, /) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
+
+
+def workflow(fn: Any = None, /, *, name: str | None = None) -> Any:
+    """Mark an async function as a workflow: ``@workflow()`` or ``@workflow(name="x")``."""
+    if isinstance(fn, str):
+        name, fn = fn, None
+
+    def wrap(f: WorkflowFn[R]) -> Workflow[R]:
+        if not callable(f):
+            raise TypeError("@workflow() decorates an async function")
+        return Workflow(name=name or f.__name__, fn=f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def workflow_name(wf: Workflow[Any] | str) -> str:
+    return wf if isinstance(wf, str) else wf.name

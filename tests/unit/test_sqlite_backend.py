@@ -1,0 +1,103 @@
+"""SQLite-specific behaviour beyond the shared conformance suite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from substantial import RunStatus
+from substantial.backends import NewRun, RunUpdate
+from substantial.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
+from substantial.errors import BackendError, SchemaVersionError
+
+T0 = 1_700_000_000.0
+
+
+def _new(run_id: str, due: float | None = T0) -> NewRun:
+    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=b"0",
+                  created_at=T0, due_at=due)
+
+
+async def test_open_creates_parent_dir_wal_and_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.db"
+    b = SQLiteBackend(path, poll_interval=0.25)
+    await b.open()
+    await b.open()
+    assert b.poll_interval == 0.25
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert row[0] == SCHEMA_VERSION
+    conn.close()
+    await b.close()
+    await b.close()
+    with pytest.raises(BackendError):
+        await b.get_run("x")
+    await b.open()  # reopening keeps the data and schema
+    assert await b.create_run(_new("r1"))
+    await b.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    b = SQLiteBackend(path)
+    await b.open()
+    await b.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                     (SCHEMA_VERSION + 1,))
+    conn.close()
+    with pytest.raises(SchemaVersionError):
+        await SQLiteBackend(path).open()
+
+
+async def test_two_instances_share_one_file(tmp_path: Path) -> None:
+    a, b = SQLiteBackend(tmp_path / "s.db"), SQLiteBackend(tmp_path / "s.db")
+    await a.open()
+    await b.open()
+    await a.create_run(_new("r1"))
+    claims = await b.claim_due(queue="default", workflows=["wf"], limit=5, owner="b",
+                               lease_seconds=10, now=T0)
+    assert [c.run_id for c in claims] == ["r1"]
+    assert await a.claim_due(queue="default", workflows=["wf"], limit=5, owner="a",
+                             lease_seconds=10, now=T0) == []
+    await a.deliver("r1", b"ev", now=T0 + 1)
+    update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=T0 + 100)
+    await b.append("r1", token=claims[0].token, expected_len=1, records=[b"1"], update=update,
+                   now=T0 + 2)
+    run = await a.get_run("r1")
+    assert run is not None and run.due_at == T0 + 2 and run.lease_owner is None
+    await a.close()
+    await b.close()
+
+
+async def test_result_round_trip_and_unset_result_is_kept(tmp_path: Path) -> None:
+    b = SQLiteBackend(tmp_path / "s.db")
+    await b.open()
+    await b.create_run(_new("r1"))
+    [c] = await b.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                            lease_seconds=10, now=T0)
+    await b.append("r1", token=c.token, expected_len=1, records=[b"1"],
+                   update=RunUpdate(result={"a": [1, "x", None, 1.5]}), now=T0)
+    await b.append("r1", token=c.token, expected_len=2, records=[b"2"],
+                   update=RunUpdate(inbox_pos=0), now=T0)
+    run = await b.get_run("r1")
+    assert run is not None and run.result == {"a": [1, "x", None, 1.5]}
+    assert run.lease_owner == "w" and run.status == RunStatus.RUNNING
+    await b.close()
+
+
+async def test_corrupt_overwrites_one_record(tmp_path: Path) -> None:
+    b = SQLiteBackend(tmp_path / "s.db")
+    await b.open()
+    await b.create_run(_new("r1"))
+    b.corrupt("r1", 0, b"\xffgarbage")
+    snap = await b.read("r1")
+    assert snap is not None and snap.log == [b"\xffgarbage"]
+    with pytest.raises(IndexError):
+        b.corrupt("r1", 5, b"x")
+    assert b.calls["create_run"] == 1 and b.calls["read"] == 1
+    await b.close()
