@@ -251,21 +251,22 @@ class Context:
 
     # -- waiting --------------------------------------------------------------
 
-    async def _wait(self, due: float | None, *, events: bool) -> None:
+    def _budget(self) -> float:
+        """When an in-place wait that starts now must give up and suspend."""
+        return self._clock() + self._hot_wait
+
+    async def _wait(self, due: float | None, *, events: bool, budget_end: float) -> None:
         """Wait for ``due`` (and/or a new event) in place if short, else suspend.
 
-        Returns when ``due`` has passed or, with ``events``, when something
-        arrived; raises Suspend to unwind when the wait would be long.
+        Returns when ``due`` has passed or, with ``events``, when something may
+        have arrived; raises Suspend to unwind once the wait outlasts
+        ``budget_end`` (fixed by the caller when the primitive started waiting).
         """
-        now = self._clock()
-        budget_end = now + self._hot_wait
         while True:
             now = self._clock()
             if due is not None and now >= due:
                 return
-            if due is not None and due - now > self._hot_wait and not events:
-                raise Suspend(due)
-            if now >= budget_end:
+            if now >= budget_end or (due is not None and due > budget_end and not events):
                 raise Suspend(due)
             limit = budget_end - now if due is None else min(budget_end, due) - now
             if await self._session.wait_for_change(limit):
@@ -327,7 +328,7 @@ class Context:
         tries = [r for r in recs if r["k"] == R.TRY]
         attempt = len(tries)
         if tries:
-            await self._wait(tries[-1]["retry"], events=False)
+            await self._wait(tries[-1]["retry"], events=False, budget_end=self._budget())
         limit = None if timeout is None else to_seconds(timeout)
         while True:
             attempt += 1
@@ -358,7 +359,7 @@ class Context:
                     await self._write(
                         self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at), what=what
                     )
-                    await self._wait(retry_at, events=False)
+                    await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
             await self._write(final, what=what)
             return final
@@ -385,7 +386,7 @@ class Context:
         else:
             due = due_fn()
             await self._write(self._rec(R.ARM, seq, "sleep", at, due=due), what="sleep()")
-        await self._wait(due, events=False)
+        await self._wait(due, events=False, budget_end=self._budget())
 
     async def receive(self, name: str, *, timeout: Seconds | None = None) -> Any:
         """The next unconsumed event ``name``, in send order; waits for one."""
@@ -410,6 +411,7 @@ class Context:
     ) -> R.Record:
         arm = next((r for r in recs if r["k"] == R.ARM), None)
         due = arm["due"] if arm else None
+        budget_end = self._budget()
         while True:
             await self._sync()
             pos = self._next_event(name)
@@ -424,7 +426,7 @@ class Context:
             if due is not None and self._clock() >= due:
                 final = self._rec(R.CALL, seq, "receive", at, name, to=True)
                 break
-            await self._wait(due, events=True)
+            await self._wait(due, events=True, budget_end=budget_end)
         await self._write(final, what=f"receive({name!r})")
         return final
 
@@ -449,6 +451,7 @@ class Context:
         if final is None:
             arm = next((r for r in recs if r["k"] == R.ARM), None)
             due = arm["due"] if arm else None
+            budget_end = self._budget()
             while True:
                 await self._sync()
                 if pred():
@@ -464,7 +467,7 @@ class Context:
                 if poll is not None:
                     nxt = self._clock() + to_seconds(poll)
                     wake = nxt if wake is None else min(wake, nxt)
-                await self._wait(wake, events=True)
+                await self._wait(wake, events=True, budget_end=budget_end)
             await self._write(final, what="ensure()")
         if final.get("to"):
             raise TimeoutError("ensure() timed out")

@@ -1,0 +1,618 @@
+"""The file-system store (``file:///dir``): plain files, shared by processes on one machine.
+
+Layout under ``root`` (``<name>`` is an id made safe for a path, see :func:`_name`)::
+
+    format                     store format version, created once ("1")
+    tmp/                       runs being created (renamed into runs/ when complete)
+    runs/<name>/run.json       the RunRecord as JSON, plus last_inbox_id and log_bytes
+    runs/<name>/log            the log: records framed as 4-byte big-endian length + bytes
+    runs/<name>/inbox/<id>     one file per delivered item, id as %08d
+    runs/<name>/lock           flock(LOCK_EX) by every writer of the run
+    queues/<name>/index.json   due index: run_id -> [due_at, lease_expires_at, workflow,
+                               created_at], so claim_due never reads every run
+    queues/<name>/lock         flock(LOCK_EX) by every writer of index.json
+
+Why this is safe with several processes:
+
+* ``run.json`` is only ever replaced whole (write ``run.json.tmp``, ``os.replace``) under
+  the run lock, and it is the commit point of every operation: data it points to (log
+  bytes up to ``log_bytes``, inbox files up to ``last_inbox_id``) is written first and
+  never changes afterwards. Readers therefore take no lock: one ``run.json`` is a
+  consistent snapshot, and bytes past ``log_bytes`` (a torn append) are ignored, then cut
+  by the next append.
+* A run is created complete in ``tmp/`` and published with one ``os.rename`` of the
+  directory, which fails when the target exists: the loser of a race returns False and
+  nobody ever sees half a run.
+* Locks are always taken queue first, then run; a plain append (no release, not
+  terminal) and a renew that extends the lease take only the run lock.
+* The index is a hint that is never *later* than the truth (entry missing only if the
+  run has no due_at or is terminal; indexed due_at and lease never above the real ones).
+  So it may only be lowered before ``run.json`` changes and raised after: a crash in
+  between leaves an entry that is too eager, which ``claim_due`` re-checks against
+  ``run.json`` (under the run lock) and repairs. A too-late entry would strand a run.
+
+``fsync=True`` (the default) also makes every commit survive a power cut (file fsync
+before each rename, directory fsync after); ``fsync=False`` only survives process crashes.
+Hints (``subscribe``) are in-process only; other processes are found by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._types import RunStatus
+from ..errors import CorruptRecord, LeaseLost, RunFinished, RunNotFound, SchemaVersionError
+from ._hub import LocalHub
+from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from .memory import _apply_update, apply_release
+
+FORMAT = 1
+_FRAME = struct.Struct(">I")
+_FIELDS = tuple(f.name for f in fields(RunRecord))
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+Entry = list[Any]  # [due_at, lease_expires_at, workflow, created_at]
+
+
+def _name(key: str) -> str:
+    """A file name for a user-chosen id that can never leave its directory.
+
+    Plain ids are kept readable; anything else (separators, "..", a leading dot,
+    non-ASCII, very long) becomes "~" + sha256, which no plain id can start with.
+    The real id is stored inside ``run.json``.
+    """
+    if _SAFE.fullmatch(key):
+        return key
+    return "~" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """Exclusive flock; each call opens its own descriptor, so threads exclude too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """Everything in run.json."""
+
+    rec: RunRecord
+    last_inbox_id: int = 0
+    log_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Txn:
+    """A run locked for writing (and its queue, when ``qdir`` is set)."""
+
+    dir: Path
+    st: _State
+    qdir: Path | None
+
+
+def _dump(st: _State) -> bytes:
+    doc = {k: getattr(st.rec, k) for k in _FIELDS}
+    doc["last_inbox_id"] = st.last_inbox_id
+    doc["log_bytes"] = st.log_bytes
+    return orjson.dumps(doc)
+
+
+def _parse(raw: bytes) -> _State:
+    doc = orjson.loads(raw)
+    last, nbytes = doc.pop("last_inbox_id"), doc.pop("log_bytes")
+    doc["status"] = RunStatus(doc["status"])
+    return _State(RunRecord(**doc), last, nbytes)
+
+
+def _entry(rec: RunRecord) -> Entry | None:
+    if rec.due_at is None or rec.status.is_terminal:
+        return None
+    return [rec.due_at, rec.lease_expires_at, rec.workflow, rec.created_at]
+
+
+def _eager(a: Entry | None, b: Entry | None) -> Entry | None:
+    """The entry that is claimable whenever ``a`` or ``b`` is (lease None = free)."""
+    if a is None or b is None:
+        return b if a is None else a
+    lease = None if a[1] is None or b[1] is None else min(a[1], b[1])
+    return [min(a[0], b[0]), lease, b[2], b[3]]
+
+
+def _claimable(rec: RunRecord, queue: str, wanted: set[str], now: float) -> bool:
+    return (
+        rec.queue == queue
+        and rec.workflow in wanted
+        and rec.due_at is not None
+        and rec.due_at <= now
+        and (rec.lease_expires_at is None or rec.lease_expires_at <= now)
+        and not rec.status.is_terminal
+    )
+
+
+class FSBackend:
+    """Store in a directory. ``FSBackend("/var/lib/app")`` or ``open_backend("file:///...")``.
+
+    Each operation is one hop to a worker thread, since flock waits and fsyncs block.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, poll_interval: float = 0.5, fsync: bool = True
+    ) -> None:
+        self._root = Path(root)
+        self._runs = self._root / "runs"
+        self._queues = self._root / "queues"
+        self._tmp = self._root / "tmp"
+        self._poll = poll_interval
+        self._fsync = fsync
+        self._known_queues: set[str] = set()
+        self._hub = LocalHub()
+        self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    @property
+    def poll_interval(self) -> float:
+        return self._poll
+
+    def subscribe(self) -> AsyncIterator[str]:
+        return self._hub.subscribe()
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open)
+
+    async def close(self) -> None:
+        return None
+
+    # -- files --------------------------------------------------------------
+
+    def _sync_dir(self, path: Path) -> None:
+        if self._fsync:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write_new(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Replace ``path`` atomically (callers hold the lock guarding it)."""
+        tmp = path.with_name(path.name + ".tmp")
+        self._write_new(tmp, data)
+        os.replace(tmp, path)
+        self._sync_dir(path.parent)
+
+    def _open(self) -> None:
+        for d in (self._runs, self._queues, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        fmt = self._root / "format"
+        if not fmt.exists():
+            tmp = self._tmp / uuid.uuid4().hex
+            self._write_new(tmp, b"%d\n" % FORMAT)
+            try:
+                os.link(tmp, fmt)  # create-if-missing, atomically
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        found = int(fmt.read_bytes().strip() or b"0")
+        if found > FORMAT:
+            raise SchemaVersionError(
+                f"{self._root} holds store format {found}; this Substantial reads up to {FORMAT}"
+            )
+        for leftover in self._tmp.iterdir():  # creations abandoned by a crash
+            with suppress(FileNotFoundError):  # or just published by another process
+                if leftover.stat().st_mtime < time.time() - 3600:
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    def _run_dir(self, run_id: str) -> Path:
+        return self._runs / _name(run_id)
+
+    def _queue_dir(self, queue: str) -> Path:
+        d = self._queues / _name(queue)
+        if queue not in self._known_queues:
+            d.mkdir(parents=True, exist_ok=True)
+            self._known_queues.add(queue)
+        return d
+
+    @staticmethod
+    def _load(d: Path) -> _State | None:
+        try:
+            return _parse((d / "run.json").read_bytes())
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _index(qdir: Path) -> dict[str, Entry]:
+        try:
+            idx: dict[str, Entry] = orjson.loads((qdir / "index.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+        return idx
+
+    def _set_entry(self, qdir: Path, idx: dict[str, Entry], run_id: str, e: Entry | None) -> None:
+        if idx.get(run_id) == e:
+            return
+        if e is None:
+            del idx[run_id]
+        else:
+            idx[run_id] = e
+        self._write(qdir / "index.json", orjson.dumps(idx))
+
+    def _read_log(self, run_id: str, d: Path, st: _State, log_from: int) -> list[bytes]:
+        with open(d / "log", "rb") as f:
+            buf = f.read(st.log_bytes)
+        out: list[bytes] = []
+        off = pos = 0
+        while off < len(buf):
+            if off + _FRAME.size > len(buf):
+                raise CorruptRecord(run_id, pos, "truncated length prefix")
+            (n,) = _FRAME.unpack_from(buf, off)
+            off += _FRAME.size
+            if off + n > len(buf):
+                raise CorruptRecord(run_id, pos, "truncated record")
+            if pos >= log_from:
+                out.append(buf[off : off + n])
+            off += n
+            pos += 1
+        if len(buf) != st.log_bytes or pos != st.rec.log_len:
+            raise CorruptRecord(run_id, pos, f"log holds {pos} of {st.rec.log_len} records")
+        return out
+
+    @contextmanager
+    def _txn(self, run_id: str, *, indexed: bool) -> Iterator[_Txn | None]:
+        """Lock a run for writing (queue lock first when its index may change)."""
+        d = self._run_dir(run_id)
+        peek = self._load(d)  # unlocked: only to learn the queue, which never changes
+        if peek is None:
+            yield None
+            return
+        with ExitStack() as locks:
+            qdir = None
+            if indexed:
+                qdir = self._queue_dir(peek.rec.queue)
+                locks.enter_context(_flock(qdir / "lock"))
+            locks.enter_context(_flock(d / "lock"))
+            st = self._load(d)
+            assert st is not None  # runs are never deleted
+            yield _Txn(d, st, qdir)
+
+    def _commit(self, t: _Txn, st: _State) -> None:
+        """Write run.json; keep the index never later than it (see module docstring)."""
+        if t.qdir is None:
+            self._write(t.dir / "run.json", _dump(st))
+            return
+        rid, want = st.rec.run_id, _entry(st.rec)
+        idx = self._index(t.qdir)
+        low = _eager(idx.get(rid), want)
+        self._set_entry(t.qdir, idx, rid, low)
+        self._write(t.dir / "run.json", _dump(st))
+        self._set_entry(t.qdir, idx, rid, want)
+
+    # -- the protocol: each operation is one sync function run in a worker thread --
+
+    async def create_run(self, new: NewRun) -> bool:
+        self._count("create_run")
+        if await asyncio.to_thread(self._create_run, new):
+            self._hub.publish(new.run_id)
+            return True
+        return False
+
+    def _create_run(self, new: NewRun) -> bool:
+        d = self._run_dir(new.run_id)
+        if d.exists():
+            return False
+        rec = RunRecord(
+            run_id=new.run_id,
+            workflow=new.workflow,
+            queue=new.queue,
+            status=RunStatus.PENDING,
+            created_at=new.created_at,
+            due_at=new.due_at,
+            log_len=1,
+            parent_id=new.parent_id,
+        )
+        log = _FRAME.pack(len(new.first_record)) + new.first_record
+        tmp = self._tmp / uuid.uuid4().hex
+        (tmp / "inbox").mkdir(parents=True)
+        self._write_new(tmp / "lock", b"")
+        self._write_new(tmp / "log", log)
+        self._write_new(tmp / "run.json", _dump(_State(rec, 0, len(log))))
+        self._sync_dir(tmp)
+        with ExitStack() as locks:
+            qdir, idx, want = None, {}, _entry(rec)
+            if want is not None:  # index it before it exists: eager is safe, late is not
+                qdir = self._queue_dir(new.queue)
+                locks.enter_context(_flock(qdir / "lock"))
+                if d.exists():
+                    shutil.rmtree(tmp)
+                    return False
+                idx = self._index(qdir)
+                self._set_entry(qdir, idx, new.run_id, _eager(idx.get(new.run_id), want))
+            try:
+                os.rename(tmp, d)  # fails if d exists (it is never empty)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                shutil.rmtree(tmp)
+                if qdir is not None:  # the winner's entry, if any, is in another queue
+                    self._set_entry(qdir, idx, new.run_id, None)
+                return False
+            self._sync_dir(self._runs)
+            if qdir is not None:
+                self._set_entry(qdir, idx, new.run_id, want)
+        return True
+
+    async def claim_due(
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[Claim]:
+        self._count("claim_due")
+        wanted = set(workflows)
+
+        def claim() -> list[Claim]:
+            qdir = self._queue_dir(queue)
+            claims: list[Claim] = []
+            with _flock(qdir / "lock"):
+                idx = self._index(qdir)
+                fixed = dict(idx)
+                due = sorted(
+                    (e[0], e[3], rid)
+                    for rid, e in idx.items()
+                    if e[2] in wanted and e[0] <= now and (e[1] is None or e[1] <= now)
+                )
+                for _, _, rid in due:
+                    if len(claims) >= limit:
+                        break
+                    d = self._run_dir(rid)
+                    if self._load(d) is None:  # left by a create_run that crashed
+                        del fixed[rid]
+                        continue
+                    with _flock(d / "lock"):
+                        st = self._load(d)
+                        assert st is not None
+                        rec = st.rec
+                        if _claimable(rec, queue, wanted, now):
+                            token = rec.lease_token + 1
+                            rec = replace(
+                                rec,
+                                status=RunStatus.RUNNING,
+                                started_at=now if rec.started_at is None else rec.started_at,
+                                lease_token=token,
+                                lease_owner=owner,
+                                lease_expires_at=now + lease_seconds,
+                            )
+                            self._write(d / "run.json", _dump(replace(st, rec=rec)))
+                            claims.append(Claim(run_id=rid, token=token))
+                        e = _entry(rec) if rec.queue == queue else None
+                        if e is None:
+                            del fixed[rid]
+                        else:
+                            fixed[rid] = e  # the truth, also for stale entries we skipped
+                if fixed != idx:  # raising entries after run.json is safe
+                    self._write(qdir / "index.json", orjson.dumps(fixed))
+            return claims
+
+        return await asyncio.to_thread(claim) if limit > 0 else []
+
+    async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
+        self._count("read")
+
+        def read() -> Snapshot | None:  # lock-free: run.json is a consistent snapshot
+            d = self._run_dir(run_id)
+            st = self._load(d)
+            if st is None:
+                return None
+            log = self._read_log(run_id, d, st, log_from)
+            inbox = [
+                InboxItem(id=i, data=(d / "inbox" / f"{i:08d}").read_bytes())
+                for i in range(st.rec.inbox_pos + 1, st.last_inbox_id + 1)
+            ]
+            return Snapshot(run=st.rec, log=log, inbox=inbox)
+
+        return await asyncio.to_thread(read)
+
+    async def append(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
+    ) -> int:
+        self._count("append")
+        ends = update is not None and (
+            update.release or (update.status is not None and update.status.is_terminal)
+        )
+        data = b"".join(_FRAME.pack(len(r)) + r for r in records)
+
+        def append() -> tuple[int, bool]:
+            with self._txn(run_id, indexed=ends) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                st, rec = t.st, t.st.rec
+                if rec.lease_token != token:
+                    raise LeaseLost(run_id)
+                if rec.log_len != expected_len:
+                    msg = f"run {run_id!r}: log length is {rec.log_len}, expected {expected_len}"
+                    raise LeaseLost(run_id, msg)
+                with open(t.dir / "log", "r+b") as f:
+                    if os.fstat(f.fileno()).st_size != st.log_bytes:
+                        f.truncate(st.log_bytes)  # a torn append left bytes past the commit
+                    f.seek(st.log_bytes)
+                    f.write(data)
+                    if self._fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                rec = replace(rec, log_len=rec.log_len + len(records))
+                released = False
+                if update is not None:
+                    rec = _apply_update(rec, update)
+                    released = update.release or rec.status.is_terminal
+                    if released:
+                        pending = st.last_inbox_id > rec.inbox_pos
+                        rec = apply_release(rec, update.due_at, now, pending)
+                self._commit(t, replace(st, rec=rec, log_bytes=st.log_bytes + len(data)))
+                return rec.log_len, released
+
+        n, released = await asyncio.to_thread(append)
+        if released:
+            self._hub.publish(run_id)
+        return n
+
+    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+        self._count("renew")
+
+        def renew() -> bool:
+            # Extending a lease only raises it, which the index may lag (run lock only);
+            # shortening lowers it, which must reach the index first (queue lock too).
+            for indexed in (False, True):
+                with self._txn(run_id, indexed=indexed) as t:
+                    if t is None or t.st.rec.lease_token != token or not t.st.rec.lease_owner:
+                        return False
+                    expires, old = now + lease_seconds, t.st.rec.lease_expires_at
+                    if indexed or old is None or expires >= old:
+                        rec = replace(t.st.rec, lease_expires_at=expires)
+                        self._commit(t, replace(t.st, rec=rec))
+                        return True
+            raise AssertionError("unreachable")
+
+        return await asyncio.to_thread(renew)
+
+    async def release(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        due_at: float | None,
+        status: RunStatus,
+        now: float,
+    ) -> bool:
+        self._count("release")
+
+        def release() -> bool:
+            with self._txn(run_id, indexed=True) as t:
+                if t is None or t.st.rec.lease_token != token or t.st.rec.lease_owner is None:
+                    return False
+                rec = t.st.rec
+                pending = t.st.last_inbox_id > rec.inbox_pos
+                rec = rec if rec.status.is_terminal else replace(rec, status=status)
+                self._commit(t, replace(t.st, rec=apply_release(rec, due_at, now, pending)))
+                return True
+
+        ok = await asyncio.to_thread(release)
+        if ok:
+            self._hub.publish(run_id)
+        return ok
+
+    async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
+        self._count("deliver")
+
+        def deliver() -> int:
+            with self._txn(run_id, indexed=True) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                if t.st.rec.status.is_terminal:
+                    raise RunFinished(run_id, t.st.rec.status.value)
+                item = t.st.last_inbox_id + 1
+                self._write_new(t.dir / "inbox" / f"{item:08d}", data)  # unseen until commit
+                self._sync_dir(t.dir / "inbox")
+                rec = replace(t.st.rec, due_at=now)
+                self._commit(t, replace(t.st, rec=rec, last_inbox_id=item))
+                return item
+
+        item = await asyncio.to_thread(deliver)
+        self._hub.publish(run_id)
+        return item
+
+    async def request_cancel(self, run_id: str, *, now: float) -> None:
+        self._count("request_cancel")
+
+        def cancel() -> bool:
+            with self._txn(run_id, indexed=True) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                if t.st.rec.status.is_terminal:
+                    return False
+                rec = replace(t.st.rec, cancel_requested=True, due_at=now)
+                self._commit(t, replace(t.st, rec=rec))
+                return True
+
+        if await asyncio.to_thread(cancel):
+            self._hub.publish(run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self._count("get_run")
+        st = await asyncio.to_thread(self._load, self._run_dir(run_id))
+        return None if st is None else st.rec
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        statuses: Collection[RunStatus] | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        self._count("list_runs")
+
+        def scan() -> list[RunRecord]:
+            states = (self._load(d) for d in self._runs.iterdir())
+            out = [
+                st.rec
+                for st in states
+                if st is not None
+                and (workflow is None or st.rec.workflow == workflow)
+                and (statuses is None or st.rec.status in statuses)
+            ]
+            out.sort(key=lambda rec: (rec.created_at, rec.run_id))
+            return out if limit is None else out[:limit]
+
+        return await asyncio.to_thread(scan)
+
+    # -- test helpers -------------------------------------------------------
+
+    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+        """Overwrite one stored log record (to test how bad data is handled)."""
+        with self._txn(run_id, indexed=False) as t:
+            if t is None:
+                raise RunNotFound(run_id)
+            log = self._read_log(run_id, t.dir, t.st, 0)
+            log[position] = data
+            raw = b"".join(_FRAME.pack(len(r)) + r for r in log)
+            self._write(t.dir / "log", raw)
+            self._write(t.dir / "run.json", _dump(replace(t.st, log_bytes=len(raw))))
