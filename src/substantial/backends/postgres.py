@@ -44,7 +44,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -256,9 +256,10 @@ class PostgresBackend:
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
         parts = urlsplit(url)
         query_secrets = [v for k, v in parse_qsl(parts.query) if k == "password" and v]
-        self._secrets = [p for p in [parts.password, *query_secrets] if p]
-        netloc = (f"{parts.username}@" if parts.username else "") + (parts.hostname or "")
-        netloc += f":{parts.port}" if parts.port else ""
+        secrets = [parts.password or "", *query_secrets]
+        self._secrets = [x for p in secrets for x in {p, unquote(p)} if x]
+        user, at, host = parts.netloc.rpartition("@")
+        netloc = user.partition(":")[0] + at + host
         self._safe_url = f"{parts.scheme}://{netloc}{parts.path}"  # no password, no query
         terminal = "'{" + ",".join(_TERMINAL) + "}'::text[]"
         self._fmt = {"s": f'"{schema}"', "t": terminal, "c": ", ".join(_FIELDS)}

@@ -1,0 +1,149 @@
+"""PostgreSQL-specific behaviour beyond the shared conformance suite."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from substantial import RunStatus
+from substantial.backends import NewRun, RunUpdate
+from substantial.backends.postgres import PostgresBackend
+from substantial.errors import BackendError, BackendUnavailable, LeaseLost, RunNotFound
+
+from ..backends import POSTGRES_URL, unavailable
+
+asyncpg = pytest.importorskip("asyncpg")
+
+T0 = 1_700_000_000.0
+
+
+def _new(run_id: str, due: float | None = T0) -> NewRun:
+    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=b"0",
+                  created_at=T0, due_at=due)
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[PostgresBackend]:
+    b = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}",
+                        poll_interval=0.5)
+    try:
+        await b.open()
+    except Exception as exc:
+        unavailable("postgres", exc)
+    try:
+        yield b
+    finally:
+        await b.drop_everything()
+        await b.close()
+
+
+async def _terminate(application_name: str) -> int:
+    """Kill the server side of matching connections (simulates a restart)."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        rows = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            application_name,
+        )
+        return len(rows)
+    finally:
+        await conn.close()
+
+
+async def test_poll_interval_and_calls(pg: PostgresBackend) -> None:
+    assert pg.poll_interval == 0.5
+    await pg.create_run(_new("r1"))
+    await pg.get_run("r1")
+    await pg.get_run("r1")
+    assert pg.calls["create_run"] == 1 and pg.calls["get_run"] == 2
+
+
+async def test_unreachable_server_is_unavailable_without_the_password() -> None:
+    b = PostgresBackend("postgresql://someone:s3cr3t-pw@127.0.0.1:1/db", schema="x")
+    with pytest.raises(BackendUnavailable) as info:
+        await b.open()
+    assert "s3cr3t-pw" not in str(info.value)
+    assert "127.0.0.1:1/db" in str(info.value)
+    await b.close()
+
+
+async def test_operations_before_open_are_refused() -> None:
+    b = PostgresBackend(POSTGRES_URL, schema="never_opened")
+    with pytest.raises(BackendError):
+        await b.get_run("x")
+
+
+async def test_pool_survives_killed_connections(pg: PostgresBackend) -> None:
+    await pg.create_run(_new("r1"))
+    assert await _terminate(f"substantial:{pg.schema}") >= 1
+    await asyncio.sleep(0.1)
+    run = await pg.get_run("r1")  # stale connections are replaced, the read retried
+    assert run is not None and run.run_id == "r1"
+
+
+async def test_a_repeated_append_is_lease_lost(pg: PostgresBackend) -> None:
+    """What a retry after a dropped connection meets if the first attempt landed."""
+    await pg.create_run(_new("r1"))
+    [claim] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                                 lease_seconds=30, now=T0)
+    assert await pg.append("r1", token=claim.token, expected_len=1, records=[b"a"], now=T0) == 2
+    with pytest.raises(LeaseLost, match="log length is 2, expected 1"):
+        await pg.append("r1", token=claim.token, expected_len=1, records=[b"a"], now=T0)
+    with pytest.raises(RunNotFound):
+        await pg.append("ghost", token=1, expected_len=1, records=[], now=T0)
+
+
+async def test_results_round_trip_and_stay_unset_unless_given(pg: PostgresBackend) -> None:
+    await pg.create_run(_new("r1"))
+    [c] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                             lease_seconds=30, now=T0)
+    await pg.append("r1", token=c.token, expected_len=1, records=[],
+                    update=RunUpdate(inbox_pos=0), now=T0)
+    run = await pg.get_run("r1")
+    assert run is not None and run.result is None and run.lease_owner == "w"
+    value = {"nul": "a\x00b", "uni": "é😀", "n": [1, 2.5, None, True], "big": 2**62}
+    await pg.append("r1", token=c.token, expected_len=1, records=[b"end"], now=T0,
+                    update=RunUpdate(status=RunStatus.COMPLETED, result=value, ended_at=T0))
+    run = await pg.get_run("r1")
+    assert run is not None and run.result == value and run.due_at is None
+
+
+async def test_release_with_pending_cancel_makes_due_now(pg: PostgresBackend) -> None:
+    await pg.create_run(_new("r1"))
+    [c] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                             lease_seconds=30, now=T0)
+    await pg.request_cancel("r1", now=T0 + 1)
+    assert await pg.release("r1", token=c.token, due_at=T0 + 100, status=RunStatus.SUSPENDED,
+                            now=T0 + 2)
+    run = await pg.get_run("r1")
+    assert run is not None and run.due_at == T0 + 2 and run.lease_owner is None
+
+
+async def test_subscribe_reconnects_and_says_so(pg: PostgresBackend) -> None:
+    await pg.create_run(_new("r1", due=None))
+    stream = pg.subscribe()
+    try:
+        waiter = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.3)
+        await pg.request_cancel("r1", now=T0)
+        assert await asyncio.wait_for(waiter, 5) == "r1"
+        assert await _terminate(f"substantial-hints:{pg.schema}") == 1
+        assert await asyncio.wait_for(stream.__anext__(), 10) == ""
+        await pg.deliver("r1", b"x", now=T0)
+        assert await asyncio.wait_for(stream.__anext__(), 5) == "r1"
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_close_ends_subscriptions(pg: PostgresBackend) -> None:
+    stream = pg.subscribe()
+    waiter = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.3)
+    await pg.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiter, 5)
+    await pg.open()  # for the fixture's cleanup
