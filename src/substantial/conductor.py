@@ -120,6 +120,8 @@ class Conductor:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
         clock: Clock | None = None,
     ) -> None:
+        # A store built here from a URL is ours to close; one passed in is the caller's.
+        self._owns_backend = backend is None or isinstance(backend, str)
         self.backend: Backend = (
             open_backend(backend) if backend is None or isinstance(backend, str) else backend
         )
@@ -167,7 +169,8 @@ class Conductor:
                 await self._notifier
             self._notifier = None
         if self._opened:
-            await self.backend.close()
+            if self._owns_backend:
+                await self.backend.close()
             self._opened = False
 
     async def _listen(self) -> None:

@@ -103,8 +103,9 @@ class Worker:
                             self._start(c)
                         got += len(claims)
                     backoff = 0.1
-                except BackendError as exc:
-                    log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
+                except Exception as exc:  # the loop must outlive any store hiccup
+                    level = logging.WARNING if isinstance(exc, BackendError) else logging.ERROR
+                    log.log(level, "claim failed (%r); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -164,8 +165,8 @@ class Worker:
                     continue
                 try:
                     ok = await self.journal.renew(run_id, session.token, self.options.lease)
-                except BackendError as exc:
-                    log.warning("heartbeat for run %s failed: %s", run_id, exc)
+                except Exception as exc:
+                    log.warning("heartbeat for run %s failed: %r", run_id, exc)
                     continue
                 if not ok:
                     log.warning("run %s: lease lost to another worker; abandoning", run_id)

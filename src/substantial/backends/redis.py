@@ -578,12 +578,19 @@ class RedisBackend:
     # -- test helpers -----------------------------------------------------------
 
     async def drop_everything(self) -> None:
-        """Delete every key of this prefix (tests' cleanup)."""
+        """Delete every key of this prefix (tests' cleanup); works after close() too."""
+        reopened = self._client is None
+        if reopened:
+            await self.open()
         client = self._require()
         pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self._tag) + ":*"
-        keys = [k async for k in client.scan_iter(match=pattern, count=500)]
-        for i in range(0, len(keys), 500):
-            await client.unlink(*keys[i : i + 500])
+        try:
+            keys = [k async for k in client.scan_iter(match=pattern, count=500)]
+            for i in range(0, len(keys), 500):
+                await client.unlink(*keys[i : i + 500])
+        finally:
+            if reopened:
+                await self.close()
 
     async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
