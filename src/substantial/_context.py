@@ -610,7 +610,9 @@ async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:
         aw: Awaitable[Any] = f()
     else:
         aw = asyncio.to_thread(f)
-    result = await asyncio.wait_for(aw, timeout) if timeout is not None else await aw
-    if inspect.isawaitable(result):
-        result = await asyncio.wait_for(result, timeout) if timeout is not None else await result
+    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+    async with asyncio.timeout(timeout):
+        result = await aw
+        if inspect.isawaitable(result):
+            result = await result
     return result

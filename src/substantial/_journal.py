@@ -264,7 +264,8 @@ class RunSession:
         if poll is not None:
             timeout = min(timeout, poll)
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can eat a cancel
+                await self._changed.wait()
         except TimeoutError:
             if poll is not None:
                 self._dirty = True  # no hints across processes: look anyway

@@ -300,7 +300,8 @@ class Conductor:
                 if run.status.is_terminal:
                     return run
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), poll)
+                    async with asyncio.timeout(poll):
+                        await ev.wait()
         finally:
             waiters = self._waiters.get(run_id)
             if waiters is not None:

@@ -126,7 +126,10 @@ class Worker:
         if self.options.burst:
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that
+            # lands as the kick fires, and the worker would never stop.
+            async with asyncio.timeout(timeout):
+                await self._kick.wait()
 
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._drive(claim), name=f"substantial-run-{claim.run_id}")

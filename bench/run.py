@@ -1,0 +1,296 @@
+"""Substantial benchmark: throughput and latency per store, with an in-process worker.
+
+    python bench/run.py [--stores memory,sqlite,fs,redis,postgres] [--quick]
+
+Prints a plain-text table and writes bench/reports/latest.{md,json}.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from substantial import Conductor, Context, RunStatus, workflow
+
+REPORTS = Path(__file__).resolve().parent / "reports"
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+URLS = {  # {tmp}: a fresh temp dir (absolute, hence sqlite:////...); {tag}: a fresh name
+    "memory": "memory://", "sqlite": "sqlite:///{tmp}/bench.db", "fs": "file://{tmp}/fs",
+    "redis": "redis://127.0.0.1:6379/0?prefix={tag}", "postgres": PG_DSN + "?schema={tag}",
+}
+Once = Callable[[Conductor, int], Awaitable[float]]  # one timed repetition, in seconds
+PAYLOAD = b'{"k":"call","s":1,"p":"save","at":"run.py:42","v":1}'  # a typical step record
+
+
+@workflow(name="bench.steps")
+async def steps(c: Context, n: int) -> int:
+    for i in range(n):
+        await c.save(lambda i=i: i)
+    return n
+
+
+@workflow(name="bench.wait")
+async def wait_go(c: Context) -> Any:
+    return await c.receive("go")
+
+
+@dataclass(frozen=True)
+class Config:
+    steps: int = 1000
+    runs: int = 200
+    run_steps: int = 10
+    reps: int = 50
+    warmup: int = 5
+    raw: int = 500
+    concurrency: int = 64
+    hot_wait: float = 5.0
+    timeout: float = 300.0  # per phase
+
+
+QUICK = {"steps": 100, "runs": 20, "reps": 10, "warmup": 2, "raw": 100, "timeout": 60.0}
+
+
+# -- phases: each returns figures to merge into the store's row --------------------
+def expect(got: Any, want: Any) -> None:
+    if got != want:  # not assert: the awaits inside must run under python -O too
+        raise AssertionError(f"expected {want!r}, got {got!r}")
+
+
+async def sequential(cond: Conductor, cfg: Config) -> dict[str, float]:
+    t0 = time.perf_counter()
+    handle = await cond.start(steps, {"n": cfg.steps})
+    expect(await handle.result(), cfg.steps)
+    total = time.perf_counter() - t0
+    return {"seq_s": total, "seq_steps_per_s": cfg.steps / total,
+            "seq_ms_per_step": total * 1e3 / cfg.steps}
+
+
+async def fanout(cond: Conductor, cfg: Config) -> dict[str, float]:
+    n, t0 = cfg.run_steps, time.perf_counter()
+    handles = await asyncio.gather(*(cond.start(steps, {"n": n}) for _ in range(cfg.runs)))
+    expect(await asyncio.gather(*(h.result() for h in handles)), [n] * cfg.runs)
+    total = time.perf_counter() - t0
+    return {"fan_s": total, "fan_wf_per_s": cfg.runs / total,
+            "fan_steps_per_s": cfg.runs * n / total}
+
+
+async def start_once(cond: Conductor, i: int) -> float:
+    t0 = time.perf_counter()
+    expect(await (await cond.start(steps, {"n": 1})).result(), 1)
+    return time.perf_counter() - t0
+
+
+async def send_once(cond: Conductor, i: int) -> float:
+    handle = await cond.start(wait_go)
+    while True:  # until claimed: RUNNING (or SUSPENDED if hot_wait=0)
+        if await handle.status() != RunStatus.PENDING:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # let it reach receive() (and suspend, if hot_wait=0)
+    t0 = time.perf_counter()
+    await handle.send("go", i)
+    expect(await handle.result(), i)
+    return time.perf_counter() - t0
+
+
+async def latency(cond: Conductor, cfg: Config, key: str, once: Once) -> dict[str, float]:
+    """Median and nearest-rank p95 in ms of ``once``, after ``cfg.warmup`` unmeasured calls."""
+    samples = sorted([await once(cond, i) for i in range(cfg.warmup + cfg.reps)][cfg.warmup :])
+    p95 = samples[max(0, math.ceil(0.95 * len(samples)) - 1)]
+    return {f"{key}_p50_ms": statistics.median(samples) * 1e3, f"{key}_p95_ms": p95 * 1e3}
+
+
+def raw_sqlite(path: str, n: int) -> dict[str, float]:
+    """Median ms of BEGIN IMMEDIATE; INSERT; COMMIT in WAL, synchronous=NORMAL."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
+                           "CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (data) VALUES (?)", (PAYLOAD,))
+            conn.execute("COMMIT")
+            samples.append(time.perf_counter() - t0)
+        return {"raw_ms": statistics.median(samples) * 1e3}
+    finally:
+        conn.close()
+
+
+async def raw_postgres(schema: str, n: int) -> dict[str, float]:
+    """Median ms of one autocommit single-row INSERT (asyncpg, prepared)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'CREATE TABLE "{schema}".t (id bigserial PRIMARY KEY, data bytea)')
+        insert = f'INSERT INTO "{schema}".t (data) VALUES ($1)'
+        samples = []
+        for _ in range(n + 20):
+            t0 = time.perf_counter()
+            await conn.execute(insert, PAYLOAD)
+            samples.append(time.perf_counter() - t0)
+        return {"raw_ms": statistics.median(samples[20:]) * 1e3}  # after 20 warm-up inserts
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+async def bench_store(store: str, cfg: Config) -> dict[str, Any]:
+    print(f"{store}: running...", file=sys.stderr, flush=True)
+    row: dict[str, Any] = {"store": store, "errors": {}}
+    tag = f"bench_{uuid.uuid4().hex[:10]}"
+
+    async def guarded(phase: str, coro: Any, limit: float = cfg.timeout) -> None:
+        """Await one phase under a timeout; a failure is noted in the row, not raised."""
+        try:
+            async with asyncio.timeout(limit):
+                row.update(await coro or {})
+        except Exception as exc:
+            row["errors"][phase] = f"{type(exc).__name__}: {exc}".strip()
+            print(f"  {store} [{phase}] failed: {row['errors'][phase]}", file=sys.stderr)
+
+    async def with_worker(url: str) -> None:
+        async with Conductor(url) as cond:
+            cond.register(steps, wait_go)
+            worker = cond.run(concurrency=cfg.concurrency, hot_wait=cfg.hot_wait,
+                              handle_sigterm=False)
+            try:
+                await guarded("seq", sequential(cond, cfg))
+                await guarded("fan", fanout(cond, cfg))
+                await guarded("start", latency(cond, cfg, "start", start_once))
+                await guarded("send", latency(cond, cfg, "send", send_once))
+            finally:
+                worker.cancel()  # stops cleanly: awaiting it does not raise
+                await guarded("stop", asyncio.wait_for(worker, 10))
+                if hasattr(cond.backend, "drop_everything"):  # redis, postgres: our keys/schema
+                    await guarded("cleanup", cond.backend.drop_everything())
+
+    with tempfile.TemporaryDirectory(prefix="substantial-bench-") as tmp:
+        # "open" covers connecting; the nested phases keep their own timeouts and errors
+        await guarded("open", with_worker(URLS[store].format(tmp=tmp, tag=tag)), cfg.timeout * 6)
+        if store == "sqlite":
+            await guarded("raw", asyncio.to_thread(raw_sqlite, f"{tmp}/raw.db", cfg.raw))
+        elif store == "postgres":
+            await guarded("raw", raw_postgres(f"{tag}_raw", cfg.raw))
+    if row.get("raw_ms") and row.get("seq_ms_per_step"):
+        row["ratio"] = row["seq_ms_per_step"] / row["raw_ms"]
+    return row
+
+
+# -- reporting ----------------------------------------------------------------------
+def columns(cfg: Config) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(header, phase, keys, number format) per column."""
+    return [
+        (f"{cfg.steps}-step s", "seq", ("seq_s",), ".2f"),
+        ("steps/s", "seq", ("seq_steps_per_s",), ",.0f"),
+        ("ms/step", "seq", ("seq_ms_per_step",), ".3f"),
+        ("raw commit ms", "raw", ("raw_ms",), ".3f"),
+        ("ratio", "seq", ("ratio",), ".1f"),
+        (f"{cfg.runs}x{cfg.run_steps} wf/s", "fan", ("fan_wf_per_s",), ",.0f"),
+        (f"{cfg.runs}x{cfg.run_steps} steps/s", "fan", ("fan_steps_per_s",), ",.0f"),
+        ("start→result p50/p95 ms", "start", ("start_p50_ms", "start_p95_ms"), ".2f"),
+        ("send→done p50/p95 ms", "send", ("send_p50_ms", "send_p95_ms"), ".2f"),
+    ]
+
+
+def cells(row: dict[str, Any], cfg: Config) -> list[str]:
+    out = [row["store"]]
+    for _, phase, keys, fmt in columns(cfg):
+        errs = row["errors"]
+        if phase in errs or ("open" in errs and phase != "raw"):
+            out.append("ERR")
+        elif any(row.get(k) is None for k in keys):
+            out.append("-")
+        else:
+            out.append(" / ".join(format(row[k], fmt) for k in keys))
+    first = next(iter(row["errors"].values()), "")
+    out.append(first if len(first) <= 60 else first[:57] + "...")
+    return out
+
+
+def header(cfg: Config) -> list[str]:
+    return ["store", *(c[0] for c in columns(cfg)), "error"]
+
+
+def text_table(rows: list[dict[str, Any]], cfg: Config) -> str:
+    grid = [header(cfg), *(cells(r, cfg) for r in rows)]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in grid]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def errors_text(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['store']} [{phase}]: {msg}" for r in rows for phase, msg in r["errors"].items()]
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cpu_count": os.cpu_count(), "cpu_model": model,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "sqlite": sqlite3.sqlite_version, "substantial": version("substantial")}
+
+
+def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    md = ["# Substantial benchmark" + (" (quick)" if quick else ""), ""]
+    md += [f"- {k}: {v}" for k, v in info.items()]
+    md += [f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}", ""]
+    md += ["| " + " | ".join(header(cfg)) + " |", "|" + "---|" * len(header(cfg))]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r, cfg)) + " |" for r in rows]
+    if errs := errors_text(rows):
+        md += ["", "## Errors", "", *(f"- `{e}`" for e in errs)]
+    md += ["", "See bench/README.md for what each figure means.", ""]
+    (REPORTS / "latest.md").write_text("\n".join(md))
+    doc = {"machine": info, "quick": quick, "config": asdict(cfg), "results": rows}
+    (REPORTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stores", default=",".join(URLS), help="comma-separated store names")
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument("--concurrency", type=int, default=64, help="worker concurrency")
+    ap.add_argument("--hot-wait", type=float, default=5.0,
+                    help="worker hot_wait in seconds (0: waits always suspend)")
+    args = ap.parse_args()
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if unknown := [s for s in stores if s not in URLS]:
+        ap.error(f"unknown store(s) {unknown}; choose from {','.join(URLS)}")
+    cfg = Config(concurrency=args.concurrency, hot_wait=args.hot_wait,
+                 **(QUICK if args.quick else {}))
+    rows = [await bench_store(store, cfg) for store in stores]
+    print("\n".join([text_table(rows, cfg), *errors_text(rows)]))
+    write_reports(rows, cfg, args.quick)
+    print(f"\nwritten: {REPORTS / 'latest.md'}, {REPORTS / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,238 @@
+"""Starting, cancelling, composing and finding runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from substantial import (
+    Conductor,
+    Context,
+    FilterError,
+    RunCancelled,
+    RunFailed,
+    RunReverted,
+    RunStatus,
+    workflow,
+)
+from substantial.backends.memory import MemoryBackend
+
+from .helpers import eventually, worker
+
+effects: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    effects.clear()
+
+
+@workflow()
+async def echo(c: Context, x: object = None) -> object:
+    return await c.save(lambda: x)
+
+
+async def test_start_is_idempotent_on_run_id(conductor: Conductor) -> None:
+    conductor.register(echo)
+    handles = await asyncio.gather(
+        *(conductor.start(echo, {"x": i}, run_id="same") for i in range(5))
+    )
+    assert {h.run_id for h in handles} == {"same"}
+    async with worker(conductor):
+        result = await conductor.handle("same").result(timeout=10)
+    assert result in range(5)
+    assert len(await conductor.search("echo")) == 1
+
+
+@workflow()
+async def forever(c: Context) -> None:
+    await c.receive("never")
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_cancel_stops_a_waiting_run(conductor: Conductor, hot_wait: float) -> None:
+    conductor.register(forever)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(forever)
+        await eventually(lambda: _status_in(h, RunStatus.SUSPENDED, RunStatus.RUNNING))
+        await asyncio.sleep(0.05)
+        await h.cancel()
+        with pytest.raises(RunCancelled):
+            await h.result(timeout=10)
+    assert await h.status() == RunStatus.CANCELLED
+
+
+async def _status_in(h: object, *statuses: RunStatus) -> bool:
+    return await h.status() in statuses  # type: ignore[attr-defined]
+
+
+@workflow()
+async def child(c: Context, n: int) -> int:
+    await c.sleep(0.05)
+    return await c.save(lambda: n * 2)
+
+
+@workflow()
+async def parent(c: Context, ns: list[int]) -> list[int]:
+    handles = [await c.start_child(child, {"n": n}) for n in ns]
+    return [await h.result() for h in handles]
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_child_workflows_return_results_to_the_parent(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    conductor.register(parent, child)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(parent, {"ns": [1, 2, 3]})
+        assert await h.result(timeout=20) == [2, 4, 6]
+    children = await conductor.search("child")
+    assert len(children) == 3 and all(s.status == RunStatus.COMPLETED for s in children)
+
+
+@workflow()
+async def bad_child(c: Context) -> None:
+    raise RuntimeError("child broke")
+
+
+@workflow()
+async def parent_of_bad(c: Context) -> str:
+    h = await c.start_child(bad_child)
+    try:
+        await h.result()
+    except RunFailed as exc:
+        return f"caught: {exc}"
+    return "no error"
+
+
+async def test_a_failed_child_raises_run_failed_in_the_parent(conductor: Conductor) -> None:
+    conductor.register(parent_of_bad, bad_child)
+    async with worker(conductor):
+        h = await conductor.start(parent_of_bad)
+        assert await h.result(timeout=10) == "caught: child broke"
+
+
+@workflow()
+async def parent_waiting(c: Context) -> None:
+    h = await c.start_child(forever)
+    await h.result()
+
+
+async def test_cancelling_a_parent_cancels_its_descendants(conductor: Conductor) -> None:
+    conductor.register(parent_waiting, forever)
+    async with worker(conductor, hot_wait=0):
+        h = await conductor.start(parent_waiting)
+        await eventually(lambda: _count(conductor, "forever", RunStatus.SUSPENDED, 1))
+        await h.cancel()
+        with pytest.raises(RunCancelled):
+            await h.result(timeout=10)
+        [kid] = await conductor.search("forever")
+        with pytest.raises(RunCancelled):
+            await conductor.handle(kid.run_id).result(timeout=10)
+
+
+async def _count(c: Conductor, wf: str, status: RunStatus, n: int) -> bool:
+    return len([s for s in await c.search(wf) if s.status == status]) == n
+
+
+@workflow()
+async def booking(c: Context, fail: bool) -> str:
+    await c.save(lambda: effects.append("book hotel"),
+                 compensate_with=lambda: effects.append("cancel hotel"))
+    await c.save(lambda: effects.append("book flight"),
+                 compensate_with=lambda: effects.append("cancel flight"))
+    await c.sleep(0.01)
+    if fail:
+        await c.revert()
+    return "booked"
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_revert_runs_compensations_in_reverse_once(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    conductor.register(booking)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(booking, {"fail": True})
+        with pytest.raises(RunReverted):
+            await h.result(timeout=10)
+    assert effects == ["book hotel", "book flight", "cancel flight", "cancel hotel"]
+    assert await h.status() == RunStatus.REVERTED
+
+
+@workflow()
+async def counter(c: Context, n: int, upto: int) -> int:
+    await c.save(lambda: effects.append(f"count {n}"))
+    if n < upto:
+        await c.continue_using(counter, {"n": n + 1, "upto": upto})
+    return n
+
+
+async def test_continue_using_starts_a_fresh_run_and_the_handle_follows(
+    conductor: Conductor,
+) -> None:
+    conductor.register(counter)
+    async with worker(conductor):
+        h = await conductor.start(counter, {"n": 0, "upto": 3})
+        assert await h.result(timeout=10) == 3
+    assert await h.status() == RunStatus.CONTINUED
+    runs = await conductor.search("counter")
+    assert sorted(s.status for s in runs).count(RunStatus.CONTINUED) == 3
+    assert effects == ["count 0", "count 1", "count 2", "count 3"]
+
+
+async def test_search_filters_runs_with_the_metatype_grammar(conductor: Conductor) -> None:
+    conductor.register(echo, bad_child)
+    async with worker(conductor):
+        hs = [await conductor.start(echo, {"x": x}) for x in (1, 5, "hello", [1, 2])]
+        for h in hs:
+            await h.result(timeout=10)
+        bad = await conductor.start(bad_child)
+        with pytest.raises(RunFailed):
+            await bad.result(timeout=10)
+    assert {s.result for s in await conductor.search("echo", {"gt": 2})} == {5}
+    found = await conductor.search("echo", {"or": [{"eq": 1}, {"contains": "ell"}]})
+    assert sorted(str(s.result) for s in found) == ["1", "hello"]
+    assert len(await conductor.search("echo", {"contains": 2})) == 1
+    assert len(await conductor.search("echo", {"status": {"eq": "COMPLETED"}})) == 4
+    [failed] = await conductor.search("bad_child", {"contains": "broke"})
+    assert failed.status == RunStatus.FAILED and failed.error == "child broke"
+    assert failed.started_at is not None and failed.ended_at is not None
+    assert await conductor.search("echo", {"not": {"started_at": {"eq": None}}})
+    with pytest.raises(FilterError, match=r"or\[0\]"):
+        await conductor.search("echo", {"or": [{"bogus": 1}]})
+
+
+@workflow()
+async def long_sleeper(c: Context) -> str:
+    await c.sleep(60)
+    return "woke"
+
+
+@workflow()
+async def waiter(c: Context) -> object:
+    return await c.receive("ping")
+
+
+async def test_a_sleeping_run_costs_no_store_calls_and_an_event_wakes_at_once() -> None:
+    backend = MemoryBackend()  # no cross-process writers: the worker never needs to poll
+    conductor = Conductor(backend)
+    conductor.register(long_sleeper, waiter)
+    async with worker(conductor, hot_wait=0.5):
+        h = await conductor.start(long_sleeper)
+        w = await conductor.start(waiter)
+        await eventually(lambda: _count(conductor, "long_sleeper", RunStatus.SUSPENDED, 1))
+        await eventually(lambda: _count(conductor, "waiter", RunStatus.SUSPENDED, 1))
+        before = dict(backend.calls)
+        await asyncio.sleep(3)  # both runs idle: nothing may touch the store
+        assert backend.calls == before
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await w.send("ping", "pong")
+        assert await w.result(timeout=5) == "pong"
+        woke_after = loop.time() - t0
+        assert await h.status() == RunStatus.SUSPENDED
+    # the wake-up came from the hint, not from a polling period (there is none)
+    assert backend.poll_interval is None
+    assert woke_after < 5
