@@ -302,6 +302,10 @@ class PostgresBackend:
                         min_size=self._min_size,
                         max_size=self._max_size,
                         server_settings={"application_name": f"substantial:{self._schema}"[:63]},
+                        # asyncpg's default reset costs a round trip per release; our
+                        # operations leave no session state (asyncpg still rolls back
+                        # an open transaction and drops listeners before this runs).
+                        reset=_no_reset,
                     )
                     break
                 except Exception as exc:
@@ -594,3 +598,8 @@ class PostgresBackend:
     async def drop_everything(self) -> None:
         """Drop the whole schema, tables, function and all (tests use it to clean up)."""
         await self._q("execute", _DROP)
+
+
+async def _no_reset(conn: Any) -> None:
+    """Pool reset hook: nothing to undo (see ``open``)."""
+    return None
