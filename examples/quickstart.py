@@ -43,6 +43,11 @@ async def order(c: Context, item: str, steps: int = 6) -> str:
     return f"{item}: {len(done)} steps"
 
 
+def effects_of(run_id: str) -> list[str]:
+    lines = EFFECTS.read_text().splitlines()
+    return [ln.split()[1] for ln in lines if ln.startswith(run_id)]
+
+
 def spawn_worker() -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUBSTANTIAL_LEASE_SECONDS": "2"}
     return subprocess.Popen([sys.executable, __file__, "worker"], env=env)
@@ -58,7 +63,7 @@ async def demo() -> None:
     await asyncio.sleep(1.5)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    done = [ln for ln in EFFECTS.read_text().splitlines() if ln.startswith(run_id)]
+    done = effects_of(run_id)
     print(f"killed the worker (SIGKILL) after {len(done)} steps; status: {await handle.status()}")
 
     second = spawn_worker()
@@ -67,7 +72,7 @@ async def demo() -> None:
     finally:
         second.terminate()
         second.wait()
-    steps = [ln.split()[1] for ln in EFFECTS.read_text().splitlines() if ln.startswith(run_id)]
+    steps = effects_of(run_id)
     print(f"a new worker finished it: {result!r}")
     print(f"steps executed: {steps}")
     assert len(steps) == len(set(steps)), "a step ran twice!"

@@ -20,7 +20,8 @@ def test_public_names_are_pinned_and_sorted() -> None:
 def test_every_error_derives_from_substantial_error() -> None:
     for name in dir(errors):
         obj = getattr(errors, name)
-        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == errors.__name__:
+        ours = isinstance(obj, type) and obj.__module__ == errors.__name__
+        if ours and issubclass(obj, Exception):
             assert issubclass(obj, substantial.SubstantialError), name
 
 

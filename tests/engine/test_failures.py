@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import timedelta
 
@@ -58,7 +59,7 @@ async def test_retries_run_exactly_max_attempts_with_growing_delays(
         h = await conductor.start(retrying, {"max_attempts": 4})
         assert await h.result(timeout=20) == "ConnectionError: attempt 4 failed after 4"
     assert len(attempts) == 4
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2
     assert gaps[0] < gaps[1] < gaps[2]
 
