@@ -313,6 +313,14 @@ def _record(h: dict[bytes, bytes]) -> RunRecord:
     )
 
 
+def _raise_if_cancelled() -> None:
+    """redis-py can swallow a cancellation that races with its own read timeout (the
+    CancelledError becomes a timeout); a pending cancel request must still win."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[Any]:
     """One raw command (redis-py's typed wrappers return ``Awaitable | value`` unions)."""
     return c.execute_command(*args)
@@ -411,6 +419,7 @@ class RedisBackend:
             except AuthenticationError as exc:
                 raise BackendUnavailable(self._describe("refused the credentials", exc)) from exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                _raise_if_cancelled()
                 if attempt == len(_RETRY_DELAYS):
                     raise BackendUnavailable(
                         self._describe(f"is unreachable ({op})", exc)
@@ -559,14 +568,17 @@ class RedisBackend:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
+                _raise_if_cancelled()
                 if dropped:
                     delay, dropped = 0.1, False
                     yield ""
                 while not self._closed:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    _raise_if_cancelled()
                     if msg is not None and msg.get("type") == "message":
                         yield bytes(msg["data"]).decode(errors="replace")
             except (RedisConnectionError, RedisTimeoutError, OSError):
+                _raise_if_cancelled()
                 dropped = True
             finally:
                 with contextlib.suppress(RedisError, OSError):
