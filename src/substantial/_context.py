@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import inspect
 import logging
 import os
 import random as _random
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
 from ._interrupts import CancelRun, StopRun, Suspend
@@ -44,6 +45,7 @@ from .errors import (
     RunReverted,
     SaveFailed,
     SerializationError,
+    WorkflowError,
 )
 from .workflow import Workflow, workflow_name
 
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     from ._journal import RunSession
 
 T = TypeVar("T")
+P = ParamSpec("P")
+CtxT = TypeVar("CtxT", bound="Context")
 run_log = logging.getLogger("substantial.run")
 _PKG_DIR = os.path.dirname(__file__)
 
@@ -63,6 +67,33 @@ def _caller() -> str:
     if f is None:
         return "?"
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def _one_at_a_time(
+    fn: Callable[Concatenate[CtxT, P], Awaitable[T]],
+) -> Callable[Concatenate[CtxT, P], Coroutine[Any, Any, T]]:
+    """Durable calls of one run are sequential: their sequence ids are their order.
+
+    ``asyncio.gather(c.save(a), c.save(b))`` would make that order depend on
+    scheduling, so it is refused with a clear error instead of corrupting replay.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: CtxT, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._in_call is not None:
+            self._poisoned = True  # the call already in flight must not write either
+            raise WorkflowError(
+                f"run {self.run_id}: {fn.__name__}() was called while {self._in_call}() "
+                "was still running; await durable calls one at a time (asyncio.gather "
+                "over Context calls is not supported)"
+            )
+        self._in_call = fn.__name__
+        try:
+            return await fn(self, *args, **kwargs)
+        finally:
+            self._in_call = None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _describe(p: str, name: str | None, at: str | None) -> str:
@@ -144,6 +175,8 @@ class Context:
         self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
         self._pending: list[R.Record] = []  # log records waiting for the next write
         self._compensations: list[tuple[int, Callable[[], Any]]] = []
+        self._in_call: str | None = None
+        self._poisoned = False
         self._indexed = 0
         self._index_new()
 
@@ -215,6 +248,8 @@ class Context:
 
     async def _write(self, *recs: R.Record, what: str) -> int:
         """Append records (after any buffered log lines); returns position of the last."""
+        if self._poisoned:
+            raise WorkflowError(f"run {self.run_id}: stopped after overlapping durable calls")
         batch = [*self._pending, *recs]
         self._pending.clear()
         first = await self._session.append(batch, what=what)
@@ -270,12 +305,18 @@ class Context:
                 raise Suspend(due)
             limit = budget_end - now if due is None else min(budget_end, due) - now
             if await self._session.wait_for_change(limit):
-                await self._sync()
                 if events:
+                    await self._sync()
                     return
+                # a timer: take events in (their position is fixed now) and watch
+                # for cancellation, but apply them only at the next durable call
+                await self._session.pull_if_needed()
+                if self._session.run.cancel_requested:
+                    raise CancelRun()
 
     # -- primitives -------------------------------------------------------------
 
+    @_one_at_a_time
     async def save(
         self,
         f: Callable[[], T | Awaitable[T]],
@@ -303,9 +344,9 @@ class Context:
         final = self._final(seq, recs)
         if final is None:
             final = await self._execute(seq, p, at, f, recs, retry or DEFAULT_RETRY, timeout, what)
-        if compensate_with is not None:
-            self._compensations.append((seq, compensate_with))
         err = final.get("err")
+        if err is None and compensate_with is not None:
+            self._compensations.append((seq, compensate_with))
         if err is not None:
             if err["type"] in ("SerializationError", "PayloadTooLarge"):
                 cls = PayloadTooLarge if err["type"] == "PayloadTooLarge" else SerializationError
@@ -364,11 +405,13 @@ class Context:
             await self._write(final, what=what)
             return final
 
+    @_one_at_a_time
     async def sleep(self, duration: Seconds) -> None:
         """Durable timer: survives restarts."""
         seq, recs, at = self._begin("sleep")
         await self._timer(seq, recs, at, lambda: self._clock() + to_seconds(duration))
 
+    @_one_at_a_time
     async def sleep_until(self, when: datetime) -> None:
         seq, recs, at = self._begin("sleep")
         if when.tzinfo is None:
@@ -378,16 +421,20 @@ class Context:
     async def _timer(
         self, seq: int, recs: list[R.Record], at: str, due_fn: Callable[[], float]
     ) -> None:
-        if self._replayed_past(seq):
-            return
-        await self._sync()
+        # A sleep's place in the log is its ARM record: events are applied up to it,
+        # never during the wait, so code after the sleep sees the same on replay.
         if recs:
+            self._advance(self._calls[seq][0] + 1)
+            if self._replayed_past(seq):
+                return
             due = recs[0]["due"]
         else:
+            await self._sync()
             due = due_fn()
             await self._write(self._rec(R.ARM, seq, "sleep", at, due=due), what="sleep()")
         await self._wait(due, events=False, budget_end=self._budget())
 
+    @_one_at_a_time
     async def receive(self, name: str, *, timeout: Seconds | None = None) -> Any:
         """The next unconsumed event ``name``, in send order; waits for one."""
         seq, recs, at = self._begin("receive", name)
@@ -438,6 +485,7 @@ class Context:
                 break
             cb(self._session.records[pos].get("v"))
 
+    @_one_at_a_time
     async def ensure(
         self,
         pred: Callable[[], bool],
@@ -482,15 +530,18 @@ class Context:
             await self._write(final, what=f"{p}()")
         return final["v"]
 
+    @_one_at_a_time
     async def now(self) -> datetime:
         """Current time (aware UTC), recorded: identical on replay."""
         t = await self._value("now", self._clock)
         return datetime.fromtimestamp(t, UTC)
 
+    @_one_at_a_time
     async def random(self) -> float:
         """A float in [0, 1), recorded."""
         return float(await self._value("random", _random.random))
 
+    @_one_at_a_time
     async def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded."""
         return uuid.UUID(await self._value("uuid4", lambda: str(uuid.uuid4())))
@@ -522,6 +573,7 @@ class Context:
 
     # -- composition --------------------------------------------------------------
 
+    @_one_at_a_time
     async def start_child(
         self,
         wf: Workflow[Any] | str,
@@ -560,6 +612,7 @@ class Context:
         value = await self.receive(name)
         return value if isinstance(value, dict) else {}
 
+    @_one_at_a_time
     async def revert(self) -> None:
         """Run recorded compensations in reverse order (durably), then end as REVERTED."""
         for _, comp in reversed(self._compensations):
@@ -567,6 +620,7 @@ class Context:
         self._compensations.clear()
         raise StopRun(RunStatus.REVERTED)
 
+    @_one_at_a_time
     async def continue_using(
         self, wf: Workflow[Any] | str, kwargs: dict[str, Any] | None = None
     ) -> None:
@@ -592,6 +646,7 @@ class Context:
             kwargs=final["kw"],
             queue=self._session.run.queue,
             parent_id=self._session.run.parent_id,
+            origin=self._session.start.get("origin", self.run_id),
         )
         raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]})
 

@@ -22,7 +22,7 @@ from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
 from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate
 from .codec import dumps
-from .errors import BackendError, CorruptRecord, LeaseLost, RunNotFound
+from .errors import BackendError, ConfigurationError, CorruptRecord, LeaseLost, RunNotFound
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,15 @@ class Journal:
         queue: str,
         parent_id: str | None = None,
         connection: Any = None,
+        origin: str | None = None,
     ) -> bool:
+        """``origin``: for a run continuing another (continue_using), the first run's
+        id, under which a parent waits for it."""
         now = self.clock()
-        first = self.encode(
-            {"k": R.START, "wf": workflow, "kw": kwargs, "t": now},
-            f"start({workflow!r}) kwargs",
-        )
+        start: R.Record = {"k": R.START, "wf": workflow, "kw": kwargs, "t": now}
+        if origin is not None:
+            start["origin"] = origin
+        first = self.encode(start, f"start({workflow!r}) kwargs")
         new = NewRun(
             run_id=run_id,
             workflow=workflow,
@@ -104,7 +107,14 @@ class Journal:
             parent_id=parent_id,
         )
         if connection is not None:
-            return bool(await self.backend.create_run(new, connection=connection))  # type: ignore[call-arg]
+            try:
+                created = await self.backend.create_run(new, connection=connection)  # type: ignore[call-arg]
+            except TypeError:
+                raise ConfigurationError(
+                    "start(connection=...) joins the caller's transaction; only the "
+                    "PostgreSQL store supports it"
+                ) from None
+            return bool(created)
         return await self.backend.create_run(new)
 
     async def deliver(self, run_id: str, name: str, value: Any) -> int:
@@ -162,6 +172,8 @@ class Journal:
             return None
         session = RunSession(self, claim, snap.run, lease)
         session.load(snap.log)
+        if not snap.inbox:
+            session._dirty = False  # this read saw the inbox empty: no need to read again
         return session
 
 
@@ -181,6 +193,7 @@ class RunSession:
         self.records: list[R.Record] = []
         self.corrupt: CorruptRecord | None = None
         self.lost: BaseException | None = None
+        self.released = False  # ended or handed back: the lease is no longer ours
         self._changed = asyncio.Event()
         self._dirty = True  # the inbox may hold items: pull before acting
 
@@ -290,11 +303,13 @@ class RunSession:
             end["v"] = result
             update = RunUpdate(status=status, result=result, ended_at=now)
         await self.append([end], update, "the run's result")
+        self.released = True
 
     async def suspend(self, due: float | None) -> None:
         """Give the run back to the store until ``due`` (or its next event)."""
         if self.lost is not None:
             return
+        self.released = True
         await self.journal.backend.release(
             self.run_id,
             token=self.token,
@@ -307,6 +322,7 @@ class RunSession:
         """Shutdown: make the run due now for any worker."""
         if self.lost is not None:
             return
+        self.released = True
         now = self.journal.clock()
         await self.journal.backend.release(
             self.run_id, token=self.token, due_at=now, status=RunStatus.PENDING, now=now

@@ -58,6 +58,7 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         if pending:
             update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=s.due)
             await session.append(pending, update, "log record")
+            session.released = True
         else:
             await session.suspend(s.due)
         return s.due
@@ -112,9 +113,8 @@ async def _end(
         if run is not None:
             # the parent may be gone or already over: then nobody is waiting
             with contextlib.suppress(RunNotFound, RunFinished):
-                await session.journal.deliver(
-                    parent, child_event(session.run_id), child_outcome(run)
-                )
+                origin = session.start.get("origin", session.run_id)
+                await session.journal.deliver(parent, child_event(origin), child_outcome(run))
 
 
 async def _cancel(session: RunSession, extra: list[Any] | None = None) -> None:

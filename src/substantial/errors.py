@@ -19,7 +19,6 @@ can catch "anything from us" in one place::
     └── ClientError                 caller-side misuse
         ├── RunNotFound             no run has this id
         ├── RunFinished             the run already ended (send to a finished run)
-        ├── WorkflowNotRegistered   start() of a workflow this conductor does not know
         └── RunError                result() of a run that did not complete
             ├── RunFailed           (message = the run's error)
             ├── RunCancelled
@@ -135,10 +134,6 @@ class RunFinished(ClientError):
         super().__init__(f"run {run_id!r} has already finished ({status}); it accepts no events")
         self.run_id = run_id
         self.status = status
-
-
-class WorkflowNotRegistered(ClientError):
-    pass
 
 
 class RunError(ClientError):

@@ -53,6 +53,7 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._active: dict[str, tuple[RunSession | None, asyncio.Task[None]]] = {}
         self._kick = asyncio.Event()
+        self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
 
     # -- hints ------------------------------------------------------------------
@@ -60,10 +61,12 @@ class Worker:
     def hint(self, run_id: str) -> None:
         """Something changed for ``run_id`` (or "" = anything): wake the right party."""
         entry = self._active.get(run_id) if run_id else None
-        if entry is not None and entry[0] is not None:
+        if entry is None:
+            self._kick.set()
+        elif entry[0] is not None:
             entry[0].notify()
         else:
-            self._kick.set()
+            self._early.add(run_id)  # claimed, session still loading: tell it once ready
 
     # -- main loop -----------------------------------------------------------------
 
@@ -86,6 +89,7 @@ class Worker:
         poll = opts.idle_poll if opts.idle_poll is not None else self.journal.backend.poll_interval
         backoff = 0.1
         while True:
+            _reraise_pending_cancel()
             self._kick.clear()
             free = opts.concurrency - len(self._active)
             got = 0
@@ -104,6 +108,7 @@ class Worker:
                         got += len(claims)
                     backoff = 0.1
                 except Exception as exc:  # the loop must outlive any store hiccup
+                    _reraise_pending_cancel()
                     level = logging.WARNING if isinstance(exc, BackendError) else logging.ERROR
                     log.log(level, "claim failed (%r); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
@@ -132,6 +137,9 @@ class Worker:
                 await self._kick.wait()
 
     def _start(self, claim: Claim) -> None:
+        old = self._active.get(claim.run_id)
+        if old is not None:  # our own lease expired and we claimed it again: the new
+            old[1].cancel()  # claim's token fences the old task; stop it
         task = asyncio.create_task(self._drive(claim), name=f"substantial-run-{claim.run_id}")
         self._active[claim.run_id] = (None, task)
 
@@ -141,7 +149,12 @@ class Worker:
             session = await self.journal.open_session(claim, self.options.lease)
             if session is None:
                 return
-            self._active[claim.run_id] = (session, self._active[claim.run_id][1])
+            me = asyncio.current_task()
+            assert me is not None
+            self._active[claim.run_id] = (session, me)
+            if claim.run_id in self._early:
+                self._early.discard(claim.run_id)
+                session.notify()
             wf = self.workflows[session.run.workflow]
             due = await drive(session, wf, hot_wait=self.options.hot_wait)
             if due is not None:
@@ -152,29 +165,49 @@ class Worker:
                     await asyncio.shield(session.hand_back())
             raise
         except BackendError as exc:
+            _reraise_pending_cancel()
             log.warning("run %s abandoned: %s", claim.run_id, exc)
         except Exception:
+            _reraise_pending_cancel()
             log.exception("run %s: unexpected engine error", claim.run_id)
         finally:
-            self._active.pop(claim.run_id, None)
+            entry = self._active.get(claim.run_id)
+            if entry is not None and entry[1] is asyncio.current_task():
+                self._early.discard(claim.run_id)
+                del self._active[claim.run_id]
             self._kick.set()
 
     async def _heartbeat(self) -> None:
+        """Renew every held lease each lease/3, concurrently (one slow renewal must not
+        delay the others past their expiry)."""
         interval = self.options.lease / 3
         while True:
             await asyncio.sleep(interval)
-            for run_id, (session, task) in list(self._active.items()):
-                if session is None or session.lost is not None:
-                    continue
-                try:
-                    ok = await self.journal.renew(run_id, session.token, self.options.lease)
-                except Exception as exc:
-                    log.warning("heartbeat for run %s failed: %r", run_id, exc)
-                    continue
-                if not ok:
-                    log.warning("run %s: lease lost to another worker; abandoning", run_id)
-                    session.lost = LeaseLost(run_id)
-                    task.cancel()
+            held = [
+                (run_id, session, task)
+                for run_id, (session, task) in self._active.items()
+                if session is not None and session.lost is None and not session.released
+            ]
+            await asyncio.gather(*(self._renew(*h) for h in held))
+
+    async def _renew(self, run_id: str, session: RunSession, task: asyncio.Task[None]) -> None:
+        try:
+            ok = await self.journal.renew(run_id, session.token, self.options.lease)
+        except Exception as exc:
+            log.warning("heartbeat for run %s failed: %r", run_id, exc)
+            return
+        if not ok and not session.released and session.lost is None:
+            log.warning("run %s: lease lost to another worker; abandoning", run_id)
+            session.lost = LeaseLost(run_id)
+            task.cancel()
+
+
+def _reraise_pending_cancel() -> None:
+    """Drivers sometimes turn a cancellation into their own error (redis-py does when
+    it races a read timeout); if this task was asked to stop, stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def install_sigterm(task: asyncio.Task[Any]) -> None:

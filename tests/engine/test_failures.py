@@ -229,8 +229,12 @@ async def test_send_to_a_finished_run_raises(conductor: Conductor) -> None:
 
 
 async def test_oversize_event_is_refused_to_the_caller(conductor: Conductor) -> None:
-    small = Conductor(conductor.backend, max_payload_bytes=1000)
-    small.register(wait_for_go)
+    async with Conductor(conductor.backend, max_payload_bytes=1000) as small:
+        small.register(wait_for_go)
+        await _oversize_event(small)
+
+
+async def _oversize_event(small: Conductor) -> None:
     async with worker(small):
         h = await small.start(wait_for_go)
         with pytest.raises(PayloadTooLarge, match="1000"):
@@ -246,8 +250,12 @@ async def big_result(c: Context) -> int:
 
 
 async def test_oversize_save_fails_that_run(conductor: Conductor) -> None:
-    small = Conductor(conductor.backend, max_payload_bytes=1000)
-    small.register(big_result, wait_for_go)
+    async with Conductor(conductor.backend, max_payload_bytes=1000) as small:
+        small.register(big_result, wait_for_go)
+        await _oversize_save(small)
+
+
+async def _oversize_save(small: Conductor) -> None:
     async with worker(small):
         other = await small.start(wait_for_go)
         h = await small.start(big_result)

@@ -217,7 +217,11 @@ async def waiter(c: Context) -> object:
 
 async def test_a_sleeping_run_costs_no_store_calls_and_an_event_wakes_at_once() -> None:
     backend = MemoryBackend()  # no cross-process writers: the worker never needs to poll
-    conductor = Conductor(backend)
+    async with Conductor(backend) as conductor:
+        await _idle_runs_cost_nothing(conductor, backend)
+
+
+async def _idle_runs_cost_nothing(conductor: Conductor, backend: MemoryBackend) -> None:
     conductor.register(long_sleeper, waiter)
     async with worker(conductor, hot_wait=0.5):
         h = await conductor.start(long_sleeper)

@@ -251,8 +251,16 @@ redis.call('PUBLISH', ARGV[2], f[2])
 return 1
 """
 
-_SCRIPTS = dict(create=_CREATE, claim=_CLAIM, read=_READ, append=_APPEND, renew=_RENEW,
-                release=_RELEASE, deliver=_DELIVER, cancel=_CANCEL)
+_SCRIPTS = dict(
+    create=_CREATE,
+    claim=_CLAIM,
+    read=_READ,
+    append=_APPEND,
+    renew=_RENEW,
+    release=_RELEASE,
+    deliver=_DELIVER,
+    cancel=_CANCEL,
+)
 
 
 def _num(x: float) -> str:
@@ -302,13 +310,22 @@ def _record(h: dict[bytes, bytes]) -> RunRecord:
         return float(d[k]) if k in d else None
 
     return RunRecord(
-        run_id=d["run_id"], workflow=d["workflow"], queue=d["queue"],
-        status=RunStatus(d["status"]), created_at=float(d["created_at"]),
-        started_at=f("started_at"), ended_at=f("ended_at"), due_at=f("due_at"),
-        result=json.loads(d["result"]) if "result" in d else None, error=d.get("error"),
-        log_len=int(d["log_len"]), inbox_pos=int(d["inbox_pos"]),
-        lease_token=int(d["lease_token"]), lease_owner=d.get("lease_owner"),
-        lease_expires_at=f("lease_expires_at"), cancel_requested="cancel_requested" in d,
+        run_id=d["run_id"],
+        workflow=d["workflow"],
+        queue=d["queue"],
+        status=RunStatus(d["status"]),
+        created_at=float(d["created_at"]),
+        started_at=f("started_at"),
+        ended_at=f("ended_at"),
+        due_at=f("due_at"),
+        result=json.loads(d["result"]) if "result" in d else None,
+        error=d.get("error"),
+        log_len=int(d["log_len"]),
+        inbox_pos=int(d["inbox_pos"]),
+        lease_token=int(d["lease_token"]),
+        lease_owner=d.get("lease_owner"),
+        lease_expires_at=f("lease_expires_at"),
+        cancel_requested="cancel_requested" in d,
         parent_id=d.get("parent_id"),
     )
 
@@ -330,7 +347,11 @@ class RedisBackend:
     """Redis 6.2+ store. ``RedisBackend("redis://host:6379/0", prefix="myapp")``."""
 
     def __init__(
-        self, url: str, *, prefix: str = "substantial", poll_interval: float = 1.0,
+        self,
+        url: str,
+        *,
+        prefix: str = "substantial",
+        poll_interval: float = 1.0,
         max_connections: int = 32,
     ) -> None:
         if not prefix:
@@ -377,8 +398,12 @@ class RedisBackend:
             return
         try:
             pool = aioredis.BlockingConnectionPool.from_url(
-                self._url, max_connections=self._max_connections, timeout=10,
-                decode_responses=False, socket_connect_timeout=5, socket_timeout=30,
+                self._url,
+                max_connections=self._max_connections,
+                timeout=10,
+                decode_responses=False,
+                socket_connect_timeout=5,
+                socket_timeout=30,
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),  # we retry ourselves, see the module docstring
             )
@@ -393,8 +418,9 @@ class RedisBackend:
             await client.aclose()
             await pool.aclose()
             raise BackendUnavailable(self._describe("is unreachable", exc)) from exc
-        self._scripts = {name: client.register_script(_PRELUDE + src)
-                         for name, src in _SCRIPTS.items()}
+        self._scripts = {
+            name: client.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()
+        }
         self._pool, self._client, self._closed = pool, client, False
 
     async def close(self) -> None:
@@ -421,9 +447,7 @@ class RedisBackend:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 _raise_if_cancelled()
                 if attempt == len(_RETRY_DELAYS):
-                    raise BackendUnavailable(
-                        self._describe(f"is unreachable ({op})", exc)
-                    ) from exc
+                    raise BackendUnavailable(self._describe(f"is unreachable ({op})", exc)) from exc
                 await asyncio.sleep(_RETRY_DELAYS[attempt])
             except RedisError as exc:
                 raise BackendError(self._describe(f"failed {op}", exc)) from exc
@@ -439,15 +463,35 @@ class RedisBackend:
 
     async def create_run(self, new: NewRun) -> bool:
         rid = new.run_id
-        keys = [self._key("run", rid), self._key("log", rid), f"{self._tag}:runs",
-                self._key("wf", new.workflow), self._due_key(new.queue, new.workflow)]
-        args = [rid, new.workflow, new.queue, _num(new.created_at), _opt(new.due_at),
-                _opt(new.parent_id), new.first_record, uuid.uuid4().hex, self._channel]
+        keys = [
+            self._key("run", rid),
+            self._key("log", rid),
+            f"{self._tag}:runs",
+            self._key("wf", new.workflow),
+            self._due_key(new.queue, new.workflow),
+        ]
+        args = [
+            rid,
+            new.workflow,
+            new.queue,
+            _num(new.created_at),
+            _opt(new.due_at),
+            _opt(new.parent_id),
+            new.first_record,
+            uuid.uuid4().hex,
+            self._channel,
+        ]
         return bool(await self._script("create_run", "create", keys, args))
 
     async def claim_due(
-        self, *, queue: str, workflows: Collection[str], limit: int, owner: str,
-        lease_seconds: float, now: float,
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
     ) -> list[Claim]:
         if limit <= 0 or not workflows:
             self._count("claim_due")
@@ -455,8 +499,9 @@ class RedisBackend:
         keys = [self._due_key(queue, wf) for wf in sorted(set(workflows))]
         args = [_num(now), owner, _num(now + lease_seconds), limit, f"{self._tag}:run:"]
         flat = await self._script("claim_due", "claim", keys, args)
-        return [Claim(run_id=flat[i].decode(), token=int(flat[i + 1]))
-                for i in range(0, len(flat), 2)]
+        return [
+            Claim(run_id=flat[i].decode(), token=int(flat[i + 1])) for i in range(0, len(flat), 2)
+        ]
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         keys = [self._key("run", run_id), self._key("log", run_id), self._key("inbox", run_id)]
@@ -468,16 +513,32 @@ class RedisBackend:
         return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
 
     async def append(
-        self, run_id: str, *, token: int, expected_len: int, records: Sequence[bytes],
-        update: RunUpdate | None = None, now: float,
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
     ) -> int:
         u = update or RunUpdate()
         result = _opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
         args: list[Any] = [
-            token, expected_len, _num(now), self._channel, uuid.uuid4().hex,
-            _opt(u.status.value if u.status is not None else None), result, _opt(u.error),
-            _opt(u.ended_at), _opt(u.inbox_pos), "1" if u.release else "0",
-            "0" if update is None else "1", _opt(u.due_at), *records,
+            token,
+            expected_len,
+            _num(now),
+            self._channel,
+            uuid.uuid4().hex,
+            _opt(u.status.value if u.status is not None else None),
+            result,
+            _opt(u.error),
+            _opt(u.ended_at),
+            _opt(u.inbox_pos),
+            "1" if u.release else "0",
+            "0" if update is None else "1",
+            _opt(u.due_at),
+            *records,
         ]
         keys = [self._key("run", run_id), self._key("log", run_id)]
         code, *rest = await self._script("append", "append", keys, args)
@@ -502,10 +563,14 @@ class RedisBackend:
         return bool(await self._script("release", "release", [self._key("run", run_id)], args))
 
     async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
-        keys = [self._key("run", run_id), self._key("inbox", run_id),
-                self._key("nonce", uuid.uuid4().hex)]
-        code, *rest = await self._script("deliver", "deliver", keys,
-                                         [data, _num(now), self._channel])
+        keys = [
+            self._key("run", run_id),
+            self._key("inbox", run_id),
+            self._key("nonce", uuid.uuid4().hex),
+        ]
+        code, *rest = await self._script(
+            "deliver", "deliver", keys, [data, _num(now), self._channel]
+        )
         if code == -1:
             raise RunNotFound(run_id)
         if code == -2:
@@ -525,7 +590,10 @@ class RedisBackend:
         return _record(h) if h else None
 
     async def list_runs(
-        self, *, workflow: str | None = None, statuses: Collection[RunStatus] | None = None,
+        self,
+        *,
+        workflow: str | None = None,
+        statuses: Collection[RunStatus] | None = None,
         limit: int | None = None,
     ) -> list[RunRecord]:
         """Runs in created_at, run id order; reads in batches (not one snapshot)."""

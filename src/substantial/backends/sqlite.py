@@ -136,8 +136,9 @@ def _record(row: Row) -> RunRecord:
     return RunRecord(**f)
 
 
-def _transact(conn: sqlite3.Connection, begin: str | None,
-              fn: Callable[[sqlite3.Connection], T]) -> T:
+def _transact(
+    conn: sqlite3.Connection, begin: str | None, fn: Callable[[sqlite3.Connection], T]
+) -> T:
     """``fn`` in one transaction opened with ``begin`` (None: no transaction)."""
     if begin is None:
         return fn(conn)
@@ -163,7 +164,10 @@ class SQLiteBackend:
     """Store in one SQLite file. ``SQLiteBackend("state.db")`` or ``sqlite:///state.db``."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0,
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
         poll_interval: float = 0.5,
     ) -> None:
         self.path = Path(path)
@@ -279,13 +283,22 @@ class SQLiteBackend:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
                 "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-                (new.run_id, new.workflow, new.queue, RunStatus.PENDING.value,
-                 new.created_at, new.due_at, new.parent_id),
+                (
+                    new.run_id,
+                    new.workflow,
+                    new.queue,
+                    RunStatus.PENDING.value,
+                    new.created_at,
+                    new.due_at,
+                    new.parent_id,
+                ),
             )
             if cur.rowcount != 1:
                 return False
-            c.execute("INSERT INTO log (run_id, pos, data) VALUES (?, 0, ?)",
-                      (new.run_id, new.first_record))
+            c.execute(
+                "INSERT INTO log (run_id, pos, data) VALUES (?, 0, ?)",
+                (new.run_id, new.first_record),
+            )
             return True
 
         created = await self._write(tx)
@@ -294,8 +307,14 @@ class SQLiteBackend:
         return created
 
     async def claim_due(
-        self, *, queue: str, workflows: Collection[str], limit: int, owner: str,
-        lease_seconds: float, now: float,
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
     ) -> list[Claim]:
         self._count("claim_due")
         wanted = list(set(workflows))
@@ -316,8 +335,10 @@ class SQLiteBackend:
                     "UPDATE runs SET status = ?, started_at = COALESCE(started_at, ?), "
                     "lease_token = lease_token + 1, lease_owner = ?, lease_expires_at = ? "
                     "WHERE run_id = ?",
-                    [(RunStatus.RUNNING.value, now, owner, now + lease_seconds, r[0])
-                     for r in rows],
+                    [
+                        (RunStatus.RUNNING.value, now, owner, now + lease_seconds, r[0])
+                        for r in rows
+                    ],
                 )
             return [Claim(run_id=r[0], token=r[1] + 1) for r in rows]
 
@@ -332,32 +353,50 @@ class SQLiteBackend:
                 return None
             rec = _record(row)
             start = log_from if log_from >= 0 else max(0, rec.log_len + log_from)
-            log = [r[0] for r in c.execute(
-                "SELECT data FROM log WHERE run_id = ? AND pos >= ? ORDER BY pos",
-                (run_id, start),
-            )]
-            inbox = [InboxItem(id=r[0], data=r[1]) for r in c.execute(
-                "SELECT id, data FROM inbox WHERE run_id = ? AND id > ? ORDER BY id",
-                (run_id, rec.inbox_pos),
-            )]
+            log = [
+                r[0]
+                for r in c.execute(
+                    "SELECT data FROM log WHERE run_id = ? AND pos >= ? ORDER BY pos",
+                    (run_id, start),
+                )
+            ]
+            inbox = [
+                InboxItem(id=r[0], data=r[1])
+                for r in c.execute(
+                    "SELECT id, data FROM inbox WHERE run_id = ? AND id > ? ORDER BY id",
+                    (run_id, rec.inbox_pos),
+                )
+            ]
             return Snapshot(run=rec, log=log, inbox=inbox)
 
         return await self._run(tx, "BEGIN")  # one read snapshot for all three
 
     async def append(
-        self, run_id: str, *, token: int, expected_len: int, records: Sequence[bytes],
-        update: RunUpdate | None = None, now: float,
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
     ) -> int:
         self._count("append")
         params: dict[str, Any] = {
-            "run_id": run_id, "token": token, "expected": expected_len, "n": len(records),
+            "run_id": run_id,
+            "token": token,
+            "expected": expected_len,
+            "n": len(records),
         }
         if update is not None:
             params.update(
                 status=None if update.status is None else update.status.value,
                 has_result=update.has_result,
-                result=(None if not update.has_result or update.result is None
-                        else orjson.dumps(update.result).decode()),
+                result=(
+                    None
+                    if not update.has_result or update.result is None
+                    else orjson.dumps(update.result).decode()
+                ),
                 error=update.error,
                 ended_at=update.ended_at,
                 inbox_pos=update.inbox_pos,
@@ -395,8 +434,10 @@ class SQLiteBackend:
     async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
         self._count("renew")
 
-        sql = ("UPDATE runs SET lease_expires_at = ? "
-               "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL")
+        sql = (
+            "UPDATE runs SET lease_expires_at = ? "
+            "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL"
+        )
         args = (now + lease_seconds, run_id, token)
         return await self._write(lambda c: c.execute(sql, args).rowcount == 1)
 
@@ -404,8 +445,13 @@ class SQLiteBackend:
         self, run_id: str, *, token: int, due_at: float | None, status: RunStatus, now: float
     ) -> bool:
         self._count("release")
-        params = {"run_id": run_id, "token": token, "status": status.value,
-                  "due_at": due_at, "now": now}
+        params = {
+            "run_id": run_id,
+            "token": token,
+            "status": status.value,
+            "due_at": due_at,
+            "now": now,
+        }
         released = await self._write(lambda c: c.execute(_RELEASE, params).rowcount == 1)
         if released:
             self._hub.publish(run_id)
@@ -423,10 +469,13 @@ class SQLiteBackend:
             if RunStatus(row[0]).is_terminal:
                 raise RunFinished(run_id, row[0])
             item_id: int = row[1] + 1
-            c.execute("UPDATE runs SET last_inbox_id = ?, due_at = ? WHERE run_id = ?",
-                      (item_id, now, run_id))
-            c.execute("INSERT INTO inbox (run_id, id, data) VALUES (?, ?, ?)",
-                      (run_id, item_id, data))
+            c.execute(
+                "UPDATE runs SET last_inbox_id = ?, due_at = ? WHERE run_id = ?",
+                (item_id, now, run_id),
+            )
+            c.execute(
+                "INSERT INTO inbox (run_id, id, data) VALUES (?, ?, ?)", (run_id, item_id, data)
+            )
             return item_id
 
         item_id = await self._write(tx)
@@ -458,7 +507,10 @@ class SQLiteBackend:
         return None if row is None else _record(row)
 
     async def list_runs(
-        self, *, workflow: str | None = None, statuses: Collection[RunStatus] | None = None,
+        self,
+        *,
+        workflow: str | None = None,
+        statuses: Collection[RunStatus] | None = None,
         limit: int | None = None,
     ) -> list[RunRecord]:
         self._count("list_runs")

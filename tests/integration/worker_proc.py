@@ -1,0 +1,115 @@
+"""A worker process for the crash and load tests.
+
+    python -m tests.integration.worker_proc URL EFFECTS_FILE
+        [--lease S] [--concurrency N] [--hot-wait S]
+
+(run from the repository root so ``tests`` is importable). It registers the
+test workflows below and serves them until killed, printing ``ready`` on
+stdout once the store is open.
+
+Every step's side effect is one line appended to EFFECTS_FILE::
+
+    run_id step pid time
+
+written with a single ``os.write`` on an ``O_APPEND`` descriptor, so lines of
+concurrent processes never interleave and the file order is the order in which
+the effects happened. ``time`` (epoch seconds) lets tests measure how quickly
+an orphaned run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import sys
+import time
+
+from substantial import Conductor, Context, workflow
+
+EFFECTS_FILE: str | None = None
+
+
+def effect(run_id: str, step: int) -> int:
+    """The non-idempotent side effect of one step: one atomic line in EFFECTS_FILE."""
+    path = EFFECTS_FILE or os.environ["SUBSTANTIAL_TEST_EFFECTS"]
+    line = f"{run_id} {step} {os.getpid()} {time.time():.6f}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return step
+
+
+@workflow()
+async def steps(c: Context, n: int, sleep: float = 0.0, hold: float = 0.0) -> list[int]:
+    """``n`` saved steps, each followed by a durable ``sleep``.
+
+    ``hold`` keeps the worker inside the step's function for that long *after*
+    the effect was recorded (so a test can freeze a worker mid-step).
+    """
+    run_id = c.run_id
+
+    def step(i: int) -> int:
+        value = effect(run_id, i)
+        if hold:
+            time.sleep(hold)
+        return value
+
+    done = []
+    for i in range(n):
+        done.append(await c.save(functools.partial(step, i)))
+        if sleep:
+            await c.sleep(sleep)
+    return done
+
+
+@workflow()
+async def long_step(c: Context, seconds: float) -> str:
+    """One step whose (blocking) function takes ``seconds``, then records its effect."""
+    run_id = c.run_id
+
+    def slow() -> int:
+        time.sleep(seconds)
+        return effect(run_id, 0)
+
+    await c.save(slow)
+    return "done"
+
+
+WORKFLOWS = (steps, long_step)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    async with Conductor(args.url) as conductor:
+        conductor.register(*WORKFLOWS)
+        task = conductor.run(
+            lease=args.lease, concurrency=args.concurrency, hot_wait=args.hot_wait
+        )
+        print("ready", flush=True)
+        await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    global EFFECTS_FILE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("effects_file")
+    parser.add_argument("--lease", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--hot-wait", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    EFFECTS_FILE = os.path.abspath(args.effects_file)
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s pid=%(process)d %(name)s %(levelname)s %(message)s",
+    )
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
