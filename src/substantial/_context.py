@@ -605,7 +605,13 @@ class Context:
         if seq > self._max_seq and self._next_event(name) is None:
             # Live: if the child already ended but its notice was lost, re-send it.
             journal = self._session.journal
-            child = await journal.backend.get_run(child_id)
+            child = await journal.get_or_none(child_id)
+            while (  # a child that continued ends in the last run of its chain
+                child is not None
+                and child.status == RunStatus.CONTINUED
+                and isinstance(child.result, dict)
+            ):
+                child = await journal.get_or_none(str(child.result["continued_to"]))
             if child is not None and child.status.is_terminal and not self._by_name.get(name):
                 await journal.deliver(self.run_id, name, child_outcome(child))
                 self._session.notify()
@@ -649,9 +655,6 @@ class Context:
             origin=self._session.start.get("origin", self.run_id),
         )
         raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]})
-
-    def compensations(self) -> int:
-        return len(self._compensations)
 
 
 def child_outcome(run: Any) -> dict[str, Any]:

@@ -145,6 +145,9 @@ class Journal:
             raise RunNotFound(run_id)
         return run
 
+    async def get_or_none(self, run_id: str) -> RunRecord | None:
+        return await self.backend.get_run(run_id)
+
     async def list_runs(self, workflow: str | None) -> list[RunRecord]:
         return await self.backend.list_runs(workflow=workflow)
 
@@ -293,7 +296,10 @@ class RunSession:
         result: Any = None,
         error: str | None = None,
         error_type: str | None = None,
+        extra: Sequence[R.Record] = (),
     ) -> None:
+        """Append the end record (after any ``extra`` records) and set the final
+        status in one write."""
         now = self.journal.clock()
         end: R.Record = {"k": R.END, "status": status.value}
         if status == RunStatus.FAILED:
@@ -302,7 +308,7 @@ class RunSession:
         else:
             end["v"] = result
             update = RunUpdate(status=status, result=result, ended_at=now)
-        await self.append([end], update, "the run's result")
+        await self.append([*extra, end], update, "the run's result")
         self.released = True
 
     async def suspend(self, due: float | None) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Any
 
-from ._context import Context, child_event, child_outcome
+from ._context import Context, child_event
 from ._interrupts import CancelRun, StopRun, Suspend
 from ._journal import RunSession
 from ._types import RunStatus
@@ -104,17 +104,16 @@ async def _end(
     error_type: str | None = None,
     extra: list[Any] | None = None,
 ) -> None:
-    if extra:
-        await session.append(extra, None, "log record")
-    await session.finish(status, result=result, error=error, error_type=error_type)
+    await session.finish(
+        status, result=result, error=error, error_type=error_type, extra=extra or ()
+    )
     parent = session.run.parent_id
     if parent is not None and status != RunStatus.CONTINUED:
-        run = await session.journal.backend.get_run(session.run_id)
-        if run is not None:
-            # the parent may be gone or already over: then nobody is waiting
-            with contextlib.suppress(RunNotFound, RunFinished):
-                origin = session.start.get("origin", session.run_id)
-                await session.journal.deliver(parent, child_event(origin), child_outcome(run))
+        outcome = {"status": status.value, "v": result, "err": error}
+        # the parent may be gone or already over: then nobody is waiting
+        with contextlib.suppress(RunNotFound, RunFinished):
+            origin = session.start.get("origin", session.run_id)
+            await session.journal.deliver(parent, child_event(origin), outcome)
 
 
 async def _cancel(session: RunSession, extra: list[Any] | None = None) -> None:

@@ -138,10 +138,13 @@ async def _count(c: Conductor, wf: str, status: RunStatus, n: int) -> bool:
 
 @workflow()
 async def booking(c: Context, fail: bool) -> str:
-    await c.save(lambda: effects.append("book hotel"),
-                 compensate_with=lambda: effects.append("cancel hotel"))
-    await c.save(lambda: effects.append("book flight"),
-                 compensate_with=lambda: effects.append("cancel flight"))
+    await c.save(
+        lambda: effects.append("book hotel"), compensate_with=lambda: effects.append("cancel hotel")
+    )
+    await c.save(
+        lambda: effects.append("book flight"),
+        compensate_with=lambda: effects.append("cancel flight"),
+    )
     await c.sleep(0.01)
     if fail:
         await c.revert()

@@ -79,8 +79,9 @@ class Invoice(pydantic.BaseModel):
 @workflow()
 async def typed(c: Context) -> dict[str, object]:
     inv = await c.save(
-        lambda: Invoice(id=uuid.UUID(int=7), due=datetime(2030, 1, 2, tzinfo=UTC),
-                        lines=[Point(1, 2)]),
+        lambda: Invoice(
+            id=uuid.UUID(int=7), due=datetime(2030, 1, 2, tzinfo=UTC), lines=[Point(1, 2)]
+        ),
         type=Invoice,
     )
     when = await c.save(lambda: datetime(2031, 5, 6, tzinfo=UTC), type=datetime)
@@ -96,7 +97,9 @@ async def test_save_type_coerces_stored_json_back(conductor: Conductor) -> None:
     async with worker(conductor, hot_wait=0):
         h = await conductor.start(typed)
         assert await h.result(timeout=10) == {
-            "id": str(uuid.UUID(int=7)), "year": 2031, "p": [3, 4]
+            "id": str(uuid.UUID(int=7)),
+            "year": 2031,
+            "p": [3, 4],
         }
 
 

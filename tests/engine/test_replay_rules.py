@@ -67,8 +67,11 @@ async def test_a_parent_gets_the_result_of_a_child_that_continued(conductor: Con
 async def revert_after_failed_save(c: Context) -> None:
     await c.save(lambda: effects.append("a"), compensate_with=lambda: effects.append("undo a"))
     with contextlib.suppress(Exception):
-        await c.save(_boom, compensate_with=lambda: effects.append("undo b"),
-                     retry=None if False else _one_try())
+        await c.save(
+            _boom,
+            compensate_with=lambda: effects.append("undo b"),
+            retry=None if False else _one_try(),
+        )
     await c.revert()
 
 

@@ -536,6 +536,19 @@ class PostgresBackend:
     def subscribe(self) -> AsyncIterator[str]:
         return self._listen()
 
+    async def _connect_listener(self) -> Any:
+        """Connect for LISTEN. A cancel that lands mid-connect would leak the socket
+        asyncpg is opening, so the connect is shielded and its result closed."""
+        app = f"substantial-hints:{self._schema}"[:63]
+        connecting = asyncio.ensure_future(
+            asyncpg.connect(self._url, timeout=10, server_settings={"application_name": app})
+        )
+        try:
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(_terminate_when_connected)
+            raise
+
     async def _listen(self) -> AsyncIterator[str]:
         """LISTEN on a dedicated connection; on loss reconnect with backoff, yield "".
 
@@ -545,15 +558,12 @@ class PostgresBackend:
             conn: Any = None
             queue: asyncio.Queue[str | None] = asyncio.Queue()  # None = connection lost
             try:
-                app = f"substantial-hints:{self._schema}"[:63]
-                conn = await asyncpg.connect(
-                    self._url, timeout=10, server_settings={"application_name": app}
-                )
+                conn = await self._connect_listener()
                 conn.add_termination_listener(lambda _c, q=queue: q.put_nowait(None))
                 await conn.add_listener(
                     self._channel, lambda _c, _pid, _ch, payload, q=queue: q.put_nowait(payload)
                 )
-            except Exception as exc:
+            except BaseException as exc:  # a cancel too: never leave the socket open
                 if conn is not None:
                     conn.terminate()
                 if not (_is_connection_error(exc) or isinstance(exc, asyncpg.PostgresError)):
@@ -569,7 +579,8 @@ class PostgresBackend:
                 connected_before = True
                 while not self._closed:
                     try:
-                        item = await asyncio.wait_for(queue.get(), 30)
+                        async with asyncio.timeout(30):  # not wait_for: it can eat a cancel
+                            item = await queue.get()
                     except TimeoutError:  # idle for long: check the connection still works
                         try:
                             await conn.execute("SELECT 1", timeout=10)
@@ -585,9 +596,11 @@ class PostgresBackend:
                 self._subscribers.discard(queue)
                 if not conn.is_closed():
                     try:
-                        await asyncio.wait_for(conn.close(), 5)
-                    except Exception:
-                        conn.terminate()
+                        async with asyncio.timeout(5):
+                            await conn.close()
+                    except BaseException:
+                        conn.terminate()  # cancelled or stuck: close the socket now
+                        raise
 
     # -- test helpers -------------------------------------------------------------
 
@@ -598,6 +611,11 @@ class PostgresBackend:
     async def drop_everything(self) -> None:
         """Drop the whole schema, tables, function and all (tests use it to clean up)."""
         await self._q("execute", _DROP)
+
+
+def _terminate_when_connected(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().terminate()
 
 
 async def _no_reset(conn: Any) -> None:
