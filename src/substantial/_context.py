@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
 from ._interrupts import CancelRun, StopRun, Suspend
+from ._threads import run_in_thread
 from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
 from .codec import coerce, to_json
 from .errors import (
@@ -61,12 +62,18 @@ _PKG_DIR = os.path.dirname(__file__)
 
 def _caller() -> str:
     """``file.py:line`` of the user code that made the current durable call."""
-    f = sys._getframe(2)
-    while f is not None and os.path.dirname(f.f_code.co_filename) == _PKG_DIR:
-        f = f.f_back  # type: ignore[assignment]
+    f: Any = sys._getframe(2)
+    while f is not None and _is_ours(f.f_code.co_filename):
+        f = f.f_back
     if f is None:
         return "?"
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_ours(filename: str) -> bool:
+    """Cached: this runs for every durable call, walking a few frames each time."""
+    return os.path.dirname(filename) == _PKG_DIR
 
 
 def _one_at_a_time(
@@ -663,11 +670,14 @@ def child_outcome(run: Any) -> dict[str, Any]:
 
 async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:
     """Call ``f``: coroutine functions on the loop, plain callables in a thread
-    (so a long blocking step cannot starve lease heartbeats)."""
+    (so a long blocking step cannot starve lease heartbeats; see ``_threads``)."""
     if inspect.iscoroutinefunction(f):
         aw: Awaitable[Any] = f()
     else:
-        aw = asyncio.to_thread(f)
+        aw = run_in_thread(f)
+    if timeout is None:
+        result = await aw
+        return (await result) if inspect.isawaitable(result) else result
     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
     async with asyncio.timeout(timeout):
         result = await aw

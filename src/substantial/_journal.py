@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,8 +136,9 @@ class Journal:
             now=self.clock(),
         )
 
-    async def renew(self, run_id: str, token: int, lease: float) -> bool:
-        return await self.backend.renew(run_id, token=token, lease_seconds=lease, now=self.clock())
+    async def renew(self, leases: Mapping[str, int], lease: float) -> set[str]:
+        """Extend the leases (run id -> token); returns the run ids still held."""
+        return await self.backend.renew(leases, lease_seconds=lease, now=self.clock())
 
     async def get(self, run_id: str) -> RunRecord:
         run = await self.backend.get_run(run_id)

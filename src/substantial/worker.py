@@ -52,6 +52,7 @@ class Worker:
         self.options = options
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._active: dict[str, tuple[RunSession | None, asyncio.Task[None]]] = {}
+        self._tokens: dict[str, int] = {}  # lease token of each active run, from its claim
         self._kick = asyncio.Event()
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
@@ -142,6 +143,7 @@ class Worker:
             old[1].cancel()  # claim's token fences the old task; stop it
         task = asyncio.create_task(self._drive(claim), name=f"substantial-run-{claim.run_id}")
         self._active[claim.run_id] = (None, task)
+        self._tokens[claim.run_id] = claim.token
 
     async def _drive(self, claim: Claim) -> None:
         session: RunSession | None = None
@@ -175,31 +177,50 @@ class Worker:
             if entry is not None and entry[1] is asyncio.current_task():
                 self._early.discard(claim.run_id)
                 del self._active[claim.run_id]
+                del self._tokens[claim.run_id]
             self._kick.set()
 
     async def _heartbeat(self) -> None:
-        """Renew every held lease each lease/3, concurrently (one slow renewal must not
-        delay the others past their expiry)."""
-        interval = self.options.lease / 3
-        while True:
-            await asyncio.sleep(interval)
-            held = [
-                (run_id, session, task)
-                for run_id, (session, task) in self._active.items()
-                if session is not None and session.lost is None and not session.released
-            ]
-            await asyncio.gather(*(self._renew(*h) for h in held))
+        """Renew every held lease each lease/3, all in one store call.
 
-    async def _renew(self, run_id: str, session: RunSession, task: asyncio.Task[None]) -> None:
+        One call, not one per run: under load, dozens of single renewals queue for
+        the store's connections and the last ones land after their lease expired.
+        The next beat is timed from this one's start, so a slow renewal does not
+        stretch the period either."""
+        interval = self.options.lease / 3
+        clock = asyncio.get_running_loop().time
+        next_beat = clock() + interval
+        while True:
+            await asyncio.sleep(max(next_beat - clock(), 0.0))
+            next_beat = max(next_beat + interval, clock())
+            held = {  # loading runs too: a slow first read must not outlive the lease
+                run_id: (session, task)
+                for run_id, (session, task) in self._active.items()
+                if session is None or (session.lost is None and not session.released)
+            }
+            if held:
+                await self._renew(held)
+
+    async def _renew(self, held: dict[str, tuple[RunSession | None, asyncio.Task[None]]]) -> None:
         try:
-            ok = await self.journal.renew(run_id, session.token, self.options.lease)
-        except Exception as exc:
-            log.warning("heartbeat for run %s failed: %r", run_id, exc)
+            still = await self.journal.renew(
+                {run_id: self._tokens[run_id] for run_id in held}, self.options.lease
+            )
+        except Exception as exc:  # store hiccup: the next beat tries again
+            log.warning("heartbeat for %d runs failed: %r", len(held), exc)
             return
-        if not ok and not session.released and session.lost is None:
-            log.warning("run %s: lease lost to another worker; abandoning", run_id)
-            session.lost = LeaseLost(run_id)
-            task.cancel()
+        for run_id, (_, task) in held.items():
+            entry = self._active.get(run_id)
+            if run_id in still or entry is None or entry[1] is not task:
+                continue  # held, or ended (or re-claimed) while we renewed
+            session = entry[0]  # it may have finished loading meanwhile
+            if session is None:
+                log.warning("run %s: lease lost while loading; abandoning", run_id)
+                task.cancel()
+            elif not session.released and session.lost is None:
+                log.warning("run %s: lease lost to another worker; abandoning", run_id)
+                session.lost = LeaseLost(run_id)
+                task.cancel()
 
 
 def _reraise_pending_cancel() -> None:

@@ -15,8 +15,14 @@ T0 = 1_700_000_000.0
 WF = ("wf",)
 
 
-def new_run(run_id: str | None = None, *, due: float | None = T0, wf: str = "wf",
-            queue: str = "default", first: bytes = b'{"k":"start"}') -> NewRun:
+def new_run(
+    run_id: str | None = None,
+    *,
+    due: float | None = T0,
+    wf: str = "wf",
+    queue: str = "default",
+    first: bytes = b'{"k":"start"}',
+) -> NewRun:
     return NewRun(
         run_id=run_id or uuid.uuid4().hex,
         workflow=wf,
@@ -182,8 +188,9 @@ async def test_append_update_finishes_a_run(backend: Backend) -> None:
     c = await claim_one(backend)
     assert c is not None
     update = RunUpdate(status=RunStatus.COMPLETED, result={"x": [1, 2]}, ended_at=T0 + 1)
-    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"], update=update,
-                         now=T0 + 1)
+    await backend.append(
+        "r1", token=c.token, expected_len=1, records=[b"end"], update=update, now=T0 + 1
+    )
     run = await backend.get_run("r1")
     assert run is not None
     assert run.status == RunStatus.COMPLETED
@@ -220,11 +227,37 @@ async def test_renew_extends_lease_and_fails_for_stale_token(backend: Backend) -
     await backend.create_run(new_run("r1"))
     c = await claim_one(backend, lease=10)
     assert c is not None
-    assert await backend.renew("r1", token=c.token, lease_seconds=10, now=T0 + 8)
+    assert await backend.renew({"r1": c.token}, lease_seconds=10, now=T0 + 8) == {"r1"}
     assert await claim_one(backend, owner="w2", now=T0 + 15) is None
     c2 = await claim_one(backend, owner="w2", now=T0 + 19)
     assert c2 is not None
-    assert not await backend.renew("r1", token=c.token, lease_seconds=10, now=T0 + 19)
+    assert await backend.renew({"r1": c.token}, lease_seconds=10, now=T0 + 19) == set()
+
+
+async def test_renew_takes_many_leases_at_once_and_names_the_ones_still_held(
+    backend: Backend,
+) -> None:
+    for rid in ("r1", "r2", "r3"):
+        await backend.create_run(new_run(rid))
+    claims = await backend.claim_due(
+        queue="default", workflows=WF, limit=3, owner="w1", lease_seconds=10, now=T0
+    )
+    tokens = {c.run_id: c.token for c in claims}
+    assert set(tokens) == {"r1", "r2", "r3"}
+    # r2's lease runs out and another worker takes it; r3 is released
+    assert await backend.renew({"r1": tokens["r1"], "r3": tokens["r3"]},
+                               lease_seconds=10, now=T0 + 9) == {"r1", "r3"}  # fmt: skip
+    assert await claim_one(backend, owner="w2", now=T0 + 11) is not None  # r2
+    assert await backend.release(
+        "r3", token=tokens["r3"], due_at=None, status=RunStatus.SUSPENDED, now=T0 + 11
+    )
+    held = await backend.renew(dict(tokens, missing=1), lease_seconds=10, now=T0 + 12)
+    assert held == {"r1"}
+    r1, r2, r3 = [await backend.get_run(rid) for rid in ("r1", "r2", "r3")]
+    assert r1 is not None and r1.lease_expires_at == T0 + 22
+    assert r2 is not None and r2.lease_owner == "w2" and r2.lease_expires_at == T0 + 21
+    assert r3 is not None and r3.lease_owner is None and r3.lease_expires_at is None
+    assert await backend.renew({}, lease_seconds=10, now=T0 + 12) == set()
 
 
 async def test_release_sets_status_and_due_time(backend: Backend) -> None:
@@ -269,8 +302,14 @@ async def test_inbox_consumption_is_recorded_with_append(backend: Backend) -> No
         await backend.deliver("r1", b"%d" % i, now=T0)
     c = await claim_one(backend)
     assert c is not None
-    await backend.append("r1", token=c.token, expected_len=1, records=[b"ev0", b"ev1"],
-                         update=RunUpdate(inbox_pos=2), now=T0)
+    await backend.append(
+        "r1",
+        token=c.token,
+        expected_len=1,
+        records=[b"ev0", b"ev1"],
+        update=RunUpdate(inbox_pos=2),
+        now=T0,
+    )
     snap = await backend.read("r1")
     assert snap is not None
     assert snap.run.inbox_pos == 2
@@ -296,8 +335,9 @@ async def test_append_release_while_a_delivery_is_pending_keeps_the_run_due(
     assert c is not None
     await backend.deliver("r1", b"late", now=T0 + 1)
     update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=None)
-    await backend.append("r1", token=c.token, expected_len=1, records=[b"w"], update=update,
-                         now=T0 + 2)
+    await backend.append(
+        "r1", token=c.token, expected_len=1, records=[b"w"], update=update, now=T0 + 2
+    )
     assert await claim_one(backend, now=T0 + 2) is not None
 
 
@@ -307,9 +347,14 @@ async def test_deliver_to_unknown_or_finished_run_is_refused(backend: Backend) -
     await backend.create_run(new_run("r1"))
     c = await claim_one(backend)
     assert c is not None
-    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"],
-                         update=RunUpdate(status=RunStatus.COMPLETED, result=1, ended_at=T0),
-                         now=T0)
+    await backend.append(
+        "r1",
+        token=c.token,
+        expected_len=1,
+        records=[b"end"],
+        update=RunUpdate(status=RunStatus.COMPLETED, result=1, ended_at=T0),
+        now=T0,
+    )
     with pytest.raises(RunFinished):
         await backend.deliver("r1", b"x", now=T0)
 

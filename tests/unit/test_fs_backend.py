@@ -114,7 +114,7 @@ async def test_terminal_runs_leave_the_index(fs: FSBackend, tmp_path: Path) -> N
 async def test_renew_can_shorten_a_lease(fs: FSBackend) -> None:
     await fs.create_run(_new("r1"))
     token = await _claim(fs, lease=100)
-    assert await fs.renew("r1", token=token, lease_seconds=1, now=T0)
+    assert await fs.renew({"r1": token}, lease_seconds=1, now=T0) == {"r1"}
     assert await _claim(fs, now=T0 + 1) == token + 1
 
 

@@ -201,7 +201,7 @@ async def test_operation_retries_then_raises_backend_unavailable(
 
     monkeypatch.setitem(rb._scripts, "renew", down)
     with pytest.raises(BackendUnavailable):
-        await rb.renew("r", token=1, lease_seconds=1, now=T0)
+        await rb.renew({"r": 1}, lease_seconds=1, now=T0)
     assert attempts == 3
 
 

@@ -39,7 +39,7 @@ checks each one):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -157,8 +157,13 @@ class Backend(Protocol):
         """Returns the new log length."""
         ...
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
-        """Extend the lease; False if the token is no longer current."""
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
+        """Extend every lease in ``leases`` (run id -> token) to ``now + lease_seconds``,
+        in one round trip where the store allows (a worker renews all it holds at
+        once, so renewals never queue behind each other). Returns the run ids whose
+        token was still current; the others are lost and left unchanged."""
         ...
 
     async def release(

@@ -48,7 +48,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -495,10 +495,12 @@ class FSBackend:
             self._hub.publish(run_id)
         return n
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
         self._count("renew")
 
-        def renew() -> bool:
+        def renew(run_id: str, token: int) -> bool:
             # Extending a lease only raises it, which the index may lag (run lock only);
             # shortening lowers it, which must reach the index first (queue lock too).
             for indexed in (False, True):
@@ -512,7 +514,10 @@ class FSBackend:
                         return True
             raise AssertionError("unreachable")
 
-        return await asyncio.to_thread(renew)
+        def renew_all() -> set[str]:  # one thread hop; each run has its own lock
+            return {run_id for run_id, token in leases.items() if renew(run_id, token)}
+
+        return await asyncio.to_thread(renew_all) if leases else set()
 
     async def release(
         self,

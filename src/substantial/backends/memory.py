@@ -7,7 +7,7 @@ in-process, so a worker never polls it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,13 +158,18 @@ class MemoryBackend:
             self._hub.publish(run_id)
         return rec.log_len
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
         self._count("renew")
-        r = self._runs.get(run_id)
-        if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
-            return False
-        r.rec = replace(r.rec, lease_expires_at=now + lease_seconds)
-        return True
+        held = set()
+        for run_id, token in leases.items():
+            r = self._runs.get(run_id)
+            if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
+                continue
+            r.rec = replace(r.rec, lease_expires_at=now + lease_seconds)
+            held.add(run_id)
+        return held
 
     async def release(
         self,

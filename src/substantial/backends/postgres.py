@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -174,8 +174,23 @@ _READ = """SELECT {c},
 FROM {s}.runs r WHERE r.run_id = $1"""
 _APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 17))
 _APPEND += ")"
-_RENEW = """UPDATE {s}.runs SET lease_expires_at = $4::float8 + $3::float8
- WHERE run_id = $1 AND lease_token = $2 AND lease_owner IS NOT NULL RETURNING 1"""
+# The common case, records and no run update: one plain statement. Its UPDATE takes
+# the row lock and re-checks the token and length against the newest row version,
+# and the INSERT only sees a row if the UPDATE matched. Cheaper than the function
+# (no plpgsql frame, one write of the run row instead of a lock plus an update).
+_APPEND_RECORDS = """WITH u AS (
+    UPDATE {s}.runs SET log_len = $3::bigint + cardinality($4::bytea[])
+     WHERE run_id = $1 AND lease_token = $2 AND log_len = $3 RETURNING log_len
+), i AS (
+    INSERT INTO {s}.log (run_id, pos, data)
+    SELECT $1, $3::bigint + t.o - 1, t.d FROM u, unnest($4::bytea[]) WITH ORDINALITY AS t(d, o)
+)
+SELECT log_len FROM u"""
+_FENCE = "SELECT lease_token, log_len FROM {s}.runs WHERE run_id = $1"
+_RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
+  FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
+ WHERE r.run_id = h.run_id AND r.lease_token = h.token AND r.lease_owner IS NOT NULL
+RETURNING r.run_id"""
 _RELEASE = """WITH u AS (
     UPDATE {s}.runs SET
         status = CASE WHEN status = ANY({t}) THEN status ELSE $4::text END,
@@ -250,6 +265,10 @@ class PostgresBackend:
         self._url, self._schema, self._channel = url, schema, f"{schema}_hints"
         self._poll_interval, self._min_size, self._max_size = poll_interval, min_size, max_size
         self._pool: Any = None
+        self._control: Any = None  # a one-connection pool for lease renewals
+        # Connections kept checked out of the pool between statements (see _call).
+        self._idle: list[Any] = []
+        self._waiting = 0  # calls waiting in pool.acquire(): they get released connections
         self._closed = False
         self._subscribers: set[asyncio.Queue[str | None]] = set()  # to wake them on close()
         self._open_lock = asyncio.Lock()
@@ -263,9 +282,13 @@ class PostgresBackend:
         self._safe_url = f"{parts.scheme}://{netloc}{parts.path}"  # no password, no query
         terminal = "'{" + ",".join(_TERMINAL) + "}'::text[]"
         self._fmt = {"s": f'"{schema}"', "t": terminal, "c": ", ".join(_FIELDS)}
+        self._statements: dict[str, str] = {}
 
     def _sql(self, template: str) -> str:
-        return template.format(**self._fmt)
+        sql = self._statements.get(template)
+        if sql is None:  # formatted once per template: this is on every step's path
+            sql = self._statements[template] = template.format(**self._fmt)
+        return sql
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -323,22 +346,37 @@ class PostgresBackend:
             try:
                 async with pool.acquire() as conn:
                     await self._migrate_on(conn)
+                # Heartbeats get their own connection (opened on first use): queued
+                # behind a busy pool they would land after the leases they renew.
+                control = await asyncpg.create_pool(
+                    self._url, min_size=0, max_size=1, reset=_no_reset,
+                    server_settings={"application_name": f"substantial-beat:{self._schema}"[:63]},
+                )  # fmt: skip
             except BaseException as exc:
                 pool.terminate()
                 if _is_connection_error(exc):
                     raise self._unavailable(exc) from exc
                 raise
-            self._pool = pool
+            self._pool, self._control = pool, control
 
     async def close(self) -> None:
         pool, self._pool, self._closed = self._pool, None, True
+        control, self._control = self._control, None
+        idle, self._idle = self._idle, []
         for queue in self._subscribers:
             queue.put_nowait(None)
         if pool is not None:
             try:
+                for conn in idle:
+                    await pool.release(conn)
                 await asyncio.wait_for(pool.close(), 10)
             except (TimeoutError, OSError, asyncpg.InterfaceError):
                 pool.terminate()
+        if control is not None:
+            try:
+                await asyncio.wait_for(control.close(), 10)
+            except (TimeoutError, OSError, asyncpg.InterfaceError):
+                control.terminate()
 
     async def migrate(self) -> int:
         """Apply pending migrations (idempotent); returns the schema version."""
@@ -369,38 +407,81 @@ class PostgresBackend:
                 f"Substantial only knows versions up to {LATEST_VERSION}: upgrade substantial"
             )
 
-    async def _call(self, fn: Callable[[Any], Awaitable[T]], *, retry: bool) -> T:
+    async def _call(
+        self, fn: Callable[[Any], Awaitable[T]], *, retry: bool, control: bool = False
+    ) -> T:
         """Run ``fn(connection)`` on a pooled connection, translating failures.
 
         Connection failures while acquiring are always retried; once the statement
-        may have been sent, only if ``retry`` (the operation is safe to repeat)."""
-        if self._pool is None:
+        may have been sent, only if ``retry`` (the operation is safe to repeat).
+        ``control``: on the heartbeat's own connection, never queued behind steps."""
+        pool = self._control if control else self._pool
+        if pool is None:
             raise BackendError(f"the PostgreSQL store {self._safe_url} is not open")
-        pool, delays = self._pool, iter(_RETRY_DELAYS)
+        delays = iter(_RETRY_DELAYS)
         while True:
-            sent = False
+            sent, conn = False, None
             try:
-                async with pool.acquire() as conn:
-                    sent = True
-                    return await fn(conn)
-            except Exception as exc:
-                if not _is_connection_error(exc):
+                conn = None if control else await self._checkout(pool)
+                if conn is None:
+                    self._waiting += not control
+                    try:
+                        conn = await pool.acquire()
+                    finally:
+                        self._waiting -= not control
+                sent = True
+                result = await fn(conn)
+            except BaseException as exc:
+                if conn is not None:
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        # Cut off mid-protocol (a cancel, a lost socket): asyncpg may have
+                        # sent Parse without Sync, leaving the server in an open implicit
+                        # transaction that holds table locks. Only closing ends it.
+                        conn.terminate()
+                    await pool.release(conn)
+                if not isinstance(exc, Exception) or not _is_connection_error(exc):
                     if isinstance(exc, asyncpg.PostgresError):
                         raise BackendError(f"PostgreSQL error: {self._redact(str(exc))}") from exc
                     raise
                 delay = next(delays, None)
-                if delay is None or (sent and not retry) or self._pool is not pool:
+                if delay is None or (sent and not retry) or pool not in (self._pool, self._control):
                     raise self._unavailable(exc) from exc
+            else:
+                if pool is self._pool and not self._waiting:
+                    self._idle.append(conn)
+                else:  # heartbeat, or someone waits in pool.acquire(), or we closed
+                    await pool.release(conn)
+                return result
             await asyncio.sleep(delay)
 
-    async def _q(self, method: str, template: str, *args: Any, retry: bool = True) -> Any:
+    async def _checkout(self, pool: Any) -> Any:
+        """An idle connection we kept, or None.
+
+        After a statement succeeds its connection is kept here rather than released:
+        asyncpg's ``release`` costs a task and several loop turns (about 70 µs, a
+        third of a step), and these connections carry no session state to reset
+        (no open transaction, no listeners). Dead ones are dropped: asyncpg already
+        gave their slot back to the pool when the socket closed."""
+        while self._idle:
+            conn = self._idle.pop()
+            try:
+                if not conn.is_closed():
+                    return conn
+            except asyncpg.InterfaceError:  # "released back to the pool" on close
+                continue
+            await pool.release(conn)  # closed but not yet released: the pool reconnects
+        return None
+
+    async def _q(
+        self, method: str, template: str, *args: Any, retry: bool = True, control: bool = False
+    ) -> Any:
         """One statement: ``conn.<method>(sql, *args)`` through :meth:`_call`."""
         sql = self._sql(template)
 
         async def go(conn: Any) -> Any:
             return await getattr(conn, method)(sql, *args)
 
-        return await self._call(go, retry=retry)
+        return await self._call(go, retry=retry, control=control)
 
     # -- operations ---------------------------------------------------------------
 
@@ -460,13 +541,19 @@ class PostgresBackend:
         now: float,
     ) -> int:
         self._count("append")
-        u = update or RunUpdate()
+        if update is None:
+            # Retried: if a first attempt landed, the retry fails the length check.
+            length = await self._q("fetchval", _APPEND_RECORDS, run_id, token, expected_len,
+                                   list(records))  # fmt: skip
+            if length is None:
+                await self._refused(run_id, token, expected_len)
+            return int(length)
+        u = update
         result = orjson.dumps(u.result).decode() if u.has_result else None
         status = None if u.status is None else u.status.value
-        args = (run_id, token, expected_len, list(records), update is not None, status,
+        args = (run_id, token, expected_len, list(records), True, status,
                 u.has_result, result, u.error, u.ended_at, u.inbox_pos, u.release, u.due_at,
                 now, _TERMINAL, self._channel)  # fmt: skip
-        # Retried: if a first attempt landed, the retry fails the length check (LeaseLost).
         row = await self._q("fetchrow", _APPEND, *args)
         code, length = int(row["o_code"]), row["o_len"]
         if code == 1:
@@ -474,13 +561,32 @@ class PostgresBackend:
         if code == 2:
             raise LeaseLost(run_id)
         if code == 3:
-            msg = f"run {run_id!r}: log length is {length}, expected {expected_len}"
-            raise LeaseLost(run_id, msg)
+            raise LeaseLost(run_id, f"run {run_id!r}: log length is {length}, "
+                                    f"expected {expected_len}")  # fmt: skip
         return int(length)
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+    async def _refused(self, run_id: str, token: int, expected_len: int) -> None:
+        """Raise the reason a records-only append matched no row (the rare path)."""
+        row = await self._q("fetchrow", _FENCE, run_id)
+        if row is None:
+            raise RunNotFound(run_id)
+        if row["lease_token"] != token:
+            raise LeaseLost(run_id)
+        raise LeaseLost(run_id, f"run {run_id!r}: log length is {row['log_len']}, "
+                                f"expected {expected_len}")  # fmt: skip
+
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
         self._count("renew")
-        return await self._q("fetchval", _RENEW, run_id, token, lease_seconds, now) is not None
+        if not leases:
+            return set()
+        # No deadlock: only this worker's heartbeat renews these rows (one renewal at a
+        # time), and every other statement locks one row or skips locked ones.
+        ids = list(leases)
+        tokens, expires = [leases[r] for r in ids], now + lease_seconds
+        rows = await self._q("fetch", _RENEW, ids, tokens, expires, control=True)
+        return {row["run_id"] for row in rows}
 
     async def release(
         self,

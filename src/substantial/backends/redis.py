@@ -48,7 +48,7 @@ import contextlib
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -203,11 +203,18 @@ return {1, n}
 
 # KEYS run; ARGV token, expiry
 _RENEW = """
-local f = redis.call('HMGET', KEYS[1], 'lease_token', 'lease_owner')
-if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[1]) or not f[2] then return 0 end
-redis.call('HSET', KEYS[1], 'lease_expires_at', ARGV[2])
-reindex(KEYS[1])
-return 1
+local out = {}
+for i, key in ipairs(KEYS) do
+  local f = redis.call('HMGET', key, 'lease_token', 'lease_owner')
+  if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[i + 1]) or not f[2] then
+    out[i] = 0
+  else
+    redis.call('HSET', key, 'lease_expires_at', ARGV[1])
+    reindex(key)
+    out[i] = 1
+  end
+end
+return out
 """
 
 # KEYS run; ARGV token, due?, status, now, nonce, channel
@@ -552,9 +559,16 @@ class RedisBackend:
             )
         return int(rest[0])
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
-        args = [token, _num(now + lease_seconds)]
-        return bool(await self._script("renew", "renew", [self._key("run", run_id)], args))
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
+        if not leases:
+            return set()
+        ids = list(leases)
+        keys = [self._key("run", rid) for rid in ids]
+        args = [_num(now + lease_seconds), *(leases[rid] for rid in ids)]
+        held = await self._script("renew", "renew", keys, args)
+        return {rid for rid, ok in zip(ids, held, strict=True) if ok}
 
     async def release(
         self, run_id: str, *, token: int, due_at: float | None, status: RunStatus, now: float

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -431,15 +431,20 @@ class SQLiteBackend:
             self._hub.publish(run_id)
         return new_len
 
-    async def renew(self, run_id: str, *, token: int, lease_seconds: float, now: float) -> bool:
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
         self._count("renew")
-
         sql = (
             "UPDATE runs SET lease_expires_at = ? "
             "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL"
         )
-        args = (now + lease_seconds, run_id, token)
-        return await self._write(lambda c: c.execute(sql, args).rowcount == 1)
+        expires, pairs = now + lease_seconds, list(leases.items())
+
+        def renew(c: sqlite3.Connection) -> set[str]:  # one transaction for all
+            return {rid for rid, tok in pairs if c.execute(sql, (expires, rid, tok)).rowcount}
+
+        return await self._write(renew) if pairs else set()
 
     async def release(
         self, run_id: str, *, token: int, due_at: float | None, status: RunStatus, now: float
