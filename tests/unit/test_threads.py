@@ -1,0 +1,88 @@
+"""The thread pool that runs plain (non-async) step functions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+
+import pytest
+
+from substantial import _threads
+from substantial._threads import run_in_thread
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+async def test_runs_off_the_event_loop_thread_and_returns_the_value() -> None:
+    loop_thread = threading.get_ident()
+    ran_on, value = await run_in_thread(lambda: (threading.get_ident(), 42))
+    assert value == 42 and ran_on != loop_thread
+
+
+async def test_the_loop_keeps_turning_while_a_step_blocks() -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await run_in_thread(lambda: time.sleep(0.3))
+    ticker.cancel()
+    assert ticks >= 10
+
+
+async def test_the_callers_context_variables_are_visible() -> None:
+    request_id.set("req-7")
+    assert await run_in_thread(request_id.get) == "req-7"
+
+
+async def test_an_exception_reaches_the_awaiting_step() -> None:
+    def boom() -> None:
+        raise ValueError("card declined")
+
+    with pytest.raises(ValueError, match="card declined"):
+        await run_in_thread(boom)
+
+
+async def test_stop_iteration_becomes_a_runtime_error() -> None:
+    def stop() -> None:
+        raise StopIteration("done")
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await run_in_thread(stop)
+
+
+async def test_a_cancelled_wait_drops_the_late_result() -> None:
+    release = threading.Event()
+    fut = run_in_thread(lambda: release.wait(5))
+    fut.cancel()
+    release.set()
+    await asyncio.sleep(0.05)  # the thread finishes and tries to resolve: no error
+    assert fut.cancelled()
+    assert await run_in_thread(lambda: "next") == "next"  # the pool still serves
+
+
+async def test_more_jobs_than_threads_all_complete() -> None:
+    n = _threads.LIMIT * 3
+    start = threading.Barrier(_threads.LIMIT, timeout=5)
+    peak, running, lock = 0, 0, threading.Lock()
+
+    def job(i: int) -> int:
+        nonlocal peak, running
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        if i < _threads.LIMIT:
+            start.wait()  # the first LIMIT jobs really run at the same time
+        with lock:
+            running -= 1
+        return i
+
+    results = await asyncio.gather(*(run_in_thread(lambda i=i: job(i)) for i in range(n)))
+    assert results == list(range(n))
+    assert peak == _threads.LIMIT
