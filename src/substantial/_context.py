@@ -63,17 +63,19 @@ _PKG_DIR = os.path.dirname(__file__)
 def _caller() -> str:
     """``file.py:line`` of the user code that made the current durable call."""
     f: Any = sys._getframe(2)
-    while f is not None and _is_ours(f.f_code.co_filename):
+    while f is not None:
+        short = _short_name(f.f_code.co_filename)
+        if short is not None:
+            return f"{short}:{f.f_lineno}"
         f = f.f_back
-    if f is None:
-        return "?"
-    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+    return "?"
 
 
 @functools.lru_cache(maxsize=1024)
-def _is_ours(filename: str) -> bool:
-    """Cached: this runs for every durable call, walking a few frames each time."""
-    return os.path.dirname(filename) == _PKG_DIR
+def _short_name(filename: str) -> str | None:
+    """The base name of a user file, None for ours. Cached: every durable call
+    walks a few frames."""
+    return None if os.path.dirname(filename) == _PKG_DIR else os.path.basename(filename)
 
 
 def _one_at_a_time(

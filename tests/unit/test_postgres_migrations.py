@@ -57,6 +57,37 @@ async def test_migrate_twice_is_idempotent(schema: str) -> None:
         await b.close()
 
 
+async def test_a_version_1_store_is_upgraded_in_place_with_its_runs(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from substantial.backends import postgres
+
+    with monkeypatch.context() as m:  # what the first release created
+        m.setattr(postgres, "_MIGRATIONS", postgres._MIGRATIONS[:1])
+        m.setattr(postgres, "LATEST_VERSION", 1)
+        old = PostgresBackend(POSTGRES_URL, schema=schema)
+        await old.open()
+        try:
+            await old.create_run(_new("r1"))
+            [c] = await old.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                                      lease_seconds=30, now=T0)  # fmt: skip
+            assert await old.append("r1", token=c.token, expected_len=1, records=[b"1"],
+                                    now=T0) == 2  # fmt: skip
+        finally:
+            await old.close()
+    new = PostgresBackend(POSTGRES_URL, schema=schema)
+    await new.open()
+    try:
+        assert await new.migrate() == LATEST_VERSION
+        run = await new.get_run("r1")
+        assert run is not None and run.log_len == 2 and run.lease_token == c.token
+        assert await new.append("r1", token=c.token, expected_len=2, records=[b"2"], now=T0) == 3
+        snap = await new.read("r1", log_from=-2)
+        assert snap is not None and snap.log == [b"1", b"2"] and snap.run.log_len == 3
+    finally:
+        await new.close()
+
+
 async def test_concurrent_first_opens_do_not_race(schema: str) -> None:
     backends = [PostgresBackend(POSTGRES_URL, schema=schema, min_size=1) for _ in range(5)]
     await asyncio.gather(*(b.open() for b in backends))

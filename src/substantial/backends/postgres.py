@@ -3,25 +3,31 @@
 Layout, inside one schema (``substantial`` unless configured; validated, always quoted):
 
 * ``schema_version(version, applied_at)``: one row per applied migration.
-* ``runs``: the :class:`RunRecord` fields plus ``last_inbox_id`` (the inbox id
-  counter). Times are epoch seconds (double precision), ``status`` is text and
-  ``result`` JSON text written by orjson (an exact round trip; jsonb would
-  reorder keys and refuse ``\\u0000``). The partial index ``(queue, due_at)
-  WHERE due_at IS NOT NULL`` serves claims.
-* ``log(run_id, pos, data bytea)`` and ``inbox(run_id, id, data bytea)``.
+* ``runs``: the :class:`RunRecord` fields (but the log length) plus
+  ``last_inbox_id`` (the inbox id counter). Times are epoch seconds (double
+  precision), ``status`` is text and ``result`` JSON text written by orjson (an
+  exact round trip; jsonb would reorder keys and refuse ``\\u0000``). The partial
+  index ``(queue, due_at) WHERE due_at IS NOT NULL`` serves claims.
+* ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
+  length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
 starting together do not race; a database newer than this code raises
 SchemaVersionError.
 
-One round trip per step: each operation is a single statement (CTEs chaining
-UPDATE / INSERT / pg_notify), and ``append`` is one call of the plpgsql function
-``append_step`` (created by the migration), which locks the run row, checks the
-lease token and expected log length, inserts the records, applies the update and
-the release rule and notifies. A worker's step thus costs one network round trip
-and is atomic without client-side transactions; asyncpg prepares and caches each
-statement per connection.
+One round trip per operation, each a single statement (CTEs chaining UPDATE /
+INSERT / pg_notify); asyncpg prepares and caches each per connection. A step's
+append (records, no run change) is one INSERT into ``log`` fenced by a share
+lock on the run row (see ``_APPEND_RECORDS``), so it costs about what a plain
+insert does. Appends that also change the run (suspend, end, events taken in)
+call the plpgsql function ``append_step``, which locks the run row, checks the
+lease token and log length, inserts, applies the update and the release rule and
+notifies, atomically.
+
+Connections: statements use a pool, but a connection is kept out of it between
+statements (asyncpg's release costs a third of a step); lease renewals use a
+connection of their own so they never queue behind steps.
 
 Claims use ``FOR UPDATE SKIP LOCKED``: concurrent claimers skip rows another one
 is locking instead of queueing behind it, so they never get the same run and
@@ -129,10 +135,60 @@ BEGIN
 END
 $fn$;
 """,
+    # 2: the log length is the log's own (max(pos) + 1), so a step's append is one
+    # INSERT fenced by a share lock on the run row instead of an UPDATE of that row
+    """
+ALTER TABLE {s}.runs DROP COLUMN log_len;
+CREATE OR REPLACE FUNCTION {s}.append_step(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    p_has_update boolean, p_status text, p_set_result boolean, p_result text,
+    p_error text, p_ended_at double precision, p_inbox_pos bigint, p_release boolean,
+    p_due_at double precision, p_now double precision, p_terminal text[], p_channel text,
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint; v_status text; v_inbox_pos bigint; v_last bigint; v_cancel boolean;
+    v_due double precision; v_owner text; v_expires double precision;
+    v_released boolean := false;
+BEGIN
+    SELECT lease_token, status, inbox_pos, last_inbox_id, cancel_requested,
+           due_at, lease_owner, lease_expires_at
+      INTO v_token, v_status, v_inbox_pos, v_last, v_cancel, v_due, v_owner, v_expires
+      FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, p_expected + t.o - 1, t.d
+          FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := p_expected + coalesce(cardinality(p_records), 0);
+    IF p_has_update THEN
+        v_status := coalesce(p_status, v_status);
+        v_inbox_pos := coalesce(p_inbox_pos, v_inbox_pos);
+        IF p_release OR v_status = ANY(p_terminal) THEN  -- the release rule
+            v_released := true; v_owner := NULL; v_expires := NULL;
+            IF v_status = ANY(p_terminal) THEN v_due := NULL;
+            ELSIF v_last > v_inbox_pos OR v_cancel THEN v_due := least(p_due_at, p_now);
+            ELSE v_due := p_due_at;
+            END IF;
+        END IF;
+        UPDATE {s}.runs SET
+            status = v_status, inbox_pos = v_inbox_pos, due_at = v_due,
+            lease_owner = v_owner, lease_expires_at = v_expires,
+            result = CASE WHEN p_set_result THEN p_result ELSE result END,
+            error = coalesce(p_error, error), ended_at = coalesce(p_ended_at, ended_at)
+         WHERE run_id = p_run_id;
+    END IF;
+    IF v_released THEN PERFORM pg_notify(p_channel, p_run_id); END IF;
+    o_code := 0;
+END
+$fn$;
+""",
 )
 LATEST_VERSION = len(_MIGRATIONS)
 
-# Statements: {s} = quoted schema, {t} = terminal statuses (text[]), {c} = run columns.
+# Statements: {s} = quoted schema, {t} = terminal statuses (text[]), {c} = the run
+# columns of ``runs r`` (the log length computed), {n} = the log length of run r.
 _FIELDS = (
     "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
     "result", "error", "log_len", "inbox_pos", "lease_token", "lease_owner",
@@ -144,8 +200,8 @@ _VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integ
 _CURRENT = "SELECT coalesce(max(version), 0) FROM {s}.schema_version"
 _SET_VERSION = "INSERT INTO {s}.schema_version (version) VALUES ($1)"
 _CREATE = """WITH ins AS (
-    INSERT INTO {s}.runs (run_id, workflow, queue, status, created_at, due_at, log_len, parent_id)
-    VALUES ($1, $2, $3, 'PENDING', $4, $5, 1, $6) ON CONFLICT (run_id) DO NOTHING
+    INSERT INTO {s}.runs (run_id, workflow, queue, status, created_at, due_at, parent_id)
+    VALUES ($1, $2, $3, 'PENDING', $4, $5, $6) ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), lg AS (INSERT INTO {s}.log (run_id, pos, data) SELECT run_id, 0, $7 FROM ins)
 SELECT pg_notify($8, run_id) FROM ins"""
@@ -165,7 +221,7 @@ _CLAIM = """WITH picked AS MATERIALIZED (
 SELECT run_id, lease_token FROM claimed ORDER BY due_at, created_at, run_id"""
 _READ = """SELECT {c},
     ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
-           AND l.pos >= CASE WHEN $2::bigint < 0 THEN r.log_len + $2 ELSE $2 END
+           AND l.pos >= CASE WHEN $2::bigint < 0 THEN {n} + $2 ELSE $2 END
          ORDER BY l.pos) AS log_data,
     ARRAY(SELECT b.id FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
          ORDER BY b.id) AS inbox_ids,
@@ -174,19 +230,17 @@ _READ = """SELECT {c},
 FROM {s}.runs r WHERE r.run_id = $1"""
 _APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 17))
 _APPEND += ")"
-# The common case, records and no run update: one plain statement. Its UPDATE takes
-# the row lock and re-checks the token and length against the newest row version,
-# and the INSERT only sees a row if the UPDATE matched. Cheaper than the function
-# (no plpgsql frame, one write of the run row instead of a lock plus an update).
-_APPEND_RECORDS = """WITH u AS (
-    UPDATE {s}.runs SET log_len = $3::bigint + cardinality($4::bytea[])
-     WHERE run_id = $1 AND lease_token = $2 AND log_len = $3 RETURNING log_len
-), i AS (
-    INSERT INTO {s}.log (run_id, pos, data)
-    SELECT $1, $3::bigint + t.o - 1, t.d FROM u, unnest($4::bytea[]) WITH ORDINALITY AS t(d, o)
-)
-SELECT log_len FROM u"""
-_FENCE = "SELECT lease_token, log_len FROM {s}.runs WHERE run_id = $1"
+# The common case, records and no run update: one INSERT. The share lock on the run
+# row is the fence: it conflicts with every UPDATE of the row (a claim changing the
+# token waits for this append to commit, or this append sees the new token and
+# inserts nothing). The length check: position expected - 1 must exist, and the
+# log's primary key refuses position expected if it does (the log moved on). No
+# write of the run row: a step costs about one plain insert.
+_APPEND_RECORDS = """INSERT INTO {s}.log (run_id, pos, data)
+SELECT $1, $3::bigint + t.o - 1, t.d FROM unnest($4::bytea[]) WITH ORDINALITY AS t(d, o)
+ WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
+   AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
+_FENCE = "SELECT r.lease_token, {n} AS log_len FROM {s}.runs r WHERE r.run_id = $1"
 _RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
   FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
  WHERE r.run_id = h.run_id AND r.lease_token = h.token AND r.lease_owner IS NOT NULL
@@ -214,8 +268,8 @@ _CANCEL = """WITH u AS (
 )
 SELECT pg_notify($3, run_id) FROM u"""
 _STATUS = "SELECT status FROM {s}.runs WHERE run_id = $1"
-_GET = "SELECT {c} FROM {s}.runs WHERE run_id = $1"
-_LIST = """SELECT {c} FROM {s}.runs
+_GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
+_LIST = """SELECT {c} FROM {s}.runs r
  WHERE ($1::text IS NULL OR workflow = $1) AND ($2::text[] IS NULL OR status = ANY($2))
  ORDER BY created_at, run_id LIMIT $3"""
 _CORRUPT = "UPDATE {s}.log SET data = $3 WHERE run_id = $1 AND pos = $2"
@@ -281,7 +335,11 @@ class PostgresBackend:
         netloc = user.partition(":")[0] + at + host
         self._safe_url = f"{parts.scheme}://{netloc}{parts.path}"  # no password, no query
         terminal = "'{" + ",".join(_TERMINAL) + "}'::text[]"
-        self._fmt = {"s": f'"{schema}"', "t": terminal, "c": ", ".join(_FIELDS)}
+        length = (
+            f'(SELECT coalesce(max(l.pos) + 1, 0) FROM "{schema}".log l WHERE l.run_id = r.run_id)'
+        )
+        columns = ", ".join(f"{length} AS log_len" if f == "log_len" else f"r.{f}" for f in _FIELDS)
+        self._fmt = {"s": f'"{schema}"', "t": terminal, "c": columns, "n": length}
         self._statements: dict[str, str] = {}
 
     def _sql(self, template: str) -> str:
@@ -541,17 +599,24 @@ class PostgresBackend:
         now: float,
     ) -> int:
         self._count("append")
-        if update is None:
-            # Retried: if a first attempt landed, the retry fails the length check.
-            length = await self._q("fetchval", _APPEND_RECORDS, run_id, token, expected_len,
-                                   list(records))  # fmt: skip
-            if length is None:
+        if update is None and records:
+            sql, rows = self._sql(_APPEND_RECORDS), list(records)
+
+            async def insert(conn: Any) -> bool:
+                try:
+                    status: str = await conn.execute(sql, run_id, token, expected_len, rows)
+                    return status != "INSERT 0 0"
+                except asyncpg.UniqueViolationError:
+                    return False  # a record is already at that position: the log moved on
+
+            # Retried: if a first attempt landed, the retry hits the primary key.
+            if not await self._call(insert, retry=True):
                 await self._refused(run_id, token, expected_len)
-            return int(length)
-        u = update
+            return expected_len + len(rows)
+        u = update or RunUpdate()
         result = orjson.dumps(u.result).decode() if u.has_result else None
         status = None if u.status is None else u.status.value
-        args = (run_id, token, expected_len, list(records), True, status,
+        args = (run_id, token, expected_len, list(records), update is not None, status,
                 u.has_result, result, u.error, u.ended_at, u.inbox_pos, u.release, u.due_at,
                 now, _TERMINAL, self._channel)  # fmt: skip
         row = await self._q("fetchrow", _APPEND, *args)
