@@ -100,10 +100,15 @@ async def one_run(cond: Conductor, wf: Any, n: int) -> float:
 
 async def sequential(cond: Conductor, cfg: Config, raw: Raw | None) -> dict[str, float]:
     """``seq_reps`` rounds of: raw commits (if the store has them), a run of async
-    steps, a run of plain steps. Interleaved, so a noisy minute on a shared machine
+    steps, a run of plain steps, after one unmeasured round of a tenth of the size.
+    Interleaved, so a noisy minute on a shared machine
     moves both sides of the ratio: the ratio is the median of the rounds' ratios,
     the other figures the medians of their samples."""
     raws, seqs, syncs = [], [], []
+    if raw is not None:  # warm-up, unmeasured: statements prepared, caches filled
+        await raw()
+    await one_run(cond, steps, cfg.steps // 10)
+    await one_run(cond, sync_steps, cfg.steps // 10)
     for _ in range(cfg.seq_reps):
         if raw is not None:
             raws.append(await raw())

@@ -480,7 +480,7 @@ class PostgresBackend:
         while True:
             sent, conn = False, None
             try:
-                conn = None if control else await self._checkout(pool)
+                conn = None if control or not self._idle else self._pop_idle()
                 if conn is None:
                     self._waiting += not control
                     try:
@@ -512,14 +512,14 @@ class PostgresBackend:
                 return result
             await asyncio.sleep(delay)
 
-    async def _checkout(self, pool: Any) -> Any:
+    def _pop_idle(self) -> Any:
         """An idle connection we kept, or None.
 
         After a statement succeeds its connection is kept here rather than released:
         asyncpg's ``release`` costs a task and several loop turns (about 70 µs, a
         third of a step), and these connections carry no session state to reset
-        (no open transaction, no listeners). Dead ones are dropped: asyncpg already
-        gave their slot back to the pool when the socket closed."""
+        (no open transaction, no listeners). Dead ones are dropped: asyncpg gives
+        their slot back to the pool when their socket closes."""
         while self._idle:
             conn = self._idle.pop()
             try:
@@ -527,7 +527,7 @@ class PostgresBackend:
                     return conn
             except asyncpg.InterfaceError:  # "released back to the pool" on close
                 continue
-            await pool.release(conn)  # closed but not yet released: the pool reconnects
+            conn.terminate()  # closed, not yet released: this hands its slot back
         return None
 
     async def _q(
