@@ -10,7 +10,7 @@ import pytest
 
 from substantial import RunStatus
 from substantial.backends import NewRun, RunUpdate
-from substantial.backends.postgres import PostgresBackend
+from substantial.backends.postgres import _APPEND_RECORDS, PostgresBackend
 from substantial.errors import BackendError, BackendUnavailable, LeaseLost, RunNotFound
 
 from ..backends import POSTGRES_URL, unavailable
@@ -147,3 +147,57 @@ async def test_close_ends_subscriptions(pg: PostgresBackend) -> None:
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(waiter, 5)
     await pg.open()  # for the fixture's cleanup
+
+
+# -- the step append's fence: a share lock on the run row --------------------------
+
+
+async def _claimed(pg: PostgresBackend) -> int:
+    await pg.create_run(_new("r1"))
+    [claim] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                                 lease_seconds=30, now=T0)  # fmt: skip
+    return claim.token
+
+
+async def test_an_append_waiting_on_a_takeover_writes_nothing_once_it_commits(
+    pg: PostgresBackend,
+) -> None:
+    token = await _claimed(pg)
+    other = await asyncpg.connect(POSTGRES_URL)
+    try:
+        async with other.transaction():  # another worker's claim, not yet committed
+            await other.execute(
+                f'UPDATE "{pg.schema}".runs SET lease_token = lease_token + 1 WHERE run_id = $1',
+                "r1",
+            )
+            append = asyncio.create_task(
+                pg.append("r1", token=token, expected_len=1, records=[b"late"], now=T0)
+            )
+            await asyncio.sleep(0.3)
+            assert not append.done()  # it waits for the claim to commit or roll back
+        with pytest.raises(LeaseLost):
+            await append  # the claim committed: the new token fences the old holder out
+    finally:
+        await other.close()
+    snap = await pg.read("r1")
+    assert snap is not None and snap.log == [b"0"] and snap.run.log_len == 1
+
+
+async def test_a_claim_skips_a_run_whose_append_is_in_flight(pg: PostgresBackend) -> None:
+    token = await _claimed(pg)
+    holder = await asyncpg.connect(POSTGRES_URL)
+    try:
+        async with holder.transaction():  # the append's statement, held open
+            sql = pg._sql(_APPEND_RECORDS)
+            assert await holder.execute(sql, "r1", token, 1, [b"1"]) == "INSERT 0 1"
+            # its lease has run out: another worker would take the run, but must not
+            # while the append is in flight (the row is share-locked)
+            assert await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w2",
+                                      lease_seconds=30, now=T0 + 60) == []  # fmt: skip
+        [claim] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w2",
+                                     lease_seconds=30, now=T0 + 60)  # fmt: skip
+    finally:
+        await holder.close()
+    snap = await pg.read("r1")  # the new holder sees the record that landed
+    assert claim.token == token + 1
+    assert snap is not None and snap.log == [b"0", b"1"] and snap.run.log_len == 2
