@@ -663,7 +663,23 @@ class Context:
             parent_id=self._session.run.parent_id,
             origin=self._session.start.get("origin", self.run_id),
         )
-        raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]})
+        raise StopRun(
+            RunStatus.CONTINUED, {"continued_to": final["v"]}, self._unobserved_events()
+        )
+
+    def _unobserved_events(self) -> list[bytes]:
+        """Events in the log the workflow never saw: not received, no handler for
+        their name (internal ones aside). A continuing run hands them on."""
+        handled = {name for name, _ in self._handlers}
+        out = []
+        for pos in self._event_pos:
+            rec = self._session.records[pos]
+            name = rec["name"]
+            if name in handled or name.startswith("substantial."):
+                continue
+            if self._by_name[name].index(pos) >= self._consumed.get(name, 0):
+                out.append((pos, {"name": name, "v": rec.get("v")}))
+        return [self._session.journal.encode(ev, "forwarded event") for _, ev in sorted(out)]
 
 
 def child_outcome(run: Any) -> dict[str, Any]:

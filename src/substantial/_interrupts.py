@@ -22,7 +22,10 @@ class CancelRun(Interrupt):
 class StopRun(Interrupt):
     """The run ended by a primitive (revert / continue_using) with a final status."""
 
-    def __init__(self, status: str, result: object = None) -> None:
+    def __init__(
+        self, status: str, result: object = None, unobserved: list[bytes] | None = None
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.result = result
+        self.unobserved = unobserved or []  # events to hand to a continuing run

@@ -10,6 +10,7 @@ and is what the engine appends through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -22,7 +23,14 @@ from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
 from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate
 from .codec import dumps
-from .errors import BackendError, ConfigurationError, CorruptRecord, LeaseLost, RunNotFound
+from .errors import (
+    BackendError,
+    ConfigurationError,
+    CorruptRecord,
+    LeaseLost,
+    RunFinished,
+    RunNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,18 @@ class Journal:
     async def deliver(self, run_id: str, name: str, value: Any) -> int:
         data = self.encode({"name": name, "v": value}, f"send({name!r}) value")
         return await self.backend.deliver(run_id, data, now=self.clock())
+
+    async def forward_events(self, run_id: str, successor: str, unobserved: list[bytes]) -> None:
+        """Deliver ``unobserved`` (events in the ended run's log it never saw) and
+        then what is left in its inbox to the run that continues it, in order.
+
+        Best effort across a crash: a worker dying between the end write and this
+        loses these events (the window is one round trip per event)."""
+        snap = await self.backend.read(run_id, log_from=-1)
+        pending = [item.data for item in snap.inbox] if snap is not None else []
+        for data in [*unobserved, *pending]:
+            with contextlib.suppress(RunNotFound, RunFinished):
+                await self.backend.deliver(successor, data, now=self.clock())
 
     async def cancel(self, run_id: str) -> None:
         await self.backend.request_cancel(run_id, now=self.clock())

@@ -69,6 +69,12 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
     except StopRun as stop:
         _raise_if_lost(session)
         await _end(session, RunStatus(stop.status), result=stop.result, extra=ctx.flush_records())
+        if stop.status == RunStatus.CONTINUED and isinstance(stop.result, dict):
+            # Events the run never saw, then those still in its inbox (none can land
+            # now that it is terminal: send follows the chain instead): the successor's.
+            await session.journal.forward_events(
+                session.run_id, str(stop.result["continued_to"]), stop.unobserved
+            )
         return None
     except asyncio.CancelledError:
         raise

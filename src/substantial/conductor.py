@@ -20,6 +20,7 @@ from .errors import (
     ConfigurationError,
     RunCancelled,
     RunFailed,
+    RunFinished,
     RunReverted,
 )
 from .filters import compile_filter
@@ -54,25 +55,48 @@ class RunHandle:
     def __repr__(self) -> str:
         return f"RunHandle({self.run_id!r})"
 
+    # A run that calls continue_using ends CONTINUED and names its successor; the
+    # handle follows the chain, so send, status, cancel and logs address the run
+    # that carries on, as result() does.
+
     async def send(self, name: str, value: Any = None) -> None:
         """Deliver an event; once this returns the event is never lost."""
-        await self._conductor._ensure_open()
-        await self._conductor.journal.deliver(self.run_id, name, value)
+        journal = await self._journal()
+        run_id = (await self._latest()).run_id
+        while True:
+            try:
+                await journal.deliver(run_id, name, value)
+                return
+            except RunFinished:  # it may have just continued: follow and deliver there
+                successor = _continued_to(await journal.get(run_id))
+                if successor is None:
+                    raise
+                run_id = successor
 
     async def status(self) -> RunStatus:
-        return (await self._record()).status
+        return (await self._latest()).status
 
     async def summary(self) -> RunSummary:
-        return summarize(await self._record())
+        return summarize(await self._latest())
 
     async def cancel(self) -> None:
         """Ask for cancellation; descendants are cancelled too. No-op on ended runs."""
-        await self._conductor._ensure_open()
-        await self._conductor.journal.cancel(self.run_id)
+        journal = await self._journal()
+        run_id: str | None = (await self._latest()).run_id
+        while run_id is not None:
+            await journal.cancel(run_id)
+            run_id = _continued_to(await journal.get(run_id))  # continued meanwhile
 
     async def logs(self) -> list[LogRecord]:
-        await self._conductor._ensure_open()
-        return await self._conductor.journal.logs(self.run_id)
+        """Log lines of this run and of the runs it continued into, in order."""
+        journal = await self._journal()
+        out, run_id = [], self.run_id
+        while True:
+            out += await journal.logs(run_id)
+            successor = _continued_to(await journal.get(run_id))
+            if successor is None:
+                return out
+            run_id = successor
 
     async def result(self, timeout: Seconds | None = None) -> Any:
         """Wait for the run to end and return its value, following continue_using.
@@ -85,14 +109,29 @@ class RunHandle:
             run_id = self.run_id
             while True:
                 run = await self._conductor._wait_terminal(run_id)
-                if run.status == RunStatus.CONTINUED and isinstance(run.result, dict):
-                    run_id = str(run.result["continued_to"])
-                    continue
-                return _outcome(run)
+                successor = _continued_to(run)
+                if successor is None:
+                    return _outcome(run)
+                run_id = successor
 
-    async def _record(self) -> RunRecord:
+    async def _journal(self) -> Journal:
         await self._conductor._ensure_open()
-        return await self._conductor.journal.get(self.run_id)
+        return self._conductor.journal
+
+    async def _latest(self) -> RunRecord:
+        """The last run of this handle's continue_using chain (itself if none)."""
+        journal = await self._journal()
+        run = await journal.get(self.run_id)
+        while (successor := _continued_to(run)) is not None:
+            run = await journal.get(successor)
+        return run
+
+
+def _continued_to(run: RunRecord) -> str | None:
+    if run.status == RunStatus.CONTINUED and isinstance(run.result, dict):
+        successor = run.result.get("continued_to")
+        return None if successor is None else str(successor)
+    return None
 
 
 def _outcome(run: RunRecord) -> Any:

@@ -13,6 +13,7 @@ from substantial import (
     RunCancelled,
     RunFailed,
     RunReverted,
+    RunHandle,
     RunStatus,
     workflow,
 )
@@ -179,10 +180,61 @@ async def test_continue_using_starts_a_fresh_run_and_the_handle_follows(
     async with worker(conductor):
         h = await conductor.start(counter, {"n": 0, "upto": 3})
         assert await h.result(timeout=10) == 3
-    assert await h.status() == RunStatus.CONTINUED
+    assert await h.status() == RunStatus.COMPLETED  # the handle reports the last run
+    first = await conductor.backend.get_run(h.run_id)
+    assert first is not None and first.status == RunStatus.CONTINUED
     runs = await conductor.search("counter")
     assert sorted(s.status for s in runs).count(RunStatus.CONTINUED) == 3
     assert effects == ["count 0", "count 1", "count 2", "count 3"]
+
+
+@workflow()
+async def relay(c: Context, round: int) -> Any:
+    await c.log.info("round", n=round)
+    got = await c.receive("next")
+    if got == "again":
+        await c.continue_using(relay, {"round": round + 1})
+    if got == "wait":
+        await c.sleep(60)
+    return {"round": round, "got": got}
+
+
+async def test_send_cancel_and_logs_follow_continue_using(conductor: Conductor) -> None:
+    conductor.register(relay)
+
+    async def continued(h: RunHandle) -> bool:  # the chain has moved past the first run
+        return (await h.summary()).run_id != h.run_id
+
+    async with worker(conductor):
+        h = await conductor.start(relay, {"round": 0})
+        await h.send("next", "again")  # round 0 continues into round 1
+        await eventually(lambda: continued(h))
+        await h.send("next", "done")  # reaches round 1 through the first run's handle
+        assert await h.result(timeout=10) == {"round": 1, "got": "done"}
+        assert [(r.message, r.fields) for r in await h.logs()] == [
+            ("round", {"n": 0}),
+            ("round", {"n": 1}),
+        ]
+
+        h2 = await conductor.start(relay, {"round": 0})
+        await h2.send("next", "again")
+        await eventually(lambda: continued(h2))
+        await h2.send("next", "wait")
+        await h2.cancel()  # cancels round 1, not the ended round 0
+        with pytest.raises(RunCancelled):
+            await h2.result(timeout=10)
+        assert await h2.status() == RunStatus.CANCELLED
+
+
+async def test_an_event_sent_while_a_run_continues_reaches_its_successor(
+    conductor: Conductor,
+) -> None:
+    conductor.register(relay)
+    async with worker(conductor):
+        h = await conductor.start(relay, {"round": 0})
+        await h.send("next", "again")
+        await h.send("next", "done")  # most likely lands in round 0's inbox, unconsumed
+        assert await h.result(timeout=10) == {"round": 1, "got": "done"}
 
 
 async def test_search_filters_runs_with_the_metatype_grammar(conductor: Conductor) -> None:
