@@ -400,3 +400,46 @@ async def test_subscribe_hints_after_delivery(backend: Backend) -> None:
     await backend.deliver("r1", b"x", now=T0)
     assert await asyncio.wait_for(waiter, 5) in ("r1", "")
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+# -- rewrite_log (compaction) -----------------------------------------------------
+
+
+async def test_rewrite_log_replaces_the_whole_log_and_appends_carry_on(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"1", b"2", b"3"], now=T0)
+    await backend.deliver("r1", b"ev", now=T0)
+    n = await backend.rewrite_log("r1", token=c.token, expected_len=4, records=[b"0", b"3"],
+                                  now=T0)  # fmt: skip
+    assert n == 2
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"0", b"3"] and snap.run.log_len == 2
+    assert [i.data for i in snap.inbox] == [b"ev"]  # the inbox is not the log's
+    assert snap.run.lease_token == c.token and snap.run.status == RunStatus.RUNNING
+    tail = await backend.read("r1", log_from=-1)
+    assert tail is not None and tail.log == [b"3"]
+    with pytest.raises(LeaseLost):  # the old length is gone
+        await backend.append("r1", token=c.token, expected_len=4, records=[b"x"], now=T0)
+    assert await backend.append("r1", token=c.token, expected_len=2, records=[b"4"], now=T0) == 3
+    snap = await backend.read("r1", log_from=1)
+    assert snap is not None and snap.log == [b"3", b"4"] and snap.run.log_len == 3
+
+
+async def test_rewrite_log_is_fenced_like_append(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", first=b"0"))
+    old = await claim_one(backend, lease=1)
+    assert old is not None
+    await backend.append("r1", token=old.token, expected_len=1, records=[b"1"], now=T0)
+    with pytest.raises(LeaseLost):  # wrong length
+        await backend.rewrite_log("r1", token=old.token, expected_len=1, records=[b"0"], now=T0)
+    new = await claim_one(backend, now=T0 + 2, owner="w2")
+    assert new is not None
+    with pytest.raises(LeaseLost):  # stale token
+        await backend.rewrite_log("r1", token=old.token, expected_len=2, records=[b"0"],
+                                  now=T0 + 2)  # fmt: skip
+    with pytest.raises(RunNotFound):
+        await backend.rewrite_log("ghost", token=1, expected_len=1, records=[b"0"], now=T0)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"0", b"1"] and snap.run.log_len == 2

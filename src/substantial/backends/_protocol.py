@@ -157,6 +157,22 @@ class Backend(Protocol):
         """Returns the new log length."""
         ...
 
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        """Replace the run's whole log with ``records`` (compaction), under the same
+        fence as ``append``: iff ``token == lease_token`` and ``expected_len ==
+        log_len``, else LeaseLost (RunNotFound for an unknown run). Atomic: a reader
+        sees the old log or the new one. The run record, inbox and lease are left
+        alone. Returns the new log length (``len(records)``)."""
+        ...
+
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
     ) -> set[str]:
