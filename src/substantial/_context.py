@@ -105,8 +105,10 @@ def _one_at_a_time(
     return wrapper  # type: ignore[return-value]
 
 
-def _describe(p: str, name: str | None, at: str | None) -> str:
+def _describe(p: str, name: str | None, at: str | None, key: str | None = None) -> str:
     call = f"{p}({name!r})" if name is not None else f"{p}()"
+    if key is not None:
+        call = f"{call[:-1]}key={key!r})"
     return f"{call} at {at}" if at else call
 
 
@@ -179,6 +181,7 @@ class Context:
         self._max_seq = -1
         self._event_pos: list[int] = []  # positions of event records, ascending
         self._by_name: dict[str, list[int]] = {}
+        self._keyed: dict[str, list[tuple[int, int]]] = {}  # key -> (seq, pos) of finals
         self._consumed: dict[str, int] = {}  # name -> how many have been received
         self._cursor = 1  # events at positions < cursor are visible
         self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
@@ -204,23 +207,48 @@ class Context:
                 s = rec["s"]
                 self._calls.setdefault(s, []).append(pos)
                 self._max_seq = max(self._max_seq, s)
+                if "key" in rec and rec["k"] in (R.CALL, R.ARM):  # a keyed call's outcome
+                    self._keyed.setdefault(rec["key"], []).append((s, pos))
         self._indexed = len(records)
 
-    def _begin(self, p: str, name: str | None = None) -> tuple[int, list[R.Record], str]:
+    def _begin(
+        self, p: str, name: str | None = None, *, key: str | None = None
+    ) -> tuple[int, list[R.Record], str]:
         seq = self._seq
         self._seq += 1
         at = _caller()
         recs = [self._session.records[i] for i in self._calls.get(seq, ())]
         if recs:
             first = recs[0]
-            if first.get("p") != p or first.get("name") != name:
+            if first.get("p") != p or first.get("name") != name or first.get("key") != key:
                 raise NonDeterminismError(
                     run_id=self.run_id,
                     step=seq,
-                    expected=_describe(p, name, at),
-                    recorded=_describe(first.get("p", "?"), first.get("name"), first.get("at")),
+                    expected=_describe(p, name, at, key),
+                    recorded=_describe(
+                        first.get("p", "?"), first.get("name"), first.get("at"), first.get("key")
+                    ),
                 )
+        elif key is None and seq < self._max_seq and self._keyed:
+            self._gap(seq, p, name, at)
         return seq, recs, at
+
+    def _superseded(self, seq: int, p: str, key: str, at: str) -> R.Record:
+        """Replay of a keyed call whose record ``compact`` dropped: the next kept
+        record of the same key stands in for it (the values in between were only
+        ever overwritten by later calls of that key). The cursor stays put."""
+        for later, pos in self._keyed.get(key, ()):
+            if later > seq:
+                rec = self._session.records[pos]
+                if rec.get("p") != p:
+                    break
+                return rec
+        raise NonDeterminismError(
+            run_id=self.run_id,
+            step=seq,
+            expected=_describe(p, None, at, key),
+            recorded="no later call with that key in the (compacted) log",
+        )
 
     def _final(self, seq: int, recs: list[R.Record]) -> R.Record | None:
         for pos in self._calls.get(seq, ()):
@@ -282,16 +310,32 @@ class Context:
         return out
 
     def check_complete(self) -> None:
-        """The workflow returned: it must have made every call the log recorded."""
-        if self._seq <= self._max_seq:
-            pos = self._calls.get(self._seq, [0])[0]
-            rec = self._session.records[pos]
+        """The workflow returned: it must have made every call the log recorded.
+
+        Keyed records it did not reach are fine: after ``compact`` a replay can
+        take a loop's last keyed value early and leave the loop sooner; those
+        records only ever held values later ones replaced."""
+        unmatched = [s for s in self._calls if s >= self._seq]
+        for seq in sorted(unmatched):
+            rec = self._session.records[self._calls[seq][0]]
+            if "key" in rec:
+                continue
             raise NonDeterminismError(
                 run_id=self.run_id,
                 step=self._seq,
                 expected="return (the workflow ended)",
                 recorded=_describe(rec.get("p", "?"), rec.get("name"), rec.get("at")),
             )
+
+    def _gap(self, seq: int, p: str, name: str | None, at: str) -> None:
+        """No record at ``seq`` though the log holds later calls: ``compact`` dropped
+        a keyed call here, and an unkeyed one now stands in its place."""
+        raise NonDeterminismError(
+            run_id=self.run_id,
+            step=seq,
+            expected=_describe(p, name, at),
+            recorded="a keyed call that compact() dropped (key every call in a compacted loop)",
+        )
 
     # -- waiting --------------------------------------------------------------
 
@@ -336,8 +380,11 @@ class Context:
         key: str | None = None,
         type: Any = None,
     ) -> Any:
-        """Run ``f`` once and persist its JSON result; replays return the stored value."""
-        return await self._save("save", f, compensate_with, retry, timeout, type)
+        """Run ``f`` once and persist its JSON result; replays return the stored value.
+
+        ``key`` names the value for :meth:`compact`, which keeps only the last
+        record of each key."""
+        return await self._save("save", f, compensate_with, retry, timeout, type, key)
 
     async def _save(
         self,
@@ -347,12 +394,16 @@ class Context:
         retry: Retry | None,
         timeout: Seconds | None,
         tp: Any,
+        key: str | None = None,
     ) -> Any:
-        seq, recs, at = self._begin(p)
+        seq, recs, at = self._begin(p, key=key)
         what = f"{p}() at {at} (step {seq})"
         final = self._final(seq, recs)
+        if final is None and key is not None and not recs and self._replayed_past(seq):
+            final = self._superseded(seq, p, key, at)
         if final is None:
-            final = await self._execute(seq, p, at, f, recs, retry or DEFAULT_RETRY, timeout, what)
+            policy = retry or DEFAULT_RETRY
+            final = await self._execute(seq, p, at, f, recs, policy, timeout, what, key)
         err = final.get("err")
         if err is None and compensate_with is not None:
             self._compensations.append((seq, compensate_with))
@@ -373,7 +424,9 @@ class Context:
         policy: Retry,
         timeout: Seconds | None,
         what: str,
+        key: str | None = None,
     ) -> R.Record:
+        keyed = {} if key is None else {"key": key}
         await self._sync()
         tries = [r for r in recs if r["k"] == R.TRY]
         attempt = len(tries)
@@ -390,6 +443,7 @@ class Context:
                     p,
                     at,
                     v=to_json(value, what=what, limit=self._session.journal.max_payload),
+                    **keyed,
                 )
             except SerializationError as exc:
                 final = self._rec(
@@ -398,16 +452,18 @@ class Context:
                     p,
                     at,
                     err={"type": type(exc).__name__, "msg": str(exc), "n": attempt},
+                    **keyed,
                 )
             except Exception as exc:
                 msg = str(exc) or type(exc).__name__
                 err = {"type": type(exc).__name__, "msg": msg}
                 if attempt >= policy.max_attempts or isinstance(exc, policy.non_retryable):
-                    final = self._rec(R.CALL, seq, p, at, err={**err, "n": attempt})
+                    final = self._rec(R.CALL, seq, p, at, err={**err, "n": attempt}, **keyed)
                 else:
                     retry_at = self._clock() + policy.delay_after(attempt)
                     await self._write(
-                        self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at), what=what
+                        self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at, **keyed),
+                        what=what,
                     )
                     await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
@@ -415,23 +471,31 @@ class Context:
             return final
 
     @_one_at_a_time
-    async def sleep(self, duration: Seconds) -> None:
-        """Durable timer: survives restarts."""
-        seq, recs, at = self._begin("sleep")
-        await self._timer(seq, recs, at, lambda: self._clock() + to_seconds(duration))
+    async def sleep(self, duration: Seconds, *, key: str | None = None) -> None:
+        """Durable timer: survives restarts. ``key``: see :meth:`compact`."""
+        seq, recs, at = self._begin("sleep", key=key)
+        await self._timer(seq, recs, at, lambda: self._clock() + to_seconds(duration), key)
 
     @_one_at_a_time
-    async def sleep_until(self, when: datetime) -> None:
-        seq, recs, at = self._begin("sleep")
+    async def sleep_until(self, when: datetime, *, key: str | None = None) -> None:
+        seq, recs, at = self._begin("sleep", key=key)
         if when.tzinfo is None:
             raise ValueError("sleep_until() needs an aware datetime (e.g. tzinfo=UTC)")
-        await self._timer(seq, recs, at, when.timestamp)
+        await self._timer(seq, recs, at, when.timestamp, key)
 
     async def _timer(
-        self, seq: int, recs: list[R.Record], at: str, due_fn: Callable[[], float]
+        self,
+        seq: int,
+        recs: list[R.Record],
+        at: str,
+        due_fn: Callable[[], float],
+        key: str | None,
     ) -> None:
         # A sleep's place in the log is its ARM record: events are applied up to it,
         # never during the wait, so code after the sleep sees the same on replay.
+        if not recs and key is not None and self._replayed_past(seq):
+            self._superseded(seq, "sleep", key, at)  # compacted away: it was slept
+            return
         if recs:
             self._advance(self._calls[seq][0] + 1)
             if self._replayed_past(seq):
@@ -440,7 +504,8 @@ class Context:
         else:
             await self._sync()
             due = due_fn()
-            await self._write(self._rec(R.ARM, seq, "sleep", at, due=due), what="sleep()")
+            keyed = {} if key is None else {"key": key}
+            await self._write(self._rec(R.ARM, seq, "sleep", at, due=due, **keyed), what="sleep()")
         await self._wait(due, events=False, budget_end=self._budget())
 
     @_one_at_a_time
@@ -634,6 +699,37 @@ class Context:
             await self._save("compensate", comp, None, None, None, None)
         self._compensations.clear()
         raise StopRun(RunStatus.REVERTED)
+
+    @_one_at_a_time
+    async def compact(self) -> None:
+        """Keep only the last record of each ``key`` (see ``save(key=...)``), so the
+        log of a long-lived looping workflow stays bounded.
+
+        Records without a key stay. On replay, a keyed call whose record was
+        dropped returns the next kept value of its key, so state carried from one
+        iteration to the next must go through keyed calls. Writes no record of its
+        own and takes no sequence id; while replaying it does nothing."""
+        if self._seq <= self._max_seq:  # replaying: the log already goes further
+            return
+        records = self._session.records
+        last: dict[str, int] = {}
+        for rec in records:
+            if "key" in rec:
+                last[rec["key"]] = max(last.get(rec["key"], -1), rec["s"])
+        keep = [i for i, r in enumerate(records) if "key" not in r or r["s"] == last[r["key"]]]
+        if len(keep) == len(records):
+            return
+        moved = {old: new for new, old in enumerate(keep)}
+        kept = [
+            {**records[i], "ev": moved[records[i]["ev"]]} if "ev" in records[i] else records[i]
+            for i in keep
+        ]
+        await self._session.rewrite(kept)
+        cursor = bisect.bisect_left(keep, self._cursor)
+        self._calls, self._event_pos, self._by_name, self._keyed = {}, [], {}, {}
+        self._max_seq, self._indexed = -1, 0
+        self._index_new()
+        self._cursor = cursor
 
     @_one_at_a_time
     async def continue_using(

@@ -260,6 +260,24 @@ class RunSession:
         self.records.extend(recs)
         return pos
 
+    async def rewrite(self, recs: Sequence[R.Record]) -> None:
+        """Replace the whole log (compaction). Fenced like ``append``."""
+        if self.lost is not None:
+            raise self.lost
+        encoded = [self.journal.encode(r, "compacted record") for r in recs]
+        try:
+            await self.journal.backend.rewrite_log(
+                self.run_id,
+                token=self.token,
+                expected_len=len(self.records),
+                records=encoded,
+                now=self.journal.clock(),
+            )
+        except BackendError as exc:
+            self.lost = exc
+            raise
+        self.records = list(recs)
+
     async def pull(self) -> None:
         """Move pending inbox items into the log (their position is now fixed)."""
         self._dirty = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,8 @@ from substantial import (
     FilterError,
     RunCancelled,
     RunFailed,
-    RunReverted,
     RunHandle,
+    RunReverted,
     RunStatus,
     workflow,
 )

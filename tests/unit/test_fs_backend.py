@@ -99,6 +99,26 @@ async def test_crash_leftover_index_entries_are_repaired(fs: FSBackend, tmp_path
     assert orjson.loads(index.read_bytes()) == {"real": [T0 + 50, None, "wf", T0]}
 
 
+async def test_rewrite_log_commits_a_new_log_file(fs: FSBackend, tmp_path: Path) -> None:
+    await fs.create_run(_new("r1", first=b"0"))
+    token = await _claim(fs)
+    await fs.append("r1", token=token, expected_len=1, records=[b"1", b"2"], now=T0)
+    run = tmp_path / "root" / "runs" / "r1"
+    (run / "log.1").write_bytes(b"junk")  # a rewrite that died before its commit
+    snap = await fs.read("r1")
+    assert snap is not None and snap.log == [b"0", b"1", b"2"]
+    assert await fs.rewrite_log("r1", token=token, expected_len=3, records=[b"0", b"2"],
+                                now=T0) == 2
+    assert _names(run) == ["inbox", "lock", "log.1", "run.json"]  # the old log is gone
+    assert (run / "log.1").read_bytes() == b"\x00\x00\x00\x010\x00\x00\x00\x012"
+    assert orjson.loads((run / "run.json").read_bytes())["log_gen"] == 1
+    reopened = FSBackend(tmp_path / "root", fsync=False)
+    await reopened.open()
+    assert await reopened.append("r1", token=token, expected_len=2, records=[b"3"], now=T0) == 3
+    snap = await reopened.read("r1")
+    assert snap is not None and snap.log == [b"0", b"2", b"3"] and snap.run.log_len == 3
+
+
 async def test_terminal_runs_leave_the_index(fs: FSBackend, tmp_path: Path) -> None:
     await fs.create_run(_new("r1"))
     token = await _claim(fs)

@@ -201,3 +201,26 @@ async def test_a_claim_skips_a_run_whose_append_is_in_flight(pg: PostgresBackend
     snap = await pg.read("r1")  # the new holder sees the record that landed
     assert claim.token == token + 1
     assert snap is not None and snap.log == [b"0", b"1"] and snap.run.log_len == 2
+
+
+async def test_a_rewrite_waits_for_an_append_in_flight_and_sees_its_records(
+    pg: PostgresBackend,
+) -> None:
+    token = await _claimed(pg)
+    holder = await asyncpg.connect(POSTGRES_URL)
+    try:
+        async with holder.transaction():  # the append's statement, held open
+            sql = pg._sql(_APPEND_RECORDS)
+            assert await holder.execute(sql, "r1", token, 1, [b"1"]) == "INSERT 0 1"
+            rewrite = asyncio.create_task(
+                pg.rewrite_log("r1", token=token, expected_len=1, records=[b"c"], now=T0)
+            )
+            await asyncio.sleep(0.3)
+            assert not rewrite.done()  # the run row is share-locked by the append
+        with pytest.raises(LeaseLost, match="log length is 2, expected 1"):
+            await rewrite  # checked against the log as it is once the lock is taken
+    finally:
+        await holder.close()
+    assert await pg.rewrite_log("r1", token=token, expected_len=2, records=[b"c"], now=T0) == 1
+    snap = await pg.read("r1")
+    assert snap is not None and snap.log == [b"c"] and snap.run.log_len == 1

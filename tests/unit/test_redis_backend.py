@@ -175,6 +175,30 @@ async def test_lost_replies_are_not_applied_twice(rb: RedisBackend,
         await rb.append("r", token=1, expected_len=1, records=[b"b"], now=T0)
 
 
+async def test_a_rewrite_whose_reply_was_lost_returns_the_first_answer(
+    rb: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    real, calls = rb._scripts["rewrite"], list[Any]()
+
+    async def flaky(*, keys: Any, args: Any) -> Any:
+        reply = await real(keys=keys, args=args)
+        calls.append(args)
+        if len(calls) == 1:
+            raise RedisConnectionError("reply lost")
+        return reply
+
+    monkeypatch.setitem(rb._scripts, "rewrite", flaky)
+    assert await rb.create_run(_new("r", due=T0))
+    assert await _claim(rb) == ["r"]
+    assert await rb.append("r", token=1, expected_len=1, records=[b"a", b"b"], now=T0) == 3
+    assert await rb.rewrite_log("r", token=1, expected_len=3, records=[b"x"], now=T0) == 1
+    assert len(calls) == 2  # the retry landed on the stored nonce, not on the length check
+    snap = await rb.read("r")
+    assert snap is not None and snap.log == [b"x"] and snap.run.log_len == 1
+
+
 async def test_unreachable_server_never_leaks_the_password() -> None:
     b = RedisBackend("redis://alice:s3cr%40t@127.0.0.1:1/0?password=qs-secret", prefix="p")
     with pytest.raises(BackendUnavailable) as info:

@@ -4,8 +4,10 @@ Layout under ``root`` (``<name>`` is an id made safe for a path, see :func:`_nam
 
     format                     store format version, created once ("1")
     tmp/                       runs being created (renamed into runs/ when complete)
-    runs/<name>/run.json       the RunRecord as JSON, plus last_inbox_id and log_bytes
-    runs/<name>/log            the log: records framed as 4-byte big-endian length + bytes
+    runs/<name>/run.json       the RunRecord as JSON, plus last_inbox_id, log_bytes and,
+                               once the log was rewritten, log_gen
+    runs/<name>/log            the log: records framed as 4-byte big-endian length + bytes;
+    runs/<name>/log.<gen>      log_gen > 0 names this file instead (see rewrite_log below)
     runs/<name>/inbox/<id>     one file per delivered item, id as %08d
     runs/<name>/lock           flock(LOCK_EX) by every writer of the run
     queues/<name>/index.json   due index: run_id -> [due_at, lease_expires_at, workflow,
@@ -20,6 +22,11 @@ Why this is safe with several processes:
   never changes afterwards. Readers therefore take no lock: one ``run.json`` is a
   consistent snapshot, and bytes past ``log_bytes`` (a torn append) are ignored, then cut
   by the next append.
+* ``rewrite_log`` (compaction) never touches the committed log: it writes the new one
+  whole to ``log.<gen + 1>`` (unseen until committed), then commits ``run.json`` naming it,
+  then deletes the older log files. A crash leaves the old log or the new one (plus a file
+  nobody reads, deleted by the next rewrite); a reader whose log vanished under it after
+  it read ``run.json`` reads ``run.json`` again.
 * A run is created complete in ``tmp/`` and published with one ``os.rename`` of the
   directory, which fails when the target exists: the loser of a race returns False and
   nobody ever sees half a run.
@@ -100,6 +107,7 @@ class _State:
     rec: RunRecord
     last_inbox_id: int = 0
     log_bytes: int = 0
+    log_gen: int = 0  # rewrite_log count, which names the log file (see _log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +123,30 @@ def _dump(st: _State) -> bytes:
     doc = {k: getattr(st.rec, k) for k in _FIELDS}
     doc["last_inbox_id"] = st.last_inbox_id
     doc["log_bytes"] = st.log_bytes
+    if st.log_gen:  # absent until a rewrite, so older versions still read other runs
+        doc["log_gen"] = st.log_gen
     return orjson.dumps(doc)
 
 
 def _parse(raw: bytes) -> _State:
     doc = orjson.loads(raw)
-    last, nbytes = doc.pop("last_inbox_id"), doc.pop("log_bytes")
+    last, nbytes, gen = doc.pop("last_inbox_id"), doc.pop("log_bytes"), doc.pop("log_gen", 0)
     doc["status"] = RunStatus(doc["status"])
-    return _State(RunRecord(**doc), last, nbytes)
+    return _State(RunRecord(**doc), last, nbytes, gen)
+
+
+def _log(d: Path, st: _State) -> Path:
+    """The run's log file: ``log``, then ``log.<gen>`` after each rewrite_log."""
+    return d / (f"log.{st.log_gen}" if st.log_gen else "log")
+
+
+def _fence(run_id: str, rec: RunRecord, token: int, expected_len: int) -> None:
+    """The append fence: ``token`` and ``expected_len`` must both be current."""
+    if rec.lease_token != token:
+        raise LeaseLost(run_id)
+    if rec.log_len != expected_len:
+        msg = f"run {run_id!r}: log length is {rec.log_len}, expected {expected_len}"
+        raise LeaseLost(run_id, msg)
 
 
 def _entry(rec: RunRecord) -> Entry | None:
@@ -267,7 +291,9 @@ class FSBackend:
         self._write(qdir / "index.json", orjson.dumps(idx))
 
     def _read_log(self, run_id: str, d: Path, st: _State, log_from: int) -> list[bytes]:
-        with open(d / "log", "rb") as f:
+        if log_from < 0:
+            log_from = max(0, st.rec.log_len + log_from)
+        with open(_log(d, st), "rb") as f:
             buf = f.read(st.log_bytes)
         out: list[bytes] = []
         off = pos = 0
@@ -436,7 +462,15 @@ class FSBackend:
             st = self._load(d)
             if st is None:
                 return None
-            log = self._read_log(run_id, d, st, log_from)
+            while True:
+                try:
+                    log = self._read_log(run_id, d, st, log_from)
+                    break
+                except FileNotFoundError:  # a rewrite_log since we read run.json?
+                    newer = self._load(d)
+                    if newer is None or newer.log_gen == st.log_gen:
+                        raise
+                    st = newer
             inbox = [
                 InboxItem(id=i, data=(d / "inbox" / f"{i:08d}").read_bytes())
                 for i in range(st.rec.inbox_pos + 1, st.last_inbox_id + 1)
@@ -466,12 +500,8 @@ class FSBackend:
                 if t is None:
                     raise RunNotFound(run_id)
                 st, rec = t.st, t.st.rec
-                if rec.lease_token != token:
-                    raise LeaseLost(run_id)
-                if rec.log_len != expected_len:
-                    msg = f"run {run_id!r}: log length is {rec.log_len}, expected {expected_len}"
-                    raise LeaseLost(run_id, msg)
-                with open(t.dir / "log", "r+b") as f:
+                _fence(run_id, rec, token, expected_len)
+                with open(_log(t.dir, st), "r+b") as f:
                     if os.fstat(f.fileno()).st_size != st.log_bytes:
                         f.truncate(st.log_bytes)  # a torn append left bytes past the commit
                     f.seek(st.log_bytes)
@@ -494,6 +524,36 @@ class FSBackend:
         if released:
             self._hub.publish(run_id)
         return n
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        self._count("rewrite_log")
+        data = b"".join(_FRAME.pack(len(r)) + r for r in records)
+
+        def rewrite() -> int:
+            with self._txn(run_id, indexed=False) as t:  # lease and due time stay: no index
+                if t is None:
+                    raise RunNotFound(run_id)
+                _fence(run_id, t.st.rec, token, expected_len)
+                rec = replace(t.st.rec, log_len=len(records))
+                st = replace(t.st, rec=rec, log_bytes=len(data), log_gen=t.st.log_gen + 1)
+                new = _log(t.dir, st)
+                self._write_new(new, data)  # unseen until run.json names it
+                self._sync_dir(t.dir)
+                self._commit(t, st)
+                for old in t.dir.glob("log*"):  # the previous log, and any a crash left
+                    if old != new:
+                        old.unlink(missing_ok=True)
+                return rec.log_len
+
+        return await asyncio.to_thread(rewrite)
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
@@ -619,5 +679,5 @@ class FSBackend:
             log = self._read_log(run_id, t.dir, t.st, 0)
             log[position] = data
             raw = b"".join(_FRAME.pack(len(r)) + r for r in log)
-            self._write(t.dir / "log", raw)
+            self._write(_log(t.dir, t.st), raw)
             self._write(t.dir / "run.json", _dump(replace(t.st, log_bytes=len(raw))))

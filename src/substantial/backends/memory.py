@@ -121,12 +121,18 @@ class MemoryBackend:
         pending = [i for i in r.inbox if i.id > r.rec.inbox_pos]
         return Snapshot(run=r.rec, log=r.log[log_from:], inbox=pending)
 
-    def _owned(self, run_id: str, token: int) -> _Run:
+    def _owned(self, run_id: str, token: int, expected_len: int) -> _Run:
+        """The run, if ``token`` and ``expected_len`` are current (the append fence)."""
         r = self._runs.get(run_id)
         if r is None:
             raise RunNotFound(run_id)
         if r.rec.lease_token != token:
             raise LeaseLost(run_id)
+        if r.rec.log_len != expected_len:
+            raise LeaseLost(
+                run_id,
+                f"run {run_id!r}: log length is {r.rec.log_len}, expected {expected_len}",
+            )
         return r
 
     async def append(
@@ -140,12 +146,7 @@ class MemoryBackend:
         now: float,
     ) -> int:
         self._count("append")
-        r = self._owned(run_id, token)
-        if r.rec.log_len != expected_len:
-            raise LeaseLost(
-                run_id,
-                f"run {run_id!r}: log length is {r.rec.log_len}, expected {expected_len}",
-            )
+        r = self._owned(run_id, token, expected_len)
         r.log.extend(records)
         rec = replace(r.rec, log_len=len(r.log))
         if update is not None:
@@ -157,6 +158,21 @@ class MemoryBackend:
         if update is not None and (update.release or rec.status.is_terminal):
             self._hub.publish(run_id)
         return rec.log_len
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        self._count("rewrite_log")
+        r = self._owned(run_id, token, expected_len)
+        r.log = list(records)
+        r.rec = replace(r.rec, log_len=len(r.log))
+        return r.rec.log_len
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float

@@ -23,7 +23,10 @@ lock on the run row (see ``_APPEND_RECORDS``), so it costs about what a plain
 insert does. Appends that also change the run (suspend, end, events taken in)
 call the plpgsql function ``append_step``, which locks the run row, checks the
 lease token and log length, inserts, applies the update and the release rule and
-notifies, atomically.
+notifies, atomically. ``rewrite_log`` (compaction) calls the plpgsql function
+``rewrite_log``: it locks the run row (``FOR NO KEY UPDATE``, which waits for the
+appends' share lock), checks token and length, deletes the run's log and inserts
+the new records at positions 0..n-1, in one transaction (readers see either log).
 
 Connections: statements use a pool, but a connection is kept out of it between
 statements (asyncpg's release costs a third of a step); lease renewals use a
@@ -38,10 +41,11 @@ Wake-ups: changes that make a run claimable or end it ``NOTIFY`` the channel
 transactional ``create_run`` is sent only if the caller commits).
 
 Connection failures become BackendUnavailable, never showing the password.
-Reads, claims, renewals, cancels and appends are retried a few times. Retrying an
-append after a dropped connection is safe: if the first attempt landed, the log
-length moved on and the retry raises LeaseLost, which the journal treats like any
-lost lease (the step stops; the run is replayed from what the store holds).
+Reads, claims, renewals, cancels, appends and rewrites are retried a few times.
+Retrying an append or a rewrite after a dropped connection is safe: if the first
+attempt landed, the log length moved on and the retry raises LeaseLost, which the
+journal treats like any lost lease (the step stops; the run is replayed from what
+the store holds); a landed rewrite that kept the length is simply written again.
 """
 
 from __future__ import annotations
@@ -184,6 +188,28 @@ BEGIN
 END
 $fn$;
 """,
+    # 3: rewrite_log (compaction). Separate statements: each sees the log as it is once
+    # the run row is locked, and the INSERT reuses the positions the DELETE freed.
+    """
+CREATE FUNCTION {s}.rewrite_log(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint;
+BEGIN
+    SELECT lease_token INTO v_token FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    DELETE FROM {s}.log WHERE run_id = p_run_id;
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, t.o - 1, t.d FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := coalesce(cardinality(p_records), 0);
+    o_code := 0;
+END
+$fn$;
+""",
 )
 LATEST_VERSION = len(_MIGRATIONS)
 
@@ -230,6 +256,7 @@ _READ = """SELECT {c},
 FROM {s}.runs r WHERE r.run_id = $1"""
 _APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 17))
 _APPEND += ")"
+_REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"
 # The common case, records and no run update: one INSERT. The share lock on the run
 # row is the fence: it conflicts with every UPDATE of the row (a claim changing the
 # token waits for this append to commit, or this append sees the new token and
@@ -289,6 +316,19 @@ def _is_connection_error(exc: BaseException) -> bool:
         return True
     # InterfaceError is also misuse; only "connection is closed" / "pool is closing" count
     return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
+
+
+def _fenced(run_id: str, expected_len: int, row: Any) -> int:
+    """The new log length from ``append_step`` / ``rewrite_log``'s row, or their refusal."""
+    code, length = int(row["o_code"]), row["o_len"]
+    if code == 1:
+        raise RunNotFound(run_id)
+    if code == 2:
+        raise LeaseLost(run_id)
+    if code == 3:
+        raise LeaseLost(run_id, f"run {run_id!r}: log length is {length}, "
+                                f"expected {expected_len}")  # fmt: skip
+    return int(length)
 
 
 def _to_record(row: Any) -> RunRecord:
@@ -619,16 +659,22 @@ class PostgresBackend:
         args = (run_id, token, expected_len, list(records), update is not None, status,
                 u.has_result, result, u.error, u.ended_at, u.inbox_pos, u.release, u.due_at,
                 now, _TERMINAL, self._channel)  # fmt: skip
-        row = await self._q("fetchrow", _APPEND, *args)
-        code, length = int(row["o_code"]), row["o_len"]
-        if code == 1:
-            raise RunNotFound(run_id)
-        if code == 2:
-            raise LeaseLost(run_id)
-        if code == 3:
-            raise LeaseLost(run_id, f"run {run_id!r}: log length is {length}, "
-                                    f"expected {expected_len}")  # fmt: skip
-        return int(length)
+        return _fenced(run_id, expected_len, await self._q("fetchrow", _APPEND, *args))
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        self._count("rewrite_log")
+        # Retried: a landed first attempt makes the retry's length check fail (LeaseLost)
+        # unless the length did not change, when it writes the same records again.
+        args = (run_id, token, expected_len, list(records))
+        return _fenced(run_id, expected_len, await self._q("fetchrow", _REWRITE, *args))
 
     async def _refused(self, run_id: str, token: int, expected_len: int) -> None:
         """Raise the reason a records-only append matched no row (the rare path)."""
@@ -780,7 +826,7 @@ class PostgresBackend:
         await self._q("execute", _CORRUPT, run_id, position, data)
 
     async def drop_everything(self) -> None:
-        """Drop the whole schema, tables, function and all (tests use it to clean up)."""
+        """Drop the whole schema, tables, functions and all (tests use it to clean up)."""
         await self._q("execute", _DROP)
 
 

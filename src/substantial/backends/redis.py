@@ -6,7 +6,7 @@ one Cluster slot and a script may touch any of them)::
     {P}:run:<id>      hash    RunRecord fields (absent = None; floats as repr() text;
                               result as JSON) + last_inbox_id, dkey (its due index),
                               create_nonce, op_nonce/op_result (retry de-duplication)
-    {P}:log:<id>      list    log records (RPUSH, binary-safe)
+    {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
     {P}:due:<n>:<queue>:<workflow>   (n = byte length of queue: unambiguous name)
@@ -30,11 +30,11 @@ with ``tonumber`` (exact) but never formats a float (``tostring`` keeps 14 digit
 
 Connection errors and timeouts are retried a few times, then raised as
 :class:`BackendUnavailable`. A script whose reply was lost may have run, yet the
-retry is safe: create_run, append and release store a nonce with their effect (a
-replay returns the first answer), deliver keeps its nonce in a key for 5 minutes
-(no duplicate item), renew and request_cancel are idempotent. Only ``claim_due``
-is not de-duplicated: runs of a claim whose reply was lost stay leased until the
-lease expires, then are claimed again.
+retry is safe: create_run, append, rewrite_log and release store a nonce with
+their effect (a replay returns the first answer), deliver keeps its nonce in a key
+for 5 minutes (no duplicate item), renew and request_cancel are idempotent. Only
+``claim_due`` is not de-duplicated: runs of a claim whose reply was lost stay
+leased until the lease expires, then are claimed again.
 
 Scripts touch undeclared keys (the due index named in the hash; run keys in
 claim_due), all under the same hash tag: fine on Redis, and in the script's slot
@@ -201,6 +201,22 @@ end
 return {1, n}
 """
 
+# KEYS run, log; ARGV token, expected_len, nonce, records...
+_REWRITE = """
+local f = redis.call('HMGET', KEYS[1], 'lease_token', 'log_len', 'op_nonce', 'op_result')
+if not f[1] then return {-1} end
+if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
+if f[3] == ARGV[3] then return {1, tonumber(f[4])} end
+if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
+redis.call('DEL', KEYS[2])
+local n = 0
+for i = 4, #ARGV, 1000 do
+  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('HSET', KEYS[1], 'log_len', n, 'op_nonce', ARGV[3], 'op_result', n)
+return {1, n}
+"""
+
 # KEYS run; ARGV token, expiry
 _RENEW = """
 local out = {}
@@ -263,6 +279,7 @@ _SCRIPTS = dict(
     claim=_CLAIM,
     read=_READ,
     append=_APPEND,
+    rewrite=_REWRITE,
     renew=_RENEW,
     release=_RELEASE,
     deliver=_DELIVER,
@@ -547,8 +564,26 @@ class RedisBackend:
             _opt(u.due_at),
             *records,
         ]
+        return await self._fenced("append", "append", run_id, expected_len, args)
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        args = [token, expected_len, uuid.uuid4().hex, *records]
+        return await self._fenced("rewrite_log", "rewrite", run_id, expected_len, args)
+
+    async def _fenced(
+        self, op: str, script: str, run_id: str, expected_len: int, args: Sequence[Any]
+    ) -> int:
+        """Run a log-writing script (token and length fence); returns the new log length."""
         keys = [self._key("run", run_id), self._key("log", run_id)]
-        code, *rest = await self._script("append", "append", keys, args)
+        code, *rest = await self._script(op, script, keys, args)
         if code == -1:
             raise RunNotFound(run_id)
         if code == -2:

@@ -28,6 +28,8 @@ Why it is built this way:
   transaction. An append without an update is BEGIN, one fenced UPDATE
   (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
+  ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
+  run's log rows and the INSERT of the new ones, in one transaction.
 
 Changes made in this process are hinted through a :class:`LocalHub`; changes
 made by other processes are only seen by polling every ``poll_interval``.
@@ -103,6 +105,7 @@ _RELEASING = f"(:release OR {_NEW_ST} IN {_TERMINAL})"
 _FENCE = "WHERE run_id = :run_id AND lease_token = :token AND log_len = :expected"
 
 _APPEND = f"UPDATE runs SET log_len = log_len + :n {_FENCE}"
+_REWRITE = f"UPDATE runs SET log_len = :n {_FENCE}"
 _APPEND_UPDATE = f"""UPDATE runs SET
     log_len = log_len + :n,
     status = {_NEW_ST},
@@ -151,6 +154,16 @@ def _transact(
             conn.execute("ROLLBACK")
         raise
     return out
+
+
+def _fence_error(c: sqlite3.Connection, run_id: str, token: int, expected: int) -> Exception:
+    """Why an UPDATE with ``_FENCE`` matched no row."""
+    row = c.execute("SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return RunNotFound(run_id)
+    if row[0] != token:
+        return LeaseLost(run_id)
+    return LeaseLost(run_id, f"run {run_id!r}: log length is {row[1]}, expected {expected}")
 
 
 def _wrap(exc: sqlite3.Error) -> BackendError:
@@ -408,16 +421,7 @@ class SQLiteBackend:
 
         def tx(c: sqlite3.Connection) -> int:
             if c.execute(_APPEND if update is None else _APPEND_UPDATE, params).rowcount != 1:
-                row = c.execute(
-                    "SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)
-                ).fetchone()
-                if row is None:
-                    raise RunNotFound(run_id)
-                if row[0] != token:
-                    raise LeaseLost(run_id)
-                raise LeaseLost(
-                    run_id, f"run {run_id!r}: log length is {row[1]}, expected {expected_len}"
-                )
+                raise _fence_error(c, run_id, token, expected_len)
             if rows:
                 c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
             return expected_len + len(rows)
@@ -430,6 +434,28 @@ class SQLiteBackend:
         ):
             self._hub.publish(run_id)
         return new_len
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        self._count("rewrite_log")
+        params = {"run_id": run_id, "token": token, "expected": expected_len, "n": len(records)}
+        rows = [(run_id, pos, data) for pos, data in enumerate(records)]
+
+        def tx(c: sqlite3.Connection) -> int:
+            if c.execute(_REWRITE, params).rowcount != 1:
+                raise _fence_error(c, run_id, token, expected_len)
+            c.execute("DELETE FROM log WHERE run_id = ?", (run_id,))
+            c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
+            return len(rows)
+
+        return await self._write(tx)
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float

@@ -1,0 +1,155 @@
+"""compact(): only the last record of each key stays; replays still reach the same state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from substantial import Conductor, Context, RunFailed, RunStatus, workflow
+from substantial._journal import decode_record
+
+from .helpers import eventually, worker
+
+effects: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    effects.clear()
+
+
+def step(tag: str, value: Any) -> Any:
+    effects.append(tag)
+    return value
+
+
+async def log_of(conductor: Conductor, run_id: str) -> list[dict[str, Any]]:
+    snap = await conductor.backend.read(run_id)
+    assert snap is not None
+    return [decode_record(run_id, i, data) for i, data in enumerate(snap.log)]
+
+
+@workflow()
+async def summing(c: Context, n: int) -> int:
+    state = await c.save(lambda: step("init", {"i": 0, "total": 0}), key="state")
+    while state["i"] < n:
+        i = state["i"] + 1
+        state = await c.save(
+            lambda s=state, i=i: step(f"add {i}", {"i": i, "total": s["total"] + i}),
+            key="state",
+        )
+        await c.compact()
+    return int(state["total"])
+
+
+async def test_a_looping_workflow_keeps_a_bounded_log(conductor: Conductor) -> None:
+    conductor.register(summing)
+    async with worker(conductor):
+        h = await conductor.start(summing, {"n": 50})
+        assert await h.result(timeout=20) == 50 * 51 // 2
+    assert effects == ["init", *(f"add {i}" for i in range(1, 51))]
+    kinds = [r["k"] for r in await log_of(conductor, h.run_id)]
+    assert kinds == ["start", "call", "end"]  # the start, the last "state", the end
+
+
+@workflow()
+async def counting_then_waiting(c: Context, n: int) -> Any:
+    total = 0
+    for i in range(n):  # the loop index is not durable: replays recompute it
+        total = await c.save(lambda t=total, i=i: step(f"add {i}", t + i), key="total")
+        await c.compact()
+    now = await c.now()  # an unkeyed call: its record stays
+    got = await c.receive("go")
+    return {"total": total, "got": got, "now": now.isoformat()}
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_a_replay_over_a_compacted_log_reaches_the_same_state(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    conductor.register(counting_then_waiting)
+    async with worker(conductor, hot_wait=hot_wait):  # evicted: receive() suspends, then replays
+        h = await conductor.start(counting_then_waiting, {"n": 10})
+        await h.send("go", "yes")
+        out = await h.result(timeout=20)
+    assert out["total"] == sum(range(10)) and out["got"] == "yes"
+    assert effects == [f"add {i}" for i in range(10)]  # no step ran twice
+    records = await log_of(conductor, h.run_id)
+    assert [r.get("p") for r in records if r["k"] == "call"] == ["save", "now", "receive"]
+
+
+@workflow()
+async def keyed_and_unkeyed(c: Context) -> list[Any]:
+    out = []
+    for i in range(3):
+        out.append(await c.save(lambda i=i: step(f"plain {i}", i)))  # no key: stays
+        out.append(await c.save(lambda i=i: step(f"keyed {i}", i * 10), key="k"))
+        await c.compact()
+    out.append(await c.receive("go"))
+    return out
+
+
+async def test_records_without_a_key_are_kept(conductor: Conductor) -> None:
+    conductor.register(keyed_and_unkeyed)
+    async with worker(conductor, hot_wait=0):
+        h = await conductor.start(keyed_and_unkeyed)
+        await h.send("go", "done")
+        assert await h.result(timeout=20) == [0, 0, 1, 10, 2, 20, "done"]
+    assert effects == [f"{kind} {i}" for i in range(3) for kind in ("plain", "keyed")]
+    saves = [r for r in await log_of(conductor, h.run_id) if r.get("p") == "save"]
+    assert [r.get("key") for r in saves] == [None, None, None, "k"]
+
+
+@workflow()
+async def renamed_key(c: Context, key: str) -> Any:
+    for i in range(3):
+        await c.save(lambda i=i: i, key=key)
+        await c.compact()
+    return await c.receive("go")
+
+
+async def test_a_replay_whose_keys_changed_fails_clearly(conductor: Conductor) -> None:
+    conductor.register(renamed_key)
+    async with worker(conductor, hot_wait=0):  # receive() suspends: the next turn replays
+        h = await conductor.start(renamed_key, {"key": "a"})
+        await eventually(lambda: _is(h.status(), RunStatus.SUSPENDED))
+
+    async def changed(c: Context, key: str) -> Any:  # the code now uses another key
+        return await renamed_key.fn(c, "b")
+
+    redeployed = Conductor(conductor.backend)
+    redeployed.register(workflow(name="renamed_key")(changed))
+    async with worker(redeployed, hot_wait=0):
+        await h.send("go", 2)
+        with pytest.raises(RunFailed, match="save\\(key='b'\\)"):
+            await redeployed.handle(h.run_id).result(timeout=20)
+
+
+async def _is(status: Any, want: RunStatus) -> bool:
+    return bool(await status == want)
+
+
+@workflow()
+async def poller(c: Context, rounds: int) -> int:
+    state = await c.save(lambda: {"round": 0}, key="state")
+    while state["round"] < rounds:
+        state = await c.save(
+            lambda s=state: step(f"poll {s['round']}", {"round": s["round"] + 1}), key="state"
+        )
+        await c.compact()
+        await c.sleep(0.01, key="pause")  # evicted: every pause suspends, then replays
+    return int(state["round"])
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_a_sleeping_loop_with_keyed_calls_stays_bounded(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    conductor.register(poller)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(poller, {"rounds": 12})
+        assert await h.result(timeout=30) == 12
+    assert effects == [f"poll {i}" for i in range(12)]
+    records = await log_of(conductor, h.run_id)
+    assert len(records) <= 5, records  # start, last "state", last "pause" (+ the one before), end
