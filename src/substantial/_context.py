@@ -16,6 +16,9 @@ Determinism rules (read these before writing a workflow):
 * If replay meets a different call than the log recorded at a step, the run
   stops FAILED with a :class:`~substantial.errors.NonDeterminismError` naming
   both calls and where they were made; it is never silently continued.
+* ``compact()`` keeps only the last record of each ``key``: a loop it compacts
+  must carry its state through keyed calls (on replay a dropped keyed call
+  returns the next kept value of its key) and key every call it makes.
 """
 
 from __future__ import annotations
