@@ -267,6 +267,10 @@ _APPEND_RECORDS = """INSERT INTO {s}.log (run_id, pos, data)
 SELECT $1, $3::bigint + t.o - 1, t.d FROM unnest($4::bytea[]) WITH ORDINALITY AS t(d, o)
  WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
    AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
+# The same for the usual single record, without the array (about 10% cheaper).
+_APPEND_ONE = """INSERT INTO {s}.log (run_id, pos, data) SELECT $1, $3::bigint, $4::bytea
+ WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
+   AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
 _FENCE = "SELECT r.lease_token, {n} AS log_len FROM {s}.runs r WHERE r.run_id = $1"
 _RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
   FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
@@ -640,11 +644,13 @@ class PostgresBackend:
     ) -> int:
         self._count("append")
         if update is None and records:
-            sql, rows = self._sql(_APPEND_RECORDS), list(records)
+            one = len(records) == 1
+            sql = self._sql(_APPEND_ONE if one else _APPEND_RECORDS)
+            data = records[0] if one else list(records)
 
             async def insert(conn: Any) -> bool:
                 try:
-                    status: str = await conn.execute(sql, run_id, token, expected_len, rows)
+                    status: str = await conn.execute(sql, run_id, token, expected_len, data)
                     return status != "INSERT 0 0"
                 except asyncpg.UniqueViolationError:
                     return False  # a record is already at that position: the log moved on
@@ -652,7 +658,7 @@ class PostgresBackend:
             # Retried: if a first attempt landed, the retry hits the primary key.
             if not await self._call(insert, retry=True):
                 await self._refused(run_id, token, expected_len)
-            return expected_len + len(rows)
+            return expected_len + len(records)
         u = update or RunUpdate()
         result = orjson.dumps(u.result).decode() if u.has_result else None
         status = None if u.status is None else u.status.value
