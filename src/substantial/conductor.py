@@ -51,6 +51,7 @@ class RunHandle:
     def __init__(self, conductor: Conductor, run_id: str) -> None:
         self._conductor = conductor
         self.run_id = run_id
+        self._tail = run_id  # where send() starts following the continue_using chain
 
     def __repr__(self) -> str:
         return f"RunHandle({self.run_id!r})"
@@ -62,12 +63,13 @@ class RunHandle:
     async def send(self, name: str, value: Any = None) -> None:
         """Deliver an event; once this returns the event is never lost."""
         journal = await self._journal()
-        run_id = (await self._latest()).run_id
+        run_id = self._tail  # the last run of the chain seen so far: one round trip
         while True:
             try:
                 await journal.deliver(run_id, name, value)
+                self._tail = run_id
                 return
-            except RunFinished:  # it may have just continued: follow and deliver there
+            except RunFinished:  # it may have continued: follow and deliver there
                 successor = _continued_to(await journal.get(run_id))
                 if successor is None:
                     raise
