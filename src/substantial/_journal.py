@@ -169,8 +169,10 @@ class Journal:
     async def get_or_none(self, run_id: str) -> RunRecord | None:
         return await self.backend.get_run(run_id)
 
-    async def list_runs(self, workflow: str | None) -> list[RunRecord]:
-        return await self.backend.list_runs(workflow=workflow)
+    async def list_runs(
+        self, workflow: str | None, statuses: Collection[RunStatus] | None = None
+    ) -> list[RunRecord]:
+        return await self.backend.list_runs(workflow=workflow, statuses=statuses)
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         snap = await self.backend.read(run_id)

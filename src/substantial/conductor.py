@@ -23,7 +23,7 @@ from .errors import (
     RunFinished,
     RunReverted,
 )
-from .filters import compile_filter
+from .filters import compile_filter, required_statuses
 from .worker import Worker, WorkerOptions, install_sigterm
 from .workflow import Workflow, workflow_name
 
@@ -326,7 +326,10 @@ class Conductor:
         pred = compile_filter(filter)
         await self._ensure_open()
         name = None if workflow_name is None else globals()["workflow_name"](workflow_name)
-        runs = await self.journal.list_runs(name)
+        statuses = required_statuses(filter)  # pushed down; the predicate still decides
+        if statuses is not None and not statuses:
+            return []
+        runs = await self.journal.list_runs(name, statuses)
         return [s for s in map(summarize, runs) if pred(s)]
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:

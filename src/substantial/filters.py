@@ -83,6 +83,29 @@ def compile_filter(expr: Mapping[str, Any] | None) -> Predicate:
     return _compile_expr(expr, "")
 
 
+def required_statuses(expr: Mapping[str, Any] | None) -> frozenset[RunStatus] | None:
+    """The statuses every run matching ``expr`` must have, or None if unconstrained.
+
+    Read from ``status`` terms with ``eq`` or a list ``in``, at the top level or
+    under ``and``, so a store can filter by status before the full predicate
+    runs. ``expr`` must already be valid (see :func:`compile_filter`)."""
+    if not isinstance(expr, Mapping) or len(expr) != 1:
+        return None
+    [(key, value)] = expr.items()
+    if key == "and" and isinstance(value, list | tuple):
+        found = [r for r in map(required_statuses, value) if r is not None]
+        return frozenset.intersection(*found) if found else None
+    if key != "status" or not isinstance(value, Mapping) or len(value) != 1:
+        return None
+    [(op, v)] = value.items()
+    wanted = [v] if op == "eq" else v if op == "in" and isinstance(v, list | tuple) else None
+    if wanted is None:
+        return None
+    known = {st.value: st for st in RunStatus}
+    names = [w.value if isinstance(w, RunStatus) else w for w in wanted]
+    return frozenset(known[n] for n in names if isinstance(n, str) and n in known)
+
+
 def matches(expr: Mapping[str, Any] | None, run: RunSummary) -> bool:
     """Whether ``run`` satisfies ``expr`` (compiles it each call)."""
     return compile_filter(expr)(run)

@@ -9,7 +9,7 @@ import pytest
 
 from substantial._types import RunStatus, RunSummary
 from substantial.errors import FilterError
-from substantial.filters import compile_filter, matches, parse_filter_json
+from substantial.filters import compile_filter, matches, parse_filter_json, required_statuses
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -388,3 +388,41 @@ def test_parse_filter_json_validates_the_expression() -> None:
     with pytest.raises(FilterError) as info:
         parse_filter_json('{"not": {"status": {"lt": 1, "gt": 2}}}')
     assert info.value.path == "not.status"
+
+
+# -- what a store can filter by itself --------------------------------------------
+
+S = RunStatus
+
+
+@pytest.mark.parametrize(
+    ("expr", "statuses"),
+    [
+        (None, None),
+        ({"eq": 1}, None),
+        ({"status": {"eq": "FAILED"}}, {S.FAILED}),
+        ({"status": {"eq": S.CANCELLED}}, {S.CANCELLED}),
+        ({"status": {"in": ["COMPLETED", "FAILED", "nope"]}}, {S.COMPLETED, S.FAILED}),
+        ({"status": {"in": "COMPLETED"}}, None),  # substring test: not a set of statuses
+        ({"status": {"eq": "completed"}}, set()),  # statuses are upper case: nothing matches
+        ({"status": {"contains": "ED"}}, None),
+        ({"not": {"status": {"eq": "FAILED"}}}, None),
+        ({"or": [{"status": {"eq": "FAILED"}}, {"eq": 1}]}, None),
+        (
+            {"and": [{"status": {"in": ["COMPLETED", "FAILED"]}}, {"status": {"eq": "FAILED"}}]},
+            {S.FAILED},
+        ),
+        ({"and": [{"gt": 2}, {"status": {"eq": "COMPLETED"}}]}, {S.COMPLETED}),
+        ({"and": []}, None),
+    ],
+)
+def test_required_statuses_are_read_from_status_terms(
+    expr: dict[str, Any] | None, statuses: set[RunStatus] | None
+) -> None:
+    got = required_statuses(expr)
+    assert (None if got is None else set(got)) == statuses
+    if got is not None:  # never stricter than the predicate itself
+        pred = compile_filter(expr)
+        for st in RunStatus:
+            if pred(run(5, status=st)):
+                assert st in got
