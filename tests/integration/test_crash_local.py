@@ -97,3 +97,26 @@ async def test_two_workers_one_killed_and_replaced(
     problems = [p for rid in ids for p in await check_log_once(store.backend, rid, n)]
     assert problems == []
     assert b.alive()
+
+
+async def test_killed_worker_mid_compacted_loop_is_finished_by_a_new_one(
+    store: Store, workers: Workers, effects: Path
+) -> None:
+    n = 30
+    [first] = await workers.start(lease=LEASE)
+    handle = await store.conductor.start("compacting", {"n": n, "sleep": 0.03}, run_id="cmp")
+
+    def progress() -> int:
+        return sum(1 for e in read_effects(effects) if e.run_id == "cmp")
+
+    await wait_for(lambda: progress() >= 8, timeout=30, what="8 rounds done")
+    first.kill()
+    assert progress() < n, "the run finished before the kill: nothing was tested"
+
+    await workers.start(lease=LEASE)
+    assert await handle.result(timeout=60) == n
+    assert_exactly_once(
+        effects, expected={"cmp": n}, killed=workers.killed_pids, context=workers.logs()
+    )
+    snap = await store.backend.read("cmp")
+    assert snap is not None and len(snap.log) <= 5  # start, last state, last pause(s), end

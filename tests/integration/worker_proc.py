@@ -80,7 +80,25 @@ async def long_step(c: Context, seconds: float) -> str:
     return "done"
 
 
-WORKFLOWS = (steps, long_step)
+@workflow()
+async def compacting(c: Context, n: int, sleep: float = 0.0) -> int:
+    """A loop carrying its state through keyed calls and compacting every round."""
+    run_id = c.run_id
+
+    def step(i: int) -> dict[str, int]:
+        effect(run_id, i)
+        return {"i": i + 1}
+
+    state = await c.save(lambda: {"i": 0}, key="state")
+    while state["i"] < n:
+        state = await c.save(functools.partial(step, state["i"]), key="state")
+        await c.compact()
+        if sleep:
+            await c.sleep(sleep, key="pause")
+    return int(state["i"])
+
+
+WORKFLOWS = (steps, long_step, compacting)
 
 
 async def serve(args: argparse.Namespace) -> None:
