@@ -102,6 +102,11 @@ async def test_two_workers_one_killed_and_replaced(
 async def test_killed_worker_mid_compacted_loop_is_finished_by_a_new_one(
     store: Store, workers: Workers, effects: Path
 ) -> None:
+    await compacted_loop_survives_a_kill(store, workers, effects)
+
+
+async def compacted_loop_survives_a_kill(store: Store, workers: Workers, effects: Path) -> None:
+    """Shared with the Redis and PostgreSQL suite (test_many_workers)."""
     n = 30
     [first] = await workers.start(lease=LEASE)
     handle = await store.conductor.start("compacting", {"n": n, "sleep": 0.03}, run_id="cmp")

@@ -35,6 +35,7 @@ from .procs import (
     wait_for,
 )
 from .servers import PostgresServer, RedisServer, make_root
+from .test_crash_local import compacted_loop_survives_a_kill
 
 SERVERS = ["redis", "postgres"]
 LOAD_RUNS = int(os.environ.get("SUBSTANTIAL_LOAD_RUNS") or 1000)
@@ -264,3 +265,10 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
         if server is not None:
             await asyncio.to_thread(server.stop)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@on_servers
+async def test_killed_worker_mid_compacted_loop_is_finished_by_a_new_one(
+    store: Store, workers: Workers, effects: Path
+) -> None:
+    await compacted_loop_survives_a_kill(store, workers, effects)
