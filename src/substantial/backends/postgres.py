@@ -271,7 +271,9 @@ SELECT $1, $3::bigint + t.o - 1, t.d FROM unnest($4::bytea[]) WITH ORDINALITY AS
 _APPEND_ONE = """INSERT INTO {s}.log (run_id, pos, data) SELECT $1, $3::bigint, $4::bytea
  WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
    AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
-_FENCE = "SELECT r.lease_token, {n} AS log_len FROM {s}.runs r WHERE r.run_id = $1"
+# Why a records-only append wrote nothing, in append_step's codes (see _fenced).
+_FENCE = """SELECT CASE WHEN r.lease_token <> $2 THEN 2 ELSE 3 END AS o_code, {n} AS o_len
+  FROM {s}.runs r WHERE r.run_id = $1"""
 _RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
   FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
  WHERE r.run_id = h.run_id AND r.lease_token = h.token AND r.lease_owner IS NOT NULL
@@ -684,13 +686,9 @@ class PostgresBackend:
 
     async def _refused(self, run_id: str, token: int, expected_len: int) -> None:
         """Raise the reason a records-only append matched no row (the rare path)."""
-        row = await self._q("fetchrow", _FENCE, run_id)
-        if row is None:
-            raise RunNotFound(run_id)
-        if row["lease_token"] != token:
-            raise LeaseLost(run_id)
-        raise LeaseLost(run_id, f"run {run_id!r}: log length is {row['log_len']}, "
-                                f"expected {expected_len}")  # fmt: skip
+        row = await self._q("fetchrow", _FENCE, run_id, token)
+        _fenced(run_id, expected_len, row or {"o_code": 1, "o_len": None})
+        raise LeaseLost(run_id)  # not reached: the row says why (code 2 or 3)
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
