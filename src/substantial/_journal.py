@@ -67,6 +67,8 @@ def summarize(run: RunRecord) -> RunSummary:
         result=run.result,
         error=run.error,
         queue=run.queue,
+        error_type=run.error_type,
+        parent_id=run.parent_id,
     )
 
 

@@ -55,6 +55,8 @@ class RunSummary:
     result: Any = None
     error: str | None = None
     queue: str = "default"
+    error_type: str | None = None  # the exception type of a failed run
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

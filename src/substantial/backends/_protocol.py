@@ -60,6 +60,7 @@ class RunRecord:
     due_at: float | None = None
     result: Any = None  # JSON value of a completed run
     error: str | None = None  # message of a failed run
+    error_type: str | None = None  # exception type name of a failed run
     log_len: int = 0
     inbox_pos: int = 0  # id of the last inbox item moved into the log
     lease_token: int = 0
@@ -109,6 +110,7 @@ class RunUpdate:
     status: RunStatus | None = None
     result: Any = _UNSET
     error: str | None = None
+    error_type: str | None = None  # set with ``error`` when a run fails
     ended_at: float | None = None
     inbox_pos: int | None = None
     release: bool = False  # drop the lease (then due_at applies)
@@ -218,8 +220,15 @@ class Backend(Protocol):
     def subscribe(self) -> AsyncIterator[str]:
         """Hints that something changed: yields run ids ("" = unspecified).
 
-        Hints are best-effort (a missed hint costs at most one poll interval);
-        stores without a notification channel return an iterator that never yields.
+        The first item is always ``""``, yielded once the subscription is
+        established: every change made after that point is hinted to this
+        subscriber. A subscriber therefore takes its first look at the store
+        (a claim, a read) only after that first item, so no change can fall
+        in a window between its look and its subscription. After a dropped
+        connection is re-established, ``""`` is yielded again (hints may have
+        been lost meanwhile). A store with no notification channel across
+        processes yields ``""`` and then hints only for changes made through
+        this process; its ``poll_interval`` covers the rest.
         """
         ...
 
