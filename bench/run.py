@@ -33,8 +33,11 @@ from substantial import Conductor, Context, RunStatus, workflow
 REPORTS = Path(__file__).resolve().parent / "reports"
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 URLS = {  # {tmp}: a fresh temp dir (absolute, hence sqlite:////...); {tag}: a fresh name
-    "memory": "memory://", "sqlite": "sqlite:///{tmp}/bench.db", "fs": "file://{tmp}/fs",
-    "redis": "redis://127.0.0.1:6379/0?prefix={tag}", "postgres": PG_DSN + "?schema={tag}",
+    "memory": "memory://",
+    "sqlite": "sqlite:///{tmp}/bench.db",
+    "fs": "file://{tmp}/fs",
+    "redis": "redis://127.0.0.1:6379/0?prefix={tag}",
+    "postgres": PG_DSN + "?schema={tag}",
 }
 Once = Callable[[Conductor, int], Awaitable[float]]  # one timed repetition, in seconds
 PAYLOAD = b'{"k":"call","s":1,"p":"save","at":"run.py:42","v":1}'  # a typical step record
@@ -130,8 +133,11 @@ async def fanout(cond: Conductor, cfg: Config) -> dict[str, float]:
     handles = await asyncio.gather(*(cond.start(steps, {"n": n}) for _ in range(cfg.runs)))
     expect(await asyncio.gather(*(h.result() for h in handles)), [n] * cfg.runs)
     total = time.perf_counter() - t0
-    return {"fan_s": total, "fan_wf_per_s": cfg.runs / total,
-            "fan_steps_per_s": cfg.runs * n / total}
+    return {
+        "fan_s": total,
+        "fan_wf_per_s": cfg.runs / total,
+        "fan_steps_per_s": cfg.runs * n / total,
+    }
 
 
 async def start_once(cond: Conductor, i: int) -> float:
@@ -165,8 +171,10 @@ async def raw_sqlite(path: str, n: int) -> AsyncIterator[Raw]:
     """Samples: median ms of ``n`` BEGIN IMMEDIATE; INSERT; COMMIT in WAL mode,
     synchronous=NORMAL (the store's settings), in a file of its own."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
-                       "CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    conn.executescript(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB NOT NULL)"
+    )
 
     def commits() -> float:
         samples = []
@@ -231,8 +239,9 @@ async def bench_store(store: str, cfg: Config) -> dict[str, Any]:
     async def with_worker(url: str, raw: Raw | None) -> None:
         async with Conductor(url) as cond:
             cond.register(steps, sync_steps, wait_go)
-            worker = cond.run(concurrency=cfg.concurrency, hot_wait=cfg.hot_wait,
-                              handle_sigterm=False)
+            worker = cond.run(
+                concurrency=cfg.concurrency, hot_wait=cfg.hot_wait, handle_sigterm=False
+            )
             try:
                 await guarded("seq", sequential(cond, cfg, raw))
                 await guarded("fan", fanout(cond, cfg))
@@ -299,8 +308,9 @@ def header(cfg: Config) -> list[str]:
 def text_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     grid = [header(cfg), *(cells(r, cfg) for r in rows)]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-             for line in grid]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in grid
+    ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -313,10 +323,15 @@ def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "sqlite": sqlite3.sqlite_version, "substantial": version("substantial")}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+        "substantial": version("substantial"),
+    }
 
 
 def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool) -> None:
@@ -340,14 +355,19 @@ async def main() -> None:
     ap.add_argument("--stores", default=",".join(URLS), help="comma-separated store names")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--concurrency", type=int, default=64, help="worker concurrency")
-    ap.add_argument("--hot-wait", type=float, default=5.0,
-                    help="worker hot_wait in seconds (0: waits always suspend)")
+    ap.add_argument(
+        "--hot-wait",
+        type=float,
+        default=5.0,
+        help="worker hot_wait in seconds (0: waits always suspend)",
+    )
     args = ap.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     if unknown := [s for s in stores if s not in URLS]:
         ap.error(f"unknown store(s) {unknown}; choose from {','.join(URLS)}")
-    cfg = Config(concurrency=args.concurrency, hot_wait=args.hot_wait,
-                 **(QUICK if args.quick else {}))
+    cfg = Config(
+        concurrency=args.concurrency, hot_wait=args.hot_wait, **(QUICK if args.quick else {})
+    )
     rows = [await bench_store(store, cfg) for store in stores]
     print("\n".join([text_table(rows, cfg), *errors_text(rows)]))
     write_reports(rows, cfg, args.quick)

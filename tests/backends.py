@@ -18,7 +18,9 @@ import pytest
 from substantial.backends import Backend
 
 REDIS_URL = os.environ.get("SUBSTANTIAL_TEST_REDIS", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("SUBSTANTIAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "SUBSTANTIAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 LOCAL = ["memory", "sqlite", "fs"]
 SERVERS = ["redis", "postgres"]

@@ -9,8 +9,17 @@ from substantial import errors
 def test_public_names_are_pinned_and_sorted() -> None:
     assert substantial.__all__ == sorted(substantial.__all__)
     assert set(substantial.__all__) >= {
-        "Conductor", "Context", "Retry", "RunHandle", "RunStatus", "RunSummary",
-        "LogRecord", "SubstantialError", "RunFailed", "RunCancelled", "RunReverted",
+        "Conductor",
+        "Context",
+        "Retry",
+        "RunHandle",
+        "RunStatus",
+        "RunSummary",
+        "LogRecord",
+        "SubstantialError",
+        "RunFailed",
+        "RunCancelled",
+        "RunReverted",
         "workflow",
     }
     for name in substantial.__all__:
@@ -27,7 +36,13 @@ def test_every_error_derives_from_substantial_error() -> None:
 
 def test_run_status_is_a_str_enum_with_the_contract_values() -> None:
     assert [s.value for s in substantial.RunStatus] == [
-        "PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "FAILED", "CANCELLED", "REVERTED",
+        "PENDING",
+        "RUNNING",
+        "SUSPENDED",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "REVERTED",
         "CONTINUED",
     ]
     assert substantial.RunStatus.COMPLETED == "COMPLETED"

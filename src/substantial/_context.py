@@ -762,9 +762,7 @@ class Context:
             parent_id=self._session.run.parent_id,
             origin=self._session.start.get("origin", self.run_id),
         )
-        raise StopRun(
-            RunStatus.CONTINUED, {"continued_to": final["v"]}, self._unobserved_events()
-        )
+        raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]}, self._unobserved_events())
 
     def _unobserved_events(self) -> list[bytes]:
         """Events in the log the workflow never saw: not received, no handler for

@@ -336,7 +336,10 @@ async def wait_all_terminal(
 
 
 async def wait_for(
-    check: Callable[[], Any | Awaitable[Any]], *, timeout: float, every: float = 0.02,
+    check: Callable[[], Any | Awaitable[Any]],
+    *,
+    timeout: float,
+    every: float = 0.02,
     what: str = "condition",
 ) -> Any:
     deadline = time.monotonic() + timeout

@@ -58,8 +58,9 @@ class RedisServer:
             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
             "--daemonize", "no", "--logfile", str(self.log),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while not self._ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -126,8 +127,14 @@ class PostgresServer:
         cmd = list(args)
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                              cwd=self.root, check=False)
+        done = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({done.returncode}):\n"
@@ -142,14 +149,37 @@ class PostgresServer:
             return ""
 
     def init(self) -> None:
-        self._run(f"{self.bin}/initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                  "--no-sync", "-E", "UTF8")
+        self._run(
+            f"{self.bin}/initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c max_connections=200")
-        self._run(f"{self.bin}/pg_ctl", "-D", str(self.data), "-l", str(self.logfile),
-                  "-o", opts, "-w", "-t", "60", "start")
+        opts = (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c max_connections=200"
+        )
+        self._run(
+            f"{self.bin}/pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         deadline = time.monotonic() + 30
         while not _port_open(self.port):
             if time.monotonic() > deadline:
@@ -162,8 +192,16 @@ class PostgresServer:
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
-            self._run(f"{self.bin}/pg_ctl", "-D", str(self.data), "-m", "immediate", "-w",
-                      "stop", timeout=30)
+            self._run(
+                f"{self.bin}/pg_ctl",
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+                timeout=30,
+            )
 
 
 def make_root() -> Path:

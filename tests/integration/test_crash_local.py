@@ -54,7 +54,7 @@ async def test_killed_worker_mid_workflow_is_finished_by_a_new_one(
         effects, expected={"crash-20": n}, killed=workers.killed_pids, context=workers.logs()
     )
     after = read_effects(effects)
-    assert {e.pid for e in after[len(before):]} == {second.pid}, "the new worker finished it"
+    assert {e.pid for e in after[len(before) :]} == {second.pid}, "the new worker finished it"
     assert len(after) - n <= 1, report.excused  # at most the step the kill interrupted
     print(f"re-executed after the kill: {report.excused or 'nothing'}")
     assert await check_log_once(store.backend, "crash-20", n) == []
@@ -69,9 +69,7 @@ async def test_two_workers_one_killed_and_replaced(
     a, b = await workers.start(2, lease=lease)
     ids = [f"r{i:03}" for i in range(runs)]
     c = store.conductor
-    await asyncio.gather(
-        *(c.start("steps", {"n": n, "sleep": 0.05}, run_id=rid) for rid in ids)
-    )
+    await asyncio.gather(*(c.start("steps", {"n": n, "sleep": 0.05}, run_id=rid) for rid in ids))
 
     def progress() -> int:
         return len(read_effects(effects))
@@ -87,11 +85,16 @@ async def test_two_workers_one_killed_and_replaced(
     await workers.start(1, lease=lease)
 
     done = await wait_all_terminal(store.backend, ids, timeout=90, on_timeout=workers.logs)
-    bad = {rid: (r.status, r.result, r.error) for rid, r in done.items()
-           if r.status != RunStatus.COMPLETED or r.result != list(range(n))}
+    bad = {
+        rid: (r.status, r.result, r.error)
+        for rid, r in done.items()
+        if r.status != RunStatus.COMPLETED or r.result != list(range(n))
+    }
     assert not bad, bad
     assert_exactly_once(
-        effects, expected=dict.fromkeys(ids, n), killed=workers.killed_pids,
+        effects,
+        expected=dict.fromkeys(ids, n),
+        killed=workers.killed_pids,
         context=workers.logs(),
     )
     problems = [p for rid in ids for p in await check_log_once(store.backend, rid, n)]

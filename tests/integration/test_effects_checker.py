@@ -17,8 +17,7 @@ def test_each_step_once_is_fine() -> None:
 
 
 def test_missing_and_unexpected_steps_and_runs() -> None:
-    report = check_effects(effs(("r", 0, LIVE), ("r", 5, LIVE), ("x", 0, LIVE)),
-                           expected={"r": 2})
+    report = check_effects(effs(("r", 0, LIVE), ("r", 5, LIVE), ("x", 0, LIVE)), expected={"r": 2})
     text = "\n".join(report.violations)
     assert "steps [1] never ran" in text
     assert "unexpected steps [5]" in text

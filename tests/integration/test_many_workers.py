@@ -114,8 +114,11 @@ async def test_killed_worker_runs_resume_within_lease(
     ws = await workers.start(3, lease=lease)
     ids = [f"k{i:02}" for i in range(runs)]
     await start_all(store.conductor, ids, {"n": n, "sleep": 0.1})
-    await wait_for(lambda: len(read_effects(effects)) >= runs * n // 4, timeout=60,
-                   what="a quarter of the steps")
+    await wait_for(
+        lambda: len(read_effects(effects)) >= runs * n // 4,
+        timeout=60,
+        what="a quarter of the steps",
+    )
 
     # kill the worker that holds the most unfinished runs
     held = Counter(
@@ -144,12 +147,15 @@ async def test_killed_worker_runs_resume_within_lease(
         ended = done[rid].ended_at
         resumed[rid] = (min(times) if times else ended) - killed_at
     worst = max(resumed.values())
-    print(f"\n{store.kind}: {len(orphans)} orphaned runs resumed after "
-          f"{min(resumed.values()):.2f}..{worst:.2f}s (lease {lease}s)")
+    print(
+        f"\n{store.kind}: {len(orphans)} orphaned runs resumed after "
+        f"{min(resumed.values()):.2f}..{worst:.2f}s (lease {lease}s)"
+    )
     assert worst <= lease + 1.5, resumed
 
-    assert_exactly_once(effects, expected=dict.fromkeys(ids, n), killed=workers.killed_pids,
-                        context=workers.logs())
+    assert_exactly_once(
+        effects, expected=dict.fromkeys(ids, n), killed=workers.killed_pids, context=workers.logs()
+    )
     assert await log_problems(store.conductor, ids, n) == []
 
 
@@ -163,8 +169,9 @@ async def test_stopped_worker_is_fenced_when_it_wakes_up(
     handle = await store.conductor.start("steps", {"n": n, "hold": 1.0}, run_id=rid)
 
     def ran(step: int, pid: int) -> bool:
-        return any(e.run_id == rid and e.step == step and e.pid == pid
-                   for e in read_effects(effects))
+        return any(
+            e.run_id == rid and e.step == step and e.pid == pid for e in read_effects(effects)
+        )
 
     await wait_for(lambda: ran(1, stale.pid), timeout=20, what="step 1 started")
     stale.stop()  # frozen inside step 1's function, past its lease from now on
@@ -174,12 +181,14 @@ async def test_stopped_worker_is_fenced_when_it_wakes_up(
     stale.cont()  # step 1 finishes in the stale worker; its append must be rejected
 
     assert await handle.result(timeout=30) == list(range(n))
-    await wait_for(lambda: "abandon" in stale.stderr(), timeout=10,
-                   what="the stale worker abandoning the run")
+    await wait_for(
+        lambda: "abandon" in stale.stderr(), timeout=10, what="the stale worker abandoning the run"
+    )
     assert stale.alive(), stale.stderr()
 
-    report = assert_exactly_once(effects, expected={rid: n}, stopped=workers.stopped_pids,
-                                 context=workers.logs())
+    report = assert_exactly_once(
+        effects, expected={rid: n}, stopped=workers.stopped_pids, context=workers.logs()
+    )
     assert len(report.excused) == 1, report.excused
     step1 = [e.pid for e in read_effects(effects) if e.run_id == rid and e.step == 1]
     assert step1 == [stale.pid, fresh.pid]
@@ -220,8 +229,11 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
             unavailable(f"a {kind} server of the test's own", exc)
         assert server is not None
         tag = uuid.uuid4().hex[:12]
-        url = f"{server.url}?prefix=subtest-{tag}" if kind == "redis" else \
-            f"{server.url}?schema=subtest_{tag}"
+        url = (
+            f"{server.url}?prefix=subtest-{tag}"
+            if kind == "redis"
+            else f"{server.url}?schema=subtest_{tag}"
+        )
         conductor = Conductor(url)
         await conductor.__aenter__()
         workers = Workers(tmp_path, url, effects)
@@ -229,8 +241,11 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
         await workers.start(3, lease=lease)
         ids = [f"s{i:02}" for i in range(runs)]
         await start_all(conductor, ids, {"n": n, "sleep": 0.05})
-        await wait_for(lambda: len(read_effects(effects)) >= runs * n // 4, timeout=60,
-                       what="a quarter of the steps")
+        await wait_for(
+            lambda: len(read_effects(effects)) >= runs * n // 4,
+            timeout=60,
+            what="a quarter of the steps",
+        )
 
         down_at = time.time()
         await asyncio.to_thread(server.kill)
@@ -239,8 +254,7 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
         await asyncio.to_thread(server.start)
         up_at = time.time()
 
-        done = await wait_all_terminal(conductor.backend, ids, timeout=90,
-                                       on_timeout=workers.logs)
+        done = await wait_all_terminal(conductor.backend, ids, timeout=90, on_timeout=workers.logs)
         assert completed_with(done, list(range(n))) == {}
         assert before < runs * n, "everything finished before the restart: nothing was tested"
         assert await log_problems(conductor, ids, n) == []
@@ -250,12 +264,15 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
         # was under way), during it, or soon after (its worker's lease ran out meanwhile
         # and another took the run over). Any other re-execution is a violation.
         window = (down_at - 1.0, up_at + 2 * lease + 1)
-        report = check_effects(read_effects(effects), expected=dict.fromkeys(ids, n),
-                               outage=window)
-        print(f"\n{kind}: down {up_at - down_at:.2f}s; re-executed around the outage: "
-              f"{len(report.excused)}")
-        shown = f"excused window {window[0]:.3f}..{window[1]:.3f}; down at {down_at:.3f}, " \
+        report = check_effects(read_effects(effects), expected=dict.fromkeys(ids, n), outage=window)
+        print(
+            f"\n{kind}: down {up_at - down_at:.2f}s; re-executed around the outage: "
+            f"{len(report.excused)}"
+        )
+        shown = (
+            f"excused window {window[0]:.3f}..{window[1]:.3f}; down at {down_at:.3f}, "
             f"up at {up_at:.3f}"
+        )
         assert report, "\n".join([*report.violations, shown, workers.logs()])
     finally:
         if workers is not None:

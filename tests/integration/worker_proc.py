@@ -104,9 +104,7 @@ WORKFLOWS = (steps, long_step, compacting)
 async def serve(args: argparse.Namespace) -> None:
     async with Conductor(args.url) as conductor:
         conductor.register(*WORKFLOWS)
-        task = conductor.run(
-            lease=args.lease, concurrency=args.concurrency, hot_wait=args.hot_wait
-        )
+        task = conductor.run(lease=args.lease, concurrency=args.concurrency, hot_wait=args.hot_wait)
         print("ready", flush=True)
         await task
 

@@ -17,8 +17,9 @@ T0 = 1_700_000_000.0
 
 
 def _new(run_id: str, *, first: bytes = b"{}", due: float | None = T0) -> NewRun:
-    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=first,
-                  created_at=T0, due_at=due)
+    return NewRun(
+        run_id=run_id, workflow="wf", queue="default", first_record=first, created_at=T0, due_at=due
+    )
 
 
 def _names(d: Path) -> list[str]:
@@ -36,8 +37,9 @@ async def fs(tmp_path: Path) -> AsyncIterator[FSBackend]:
 
 
 async def _claim(b: FSBackend, now: float = T0, lease: float = 10.0) -> int:
-    claims = await b.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                               lease_seconds=lease, now=now)
+    claims = await b.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=lease, now=now
+    )
     assert len(claims) == 1
     return claims[0].token
 
@@ -94,8 +96,12 @@ async def test_crash_leftover_index_entries_are_repaired(fs: FSBackend, tmp_path
     idx["ghost"] = [T0 - 1, None, "wf", T0]  # create_run died before publishing the run
     idx["real"] = [T0 - 1, None, "wf", T0]  # an op died after lowering the entry
     index.write_bytes(orjson.dumps(idx))
-    assert await fs.claim_due(queue="default", workflows=["wf"], limit=5, owner="w",
-                              lease_seconds=5, now=T0) == []
+    assert (
+        await fs.claim_due(
+            queue="default", workflows=["wf"], limit=5, owner="w", lease_seconds=5, now=T0
+        )
+        == []
+    )
     assert orjson.loads(index.read_bytes()) == {"real": [T0 + 50, None, "wf", T0]}
 
 
@@ -107,8 +113,9 @@ async def test_rewrite_log_commits_a_new_log_file(fs: FSBackend, tmp_path: Path)
     (run / "log.1").write_bytes(b"junk")  # a rewrite that died before its commit
     snap = await fs.read("r1")
     assert snap is not None and snap.log == [b"0", b"1", b"2"]
-    assert await fs.rewrite_log("r1", token=token, expected_len=3, records=[b"0", b"2"],
-                                now=T0) == 2
+    assert (
+        await fs.rewrite_log("r1", token=token, expected_len=3, records=[b"0", b"2"], now=T0) == 2
+    )
     assert _names(run) == ["inbox", "lock", "log.1", "run.json"]  # the old log is gone
     assert (run / "log.1").read_bytes() == b"\x00\x00\x00\x010\x00\x00\x00\x012"
     assert orjson.loads((run / "run.json").read_bytes())["log_gen"] == 1
@@ -122,9 +129,14 @@ async def test_rewrite_log_commits_a_new_log_file(fs: FSBackend, tmp_path: Path)
 async def test_terminal_runs_leave_the_index(fs: FSBackend, tmp_path: Path) -> None:
     await fs.create_run(_new("r1"))
     token = await _claim(fs)
-    await fs.append("r1", token=token, expected_len=1, records=[b"end"],
-                    update=RunUpdate(status=RunStatus.COMPLETED, result=None, ended_at=T0),
-                    now=T0)
+    await fs.append(
+        "r1",
+        token=token,
+        expected_len=1,
+        records=[b"end"],
+        update=RunUpdate(status=RunStatus.COMPLETED, result=None, ended_at=T0),
+        now=T0,
+    )
     index = tmp_path / "root" / "queues" / "default" / "index.json"
     assert orjson.loads(index.read_bytes()) == {}
     run = await fs.get_run("r1")
@@ -143,8 +155,9 @@ async def test_plain_append_touches_only_the_run(fs: FSBackend, tmp_path: Path) 
     token = await _claim(fs)
     index = tmp_path / "root" / "queues" / "default" / "index.json"
     before = index.stat().st_mtime_ns
-    await fs.append("r1", token=token, expected_len=1, records=[b"s"],
-                    update=RunUpdate(inbox_pos=0), now=T0)
+    await fs.append(
+        "r1", token=token, expected_len=1, records=[b"s"], update=RunUpdate(inbox_pos=0), now=T0
+    )
     assert index.stat().st_mtime_ns == before
 
 

@@ -18,8 +18,9 @@ IDS = 20
 
 
 def _new(run_id: str, first: bytes = b"{}", due: float | None = T0) -> NewRun:
-    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=first,
-                  created_at=T0, due_at=due)
+    return NewRun(
+        run_id=run_id, workflow="wf", queue="default", first_record=first, created_at=T0, due_at=due
+    )
 
 
 async def _claim_all(root: str, owner: str, barrier: Any) -> list[str]:
@@ -30,8 +31,12 @@ async def _claim_all(root: str, owner: str, barrier: Any) -> list[str]:
         got: list[str] = []
         while True:
             claims = await backend.claim_due(
-                queue="default", workflows=["wf"], limit=5, owner=owner,
-                lease_seconds=3600, now=T0,
+                queue="default",
+                workflows=["wf"],
+                limit=5,
+                owner=owner,
+                lease_seconds=3600,
+                now=T0,
             )
             if not claims:
                 return got
@@ -92,7 +97,8 @@ async def test_processes_creating_one_id_create_it_once(tmp_path: Path) -> None:
         assert snap is not None and snap.log == [b"%d" % winner]
     assert len(await backend.list_runs()) == IDS
     assert list((tmp_path / "shared" / "tmp").iterdir()) == []  # losers cleaned up
-    claims = await backend.claim_due(queue="default", workflows=["wf"], limit=100,
-                                     owner="w", lease_seconds=60, now=T0)
+    claims = await backend.claim_due(
+        queue="default", workflows=["wf"], limit=100, owner="w", lease_seconds=60, now=T0
+    )
     assert len(claims) == IDS
     await backend.close()

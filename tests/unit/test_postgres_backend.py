@@ -21,14 +21,14 @@ T0 = 1_700_000_000.0
 
 
 def _new(run_id: str, due: float | None = T0) -> NewRun:
-    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=b"0",
-                  created_at=T0, due_at=due)
+    return NewRun(
+        run_id=run_id, workflow="wf", queue="default", first_record=b"0", created_at=T0, due_at=due
+    )
 
 
 @pytest.fixture
 async def pg() -> AsyncIterator[PostgresBackend]:
-    b = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}",
-                        poll_interval=0.5)
+    b = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}", poll_interval=0.5)
     try:
         await b.open()
     except Exception as exc:
@@ -88,8 +88,9 @@ async def test_pool_survives_killed_connections(pg: PostgresBackend) -> None:
 async def test_a_repeated_append_is_lease_lost(pg: PostgresBackend) -> None:
     """What a retry after a dropped connection meets if the first attempt landed."""
     await pg.create_run(_new("r1"))
-    [claim] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                                 lease_seconds=30, now=T0)
+    [claim] = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=30, now=T0
+    )
     assert await pg.append("r1", token=claim.token, expected_len=1, records=[b"a"], now=T0) == 2
     with pytest.raises(LeaseLost, match="log length is 2, expected 1"):
         await pg.append("r1", token=claim.token, expected_len=1, records=[b"a"], now=T0)
@@ -99,26 +100,36 @@ async def test_a_repeated_append_is_lease_lost(pg: PostgresBackend) -> None:
 
 async def test_results_round_trip_and_stay_unset_unless_given(pg: PostgresBackend) -> None:
     await pg.create_run(_new("r1"))
-    [c] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                             lease_seconds=30, now=T0)
-    await pg.append("r1", token=c.token, expected_len=1, records=[],
-                    update=RunUpdate(inbox_pos=0), now=T0)
+    [c] = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=30, now=T0
+    )
+    await pg.append(
+        "r1", token=c.token, expected_len=1, records=[], update=RunUpdate(inbox_pos=0), now=T0
+    )
     run = await pg.get_run("r1")
     assert run is not None and run.result is None and run.lease_owner == "w"
     value = {"nul": "a\x00b", "uni": "é😀", "n": [1, 2.5, None, True], "big": 2**62}
-    await pg.append("r1", token=c.token, expected_len=1, records=[b"end"], now=T0,
-                    update=RunUpdate(status=RunStatus.COMPLETED, result=value, ended_at=T0))
+    await pg.append(
+        "r1",
+        token=c.token,
+        expected_len=1,
+        records=[b"end"],
+        now=T0,
+        update=RunUpdate(status=RunStatus.COMPLETED, result=value, ended_at=T0),
+    )
     run = await pg.get_run("r1")
     assert run is not None and run.result == value and run.due_at is None
 
 
 async def test_release_with_pending_cancel_makes_due_now(pg: PostgresBackend) -> None:
     await pg.create_run(_new("r1"))
-    [c] = await pg.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                             lease_seconds=30, now=T0)
+    [c] = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=30, now=T0
+    )
     await pg.request_cancel("r1", now=T0 + 1)
-    assert await pg.release("r1", token=c.token, due_at=T0 + 100, status=RunStatus.SUSPENDED,
-                            now=T0 + 2)
+    assert await pg.release(
+        "r1", token=c.token, due_at=T0 + 100, status=RunStatus.SUSPENDED, now=T0 + 2
+    )
     run = await pg.get_run("r1")
     assert run is not None and run.due_at == T0 + 2 and run.lease_owner is None
 

@@ -20,8 +20,9 @@ T0 = 1_700_000_000.0
 
 
 def _new(run_id: str) -> NewRun:
-    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=b"0",
-                  created_at=T0, due_at=T0)
+    return NewRun(
+        run_id=run_id, workflow="wf", queue="default", first_record=b"0", created_at=T0, due_at=T0
+    )
 
 
 @pytest.fixture

@@ -23,10 +23,17 @@ from tests.backends import REDIS_URL, unavailable
 T0 = 1_700_000_000.0
 
 
-def _new(run_id: str, *, wf: str = "wf", due: float | None = T0, created: float = T0,
-         queue: str = "default") -> NewRun:
-    return NewRun(run_id=run_id, workflow=wf, queue=queue, first_record=b"{}",
-                  created_at=created, due_at=due)
+def _new(
+    run_id: str,
+    *,
+    wf: str = "wf",
+    due: float | None = T0,
+    created: float = T0,
+    queue: str = "default",
+) -> NewRun:
+    return NewRun(
+        run_id=run_id, workflow=wf, queue=queue, first_record=b"{}", created_at=created, due_at=due
+    )
 
 
 @pytest.fixture
@@ -48,10 +55,17 @@ async def _keys(b: RedisBackend, kind: str = "") -> list[str]:
     return [k.decode() async for k in b._require().scan_iter(match=pattern)]
 
 
-async def _claim(b: RedisBackend, *, now: float = T0, wfs: tuple[str, ...] = ("wf",),
-                 limit: int = 1, lease: float = 10.0) -> list[str]:
-    cs = await b.claim_due(queue="default", workflows=wfs, limit=limit, owner="w",
-                           lease_seconds=lease, now=now)
+async def _claim(
+    b: RedisBackend,
+    *,
+    now: float = T0,
+    wfs: tuple[str, ...] = ("wf",),
+    limit: int = 1,
+    lease: float = 10.0,
+) -> list[str]:
+    cs = await b.claim_due(
+        queue="default", workflows=wfs, limit=limit, owner="w", lease_seconds=lease, now=now
+    )
     return [c.run_id for c in cs]
 
 
@@ -97,8 +111,14 @@ async def test_terminal_update_without_release_clears_lease_and_index(rb: RedisB
     await rb.create_run(_new("r"))
     await _claim(rb)
     await rb.request_cancel("r", now=T0)
-    await rb.append("r", token=1, expected_len=1, records=[],
-                    update=RunUpdate(status=RunStatus.CANCELLED, ended_at=T0), now=T0)
+    await rb.append(
+        "r",
+        token=1,
+        expected_len=1,
+        records=[],
+        update=RunUpdate(status=RunStatus.CANCELLED, ended_at=T0),
+        now=T0,
+    )
     run = await rb.get_run("r")
     assert run is not None and run.status == RunStatus.CANCELLED
     assert run.due_at is None and run.lease_owner is None and run.result is None
@@ -119,8 +139,14 @@ async def test_release_with_cancel_pending_is_due_now(rb: RedisBackend) -> None:
 async def test_result_none_and_unset_and_json(rb: RedisBackend) -> None:
     await rb.create_run(_new("r"))
     await _claim(rb)
-    n = await rb.append("r", token=1, expected_len=1, records=[b"a"],
-                        update=RunUpdate(result={"é": [1, 2.5, None, "x"]}), now=T0)
+    n = await rb.append(
+        "r",
+        token=1,
+        expected_len=1,
+        records=[b"a"],
+        update=RunUpdate(result={"é": [1, 2.5, None, "x"]}),
+        now=T0,
+    )
     run = await rb.get_run("r")
     assert n == 2 and run is not None and run.result == {"é": [1, 2.5, None, "x"]}
     assert run.status == RunStatus.RUNNING and run.lease_owner == "w"  # no release
@@ -128,8 +154,9 @@ async def test_result_none_and_unset_and_json(rb: RedisBackend) -> None:
 
 async def test_list_runs_pages_orders_and_filters(rb: RedisBackend) -> None:
     for i in range(450):
-        await rb.create_run(_new(f"r{i:03d}", wf="wf" if i % 2 else "other",
-                                 created=T0 + (i // 10)))
+        await rb.create_run(
+            _new(f"r{i:03d}", wf="wf" if i % 2 else "other", created=T0 + (i // 10))
+        )
     runs = await rb.list_runs()
     assert [r.run_id for r in runs] == [f"r{i:03d}" for i in range(450)]
     some = await rb.list_runs(workflow="wf", statuses=[RunStatus.PENDING], limit=210)
@@ -147,8 +174,9 @@ async def test_keys_share_one_hash_tag_and_drop_removes_them(rb: RedisBackend) -
     assert await _keys(rb) == []
 
 
-async def test_lost_replies_are_not_applied_twice(rb: RedisBackend,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lost_replies_are_not_applied_twice(
+    rb: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The script ran but the reply was lost: the retry must return the first answer."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -241,9 +269,21 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(port: int, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         yield proc

@@ -16,8 +16,9 @@ T0 = 1_700_000_000.0
 
 
 def _new(run_id: str, due: float | None = T0) -> NewRun:
-    return NewRun(run_id=run_id, workflow="wf", queue="default", first_record=b"0",
-                  created_at=T0, due_at=due)
+    return NewRun(
+        run_id=run_id, workflow="wf", queue="default", first_record=b"0", created_at=T0, due_at=due
+    )
 
 
 async def test_open_creates_parent_dir_wal_and_is_idempotent(tmp_path: Path) -> None:
@@ -47,8 +48,9 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     await b.close()
     conn = sqlite3.connect(path)
     with conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                     (SCHEMA_VERSION + 1,))
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,)
+        )
     conn.close()
     with pytest.raises(SchemaVersionError):
         await SQLiteBackend(path).open()
@@ -59,15 +61,21 @@ async def test_two_instances_share_one_file(tmp_path: Path) -> None:
     await a.open()
     await b.open()
     await a.create_run(_new("r1"))
-    claims = await b.claim_due(queue="default", workflows=["wf"], limit=5, owner="b",
-                               lease_seconds=10, now=T0)
+    claims = await b.claim_due(
+        queue="default", workflows=["wf"], limit=5, owner="b", lease_seconds=10, now=T0
+    )
     assert [c.run_id for c in claims] == ["r1"]
-    assert await a.claim_due(queue="default", workflows=["wf"], limit=5, owner="a",
-                             lease_seconds=10, now=T0) == []
+    assert (
+        await a.claim_due(
+            queue="default", workflows=["wf"], limit=5, owner="a", lease_seconds=10, now=T0
+        )
+        == []
+    )
     await a.deliver("r1", b"ev", now=T0 + 1)
     update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=T0 + 100)
-    await b.append("r1", token=claims[0].token, expected_len=1, records=[b"1"], update=update,
-                   now=T0 + 2)
+    await b.append(
+        "r1", token=claims[0].token, expected_len=1, records=[b"1"], update=update, now=T0 + 2
+    )
     run = await a.get_run("r1")
     assert run is not None and run.due_at == T0 + 2 and run.lease_owner is None
     await a.close()
@@ -78,12 +86,20 @@ async def test_result_round_trip_and_unset_result_is_kept(tmp_path: Path) -> Non
     b = SQLiteBackend(tmp_path / "s.db")
     await b.open()
     await b.create_run(_new("r1"))
-    [c] = await b.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                            lease_seconds=10, now=T0)
-    await b.append("r1", token=c.token, expected_len=1, records=[b"1"],
-                   update=RunUpdate(result={"a": [1, "x", None, 1.5]}), now=T0)
-    await b.append("r1", token=c.token, expected_len=2, records=[b"2"],
-                   update=RunUpdate(inbox_pos=0), now=T0)
+    [c] = await b.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=10, now=T0
+    )
+    await b.append(
+        "r1",
+        token=c.token,
+        expected_len=1,
+        records=[b"1"],
+        update=RunUpdate(result={"a": [1, "x", None, 1.5]}),
+        now=T0,
+    )
+    await b.append(
+        "r1", token=c.token, expected_len=2, records=[b"2"], update=RunUpdate(inbox_pos=0), now=T0
+    )
     run = await b.get_run("r1")
     assert run is not None and run.result == {"a": [1, "x", None, 1.5]}
     assert run.lease_owner == "w" and run.status == RunStatus.RUNNING

@@ -24,8 +24,12 @@ async def _claim_all(path: str, owner: str, barrier: Any) -> list[str]:
         got: list[str] = []
         while True:
             claims = await backend.claim_due(
-                queue="default", workflows=["wf"], limit=5, owner=owner,
-                lease_seconds=3600, now=T0,
+                queue="default",
+                workflows=["wf"],
+                limit=5,
+                owner=owner,
+                lease_seconds=3600,
+                now=T0,
             )
             if not claims:
                 return got
@@ -43,10 +47,16 @@ async def test_processes_claim_each_run_exactly_once(tmp_path: Path) -> None:
     backend = SQLiteBackend(path)
     await backend.open()
     for i in range(RUNS):
-        await backend.create_run(NewRun(
-            run_id=f"r{i:03}", workflow="wf", queue="default", first_record=b"{}",
-            created_at=T0, due_at=T0 - i % 7,
-        ))
+        await backend.create_run(
+            NewRun(
+                run_id=f"r{i:03}",
+                workflow="wf",
+                queue="default",
+                first_record=b"{}",
+                created_at=T0,
+                due_at=T0 - i % 7,
+            )
+        )
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(PROCS)
