@@ -13,15 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
-from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate
+from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate, default_url
 from .codec import dumps
 from .errors import (
     BackendError,
@@ -57,6 +58,18 @@ def to_datetime(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t, UTC)
 
 
+def store_label(backend: Backend | str | None) -> str:
+    """How logs name a store: its URL without credentials or query, or its type."""
+    if backend is not None and not isinstance(backend, str):
+        return type(backend).__name__
+    parts = urlsplit(backend or default_url())
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{parts.path}"
+
+
 def summarize(run: RunRecord) -> RunSummary:
     return RunSummary(
         run_id=run.run_id,
@@ -81,10 +94,30 @@ class Journal:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
         clock: Clock = time.time,
+        label: str | None = None,
     ) -> None:
         self.backend = backend
+        self.label = label or type(backend).__name__
         self.max_payload = max_payload_bytes
         self.clock = clock
+
+    # -- the store's lifecycle and hints (nothing else touches the backend) --------
+
+    async def open(self) -> None:
+        """Connect and set up the store (idempotent)."""
+        await self.backend.open()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    def hints(self) -> AsyncIterator[str]:
+        """The store's change hints; the first, ``""``, once the subscription is live."""
+        return self.backend.subscribe()
+
+    @property
+    def poll_interval(self) -> float | None:
+        """How often to look for changes other processes made (None: never needed)."""
+        return self.backend.poll_interval
 
     def encode(self, rec: R.Record, what: str) -> bytes:
         return dumps(rec, what=what, limit=self.max_payload)

@@ -7,15 +7,18 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
-from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, summarize
+from ._hints import HintRelay
+from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
+from ._supervision import Backoff, Outage
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
 from .backends import Backend, RunRecord, open_backend
 from .errors import (
+    BackendUnavailable,
     ClientError,
     ConfigurationError,
     RunCancelled,
@@ -26,6 +29,9 @@ from .errors import (
 from .filters import compile_filter, required_statuses
 from .worker import Worker, WorkerOptions, install_sigterm
 from .workflow import Workflow, workflow_name
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,11 @@ def _lease_default() -> float:
     return value
 
 
-class RunHandle:
-    """A reference to one run (it need not exist in this process)."""
+class RunHandle(Generic[R]):
+    """A reference to one run (it need not exist in this process).
+
+    Typed by the workflow's return annotation: ``await handle.result()`` of a
+    handle from ``start(wf)`` has the type ``wf`` returns."""
 
     def __init__(self, conductor: Conductor, run_id: str) -> None:
         self._conductor = conductor
@@ -100,11 +109,12 @@ class RunHandle:
                 return out
             run_id = successor
 
-    async def result(self, timeout: Seconds | None = None) -> Any:
+    async def result(self, timeout: Seconds | None = None) -> R:
         """Wait for the run to end and return its value, following continue_using.
 
         Raises RunFailed (message = the run's error), RunCancelled, RunReverted,
-        or TimeoutError after ``timeout``.
+        or TimeoutError after ``timeout``. A store outage shorter than ``timeout``
+        is ridden out: the wait retries until the store answers again.
         """
         limit = None if timeout is None else to_seconds(timeout)
         async with asyncio.timeout(limit):
@@ -113,7 +123,8 @@ class RunHandle:
                 run = await self._conductor._wait_terminal(run_id)
                 successor = _continued_to(run)
                 if successor is None:
-                    return _outcome(run)
+                    value: R = _outcome(run)
+                    return value
                 run_id = successor
 
     async def _journal(self) -> Journal:
@@ -140,7 +151,7 @@ def _outcome(run: RunRecord) -> Any:
     if run.status == RunStatus.COMPLETED:
         return run.result
     if run.status == RunStatus.FAILED:
-        raise RunFailed(run.error or "the run failed", run_id=run.run_id)
+        raise RunFailed(run.error or "the run failed", run_id=run.run_id, error_type=run.error_type)
     if run.status == RunStatus.CANCELLED:
         raise RunCancelled(f"run {run.run_id!r} was cancelled", run_id=run.run_id)
     if run.status == RunStatus.REVERTED:
@@ -166,16 +177,17 @@ class Conductor:
         self.backend: Backend = (
             open_backend(backend) if backend is None or isinstance(backend, str) else backend
         )
-        self.journal = (
-            Journal(self.backend, max_payload_bytes=max_payload_bytes)
-            if clock is None
-            else Journal(self.backend, max_payload_bytes=max_payload_bytes, clock=clock)
+        self.journal = Journal(
+            self.backend,
+            max_payload_bytes=max_payload_bytes,
+            label=store_label(backend),
+            **({} if clock is None else {"clock": clock}),
         )
         self.workflows: dict[str, Workflow[Any]] = {}
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
-        self._notifier: asyncio.Task[None] | None = None
-        self._workers: list[Worker] = []
+        self._hints = HintRelay(self.journal)
+        self._hints.add(self._wake_waiters)
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
@@ -199,30 +211,33 @@ class Conductor:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:
             if not self._opened:
-                await self.backend.open()
-                self._notifier = asyncio.create_task(self._listen(), name="substantial-hints")
+                await self.journal.open()
+                self._hints.start()
                 self._opened = True
 
     async def close(self) -> None:
-        if self._notifier is not None:
-            self._notifier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._notifier
-            self._notifier = None
+        await self._hints.stop()
         if self._opened:
             if self._owns_backend:
-                await self.backend.close()
+                await self.journal.close()
             self._opened = False
 
-    async def _listen(self) -> None:
-        stream: AsyncIterator[str] = self.backend.subscribe()
-        async for run_id in stream:
-            for w in self._workers:
-                w.hint(run_id)
-            targets = self._waiters.values() if not run_id else [self._waiters.get(run_id, set())]
-            for events in targets:
-                for ev in events:
-                    ev.set()
+    def _wake_waiters(self, run_id: str) -> None:
+        targets = self._waiters.values() if not run_id else [self._waiters.get(run_id, set())]
+        for events in targets:
+            for ev in events:
+                ev.set()
+
+    async def _patiently(self, op: Callable[[], Awaitable[T]]) -> T:
+        """``op()``, retried with backoff while the store is unreachable (the
+        caller's own timeout bounds the wait)."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await op()
+            except BackendUnavailable as exc:
+                log.debug("store unreachable while waiting (%s); retrying", exc)
+                await backoff.sleep()
 
     # -- registration and workers ---------------------------------------------------
 
@@ -270,23 +285,67 @@ class Conductor:
 
     async def _serve(self, worker: Worker) -> None:
         try:
-            await self._ensure_open()
-            self._workers.append(worker)
+            await self._open_for(worker)
+            self._hints.add(worker.hint)
             try:
-                await worker.run()
+                await worker.run(hints_ready=self._hints.ready)
             finally:
-                self._workers.remove(worker)
+                self._hints.remove(worker.hint)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # a cancelled worker ends normally: awaiting it is quiet
 
-    async def run_until_idle(self, **options: Any) -> None:
+    async def _open_for(self, worker: Worker) -> None:
+        """Open the store for a worker, waiting out an outage at start-up as a
+        worker does mid-run: backoff, one log line when it starts, one when over."""
+        outage = Outage(f"store {self.journal.label}")
+        backoff = Backoff()
+        while True:
+            try:
+                await self._ensure_open()
+            except BackendUnavailable as exc:
+                outage.failed(exc)
+                await backoff.sleep()
+                continue
+            outage.ok()
+            return
+
+    async def run_until_idle(
+        self,
+        *,
+        queues: tuple[str, ...] | list[str] = ("default",),
+        concurrency: int = 64,
+        lease: timedelta | float | None = None,
+        hot_wait: timedelta | float = 5.0,
+    ) -> None:
         """Run a worker until no run is due (timers in the future are left alone)."""
-        await self.run(burst=True, **options)
+        await self.run(
+            queues=queues, concurrency=concurrency, lease=lease, hot_wait=hot_wait, burst=True
+        )
 
     # -- client ---------------------------------------------------------------------
 
+    @overload
+    async def start(
+        self,
+        wf: Workflow[R],
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        queue: str = "default",
+        connection: Any = None,
+    ) -> RunHandle[R]: ...
+    @overload
+    async def start(
+        self,
+        wf: str,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        queue: str = "default",
+        connection: Any = None,
+    ) -> RunHandle[Any]: ...
     async def start(
         self,
         wf: Workflow[Any] | str,
@@ -295,7 +354,7 @@ class Conductor:
         run_id: str | None = None,
         queue: str = "default",
         connection: Any = None,
-    ) -> RunHandle:
+    ) -> RunHandle[Any]:
         """Start a run (idempotent on ``run_id``: the first start wins).
 
         ``connection`` (PostgreSQL): an open asyncpg connection whose transaction
@@ -316,7 +375,7 @@ class Conductor:
         )
         return RunHandle(self, rid)
 
-    def handle(self, run_id: str) -> RunHandle:
+    def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)
 
     async def search(
@@ -333,14 +392,17 @@ class Conductor:
         return [s for s in map(summarize, runs) if pred(s)]
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
-        await self._ensure_open()
+        """The run's record once it ended. Subscribed before each look (no lost
+        wake-up); a store outage is waited out (the caller's timeout decides)."""
+        await self._patiently(self._ensure_open)
         ev = asyncio.Event()
         self._waiters.setdefault(run_id, set()).add(ev)
-        poll = self.backend.poll_interval
+        poll = self.journal.poll_interval
         try:
+            await self._hints.ready()
             while True:
                 ev.clear()
-                run = await self.journal.get(run_id)
+                run = await self._patiently(lambda: self.journal.get(run_id))
                 if run.status.is_terminal:
                     return run
                 with contextlib.suppress(TimeoutError):

@@ -17,14 +17,15 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._journal import Journal, RunSession
 from ._runner import drive
+from ._supervision import Backoff, Outage, supervise
 from .backends import Claim
-from .errors import BackendError, LeaseLost
+from .errors import BackendError, BackendUnavailable, LeaseLost
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Worker:
         self._kick = asyncio.Event()
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
+        self._outage = Outage(f"store {journal.label}", log)
 
     # -- hints ------------------------------------------------------------------
 
@@ -71,11 +73,21 @@ class Worker:
 
     # -- main loop -----------------------------------------------------------------
 
-    async def run(self) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(), name="substantial-heartbeat")
+    async def run(self, *, hints_ready: Callable[[], Awaitable[None]]) -> None:
+        """Serve until cancelled (or, in burst mode, until nothing is due).
+
+        ``hints_ready`` returns once the store's hint subscription is live; the
+        first claim waits for it, so a run made due at any moment is either seen
+        by that claim or hinted after it (guarantee 7)."""
+        await hints_ready()
+        heartbeat = asyncio.create_task(
+            supervise("heartbeat", self._heartbeat), name="substantial-heartbeat"
+        )
+        self._log_start()
         try:
             await self._loop()
         finally:
+            log.info("worker %s stopping: handing back %d runs", self.owner, len(self._active))
             heartbeat.cancel()
             tasks = [t for _, t in self._active.values()]
             for t in tasks:
@@ -84,11 +96,32 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            log.info("worker %s stopped", self.owner)
+
+    def _log_start(self) -> None:
+        opts = self.options
+        log.info(
+            "worker %s started: store %s, queues %s, workflows %s, concurrency %d, lease %.1fs",
+            self.owner,
+            self.journal.label,
+            ", ".join(opts.queues),
+            ", ".join(sorted(self.workflows)) or "(none)",
+            opts.concurrency,
+            opts.lease,
+            extra={
+                "worker": self.owner,
+                "store": self.journal.label,
+                "queues": list(opts.queues),
+                "workflows": sorted(self.workflows),
+                "concurrency": opts.concurrency,
+                "lease": opts.lease,
+            },
+        )
 
     async def _loop(self) -> None:
         opts = self.options
-        poll = opts.idle_poll if opts.idle_poll is not None else self.journal.backend.poll_interval
-        backoff = 0.1
+        poll = opts.idle_poll if opts.idle_poll is not None else self.journal.poll_interval
+        backoff = Backoff()
         while True:
             _reraise_pending_cancel()
             self._kick.clear()
@@ -107,13 +140,15 @@ class Worker:
                         for c in claims:
                             self._start(c)
                         got += len(claims)
-                    backoff = 0.1
+                    backoff.reset()
+                    self._outage.ok()
                 except Exception as exc:  # the loop must outlive any store hiccup
                     _reraise_pending_cancel()
-                    level = logging.WARNING if isinstance(exc, BackendError) else logging.ERROR
-                    log.log(level, "claim failed (%r); retrying in %.1fs", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    if isinstance(exc, BackendUnavailable):
+                        self._outage.failed(exc)
+                    else:
+                        log.error("claim failed (%r); retrying", exc, exc_info=True)
+                    await backoff.sleep()
                     continue
             if got and got >= free:
                 continue  # there may be more due right now
@@ -168,7 +203,11 @@ class Worker:
             raise
         except BackendError as exc:
             _reraise_pending_cancel()
-            log.warning("run %s abandoned: %s", claim.run_id, exc)
+            if isinstance(exc, BackendUnavailable):
+                self._outage.failed(exc)  # one line per outage, not one per run
+                log.debug("run %s abandoned: %s", claim.run_id, exc)
+            else:
+                log.warning("run %s abandoned: %s", claim.run_id, exc)
         except Exception:
             _reraise_pending_cancel()
             log.exception("run %s: unexpected engine error", claim.run_id)
@@ -206,9 +245,13 @@ class Worker:
             still = await self.journal.renew(
                 {run_id: self._tokens[run_id] for run_id in held}, self.options.lease
             )
-        except Exception as exc:  # store hiccup: the next beat tries again
+        except BackendUnavailable as exc:  # store hiccup: the next beat tries again
+            self._outage.failed(exc)
+            return
+        except BackendError as exc:
             log.warning("heartbeat for %d runs failed: %r", len(held), exc)
             return
+        self._outage.ok()
         for run_id, (_, task) in held.items():
             entry = self._active.get(run_id)
             if run_id in still or entry is None or entry[1] is not task:

@@ -34,6 +34,7 @@ class LocalHub:
         entry = (asyncio.get_running_loop(), asyncio.Queue[str]())
         self._subs.append(entry)
         try:
+            yield ""  # registered: every publish from now on reaches this subscriber
             while True:
                 yield await entry[1].get()
         finally:
