@@ -225,10 +225,11 @@ class Worker:
         One call, not one per run: under load, dozens of single renewals queue for
         the store's connections and the last ones land after their lease expired.
         The next beat is timed from this one's start, so a slow renewal does not
-        stretch the period either."""
+        stretch the period either. The first beat is at once: a heartbeat restarted
+        after a failure must not leave the leases unrenewed for another period."""
         interval = self.options.lease / 3
         clock = asyncio.get_running_loop().time
-        next_beat = clock() + interval
+        next_beat = clock()
         while True:
             await asyncio.sleep(max(next_beat - clock(), 0.0))
             next_beat = max(next_beat + interval, clock())

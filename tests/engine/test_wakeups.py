@@ -1,0 +1,226 @@
+"""No lost wake-ups (guarantee 7): whatever order the worker, the client and the
+subscription start in, a run made due is picked up without waiting for a poll.
+
+Every store here runs with polling switched off (``NoPoll``): a run that only a
+poll would find never finishes, and the test fails on its timeout. Only the
+cross-process case keeps the local stores' poll, their one channel across
+processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from substantial import Conductor, Context, workflow
+from substantial.backends import Backend
+
+from ..backends import ALL, SERVERS, make_backend, url_for
+from .helpers import worker
+
+
+@workflow()
+async def hello(c: Context, name: str = "world") -> str:
+    return await c.save(lambda: f"hello {name}")
+
+
+class NoPoll:
+    """A store as it is, except that it never asks to be polled."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def poll_interval(self) -> float | None:
+        return None
+
+
+@pytest.fixture(params=ALL)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    async with make_backend(request.param, tmp_path) as backend:
+        yield NoPoll(backend)
+
+
+async def test_worker_first(store: Any) -> None:
+    c = Conductor(store)
+    c.register(hello)
+    async with worker(c):
+        h = await c.start(hello)
+        assert await h.result(timeout=10) == "hello world"
+    await c.close()
+
+
+async def test_client_first(store: Any) -> None:
+    c = Conductor(store)
+    c.register(hello)
+    h = await c.start(hello)
+    async with worker(c):
+        assert await h.result(timeout=10) == "hello world"
+    await c.close()
+
+
+async def test_worker_and_client_in_the_same_tick(store: Any) -> None:
+    c = Conductor(store)
+    c.register(hello)
+    task = c.run(handle_sigterm=False)
+    h = await asyncio.gather(c.start(hello))  # scheduled before the worker ever ran
+    try:
+        assert await h[0].result(timeout=10) == "hello world"
+    finally:
+        task.cancel()
+        await task
+        await c.close()
+
+
+async def test_client_bounded_in_another_task(store: Any) -> None:
+    """The issue's report: ``wait_for(start())`` right after ``run()`` hung on memory://."""
+    c = Conductor(store)
+    c.register(hello)
+    async with worker(c):
+        h = await asyncio.wait_for(c.start(hello, {"name": "task"}), 10)
+        assert await asyncio.wait_for(h.result(), 10) == "hello task"
+    await c.close()
+
+
+async def test_another_conductor_as_the_client(store: Any) -> None:
+    served = Conductor(store)
+    served.register(hello)
+    client = Conductor(store)
+    async with worker(served):
+        h = await client.start(hello, {"name": "other"})
+        assert await h.result(timeout=10) == "hello other"
+    await client.close()
+    await served.close()
+
+
+async def test_a_change_racing_the_subscription_being_set_up(store: Any) -> None:
+    """A run created while the worker's subscription is being established: it
+    falls before the subscription is live, so the worker's first claim, which
+    waits for the subscription, must find it."""
+    c = Conductor(store)
+    c.register(hello)
+    client = Conductor(store)
+    real_hints = c.journal.hints
+    made: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def hints_after_a_racing_start() -> AsyncIterator[str]:
+        made.set_result(await client.start(hello, {"name": "race"}))
+        async for hint in real_hints():
+            yield hint
+
+    c.journal.hints = hints_after_a_racing_start  # type: ignore[method-assign]
+    async with worker(c):
+        h = await made  # created while the subscription was being set up
+        assert await h.result(timeout=10) == "hello race"
+    await client.close()
+    await c.close()
+
+
+async def test_result_waiting_before_the_run_exists_elsewhere(store: Any) -> None:
+    """result() on one Conductor while another one's worker finishes the run: the
+    waiter subscribes before it reads, so the end is never missed."""
+    served = Conductor(store)
+    served.register(hello)
+    client = Conductor(store)
+    h = await client.start(hello)
+    waiting = asyncio.create_task(h.result(timeout=10))
+    await asyncio.sleep(0)
+    async with worker(served):
+        assert await waiting == "hello world"
+    await client.close()
+    await served.close()
+
+
+CLIENT = """
+import asyncio, sys
+from substantial import Conductor
+async def main():
+    async with Conductor(sys.argv[1]) as c:
+        h = await c.start("hello", {"name": "process"})
+        print(h.run_id)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "fs", *SERVERS])
+async def test_a_client_in_another_process(kind: str, tmp_path: Path) -> None:
+    """Redis and PostgreSQL signal other processes (polling is off here, so the
+    hint alone must wake the worker); SQLite and files poll, their only channel."""
+    url, _ = url_for(kind, tmp_path)
+    async with make_backend_from_url(kind, url, tmp_path) as backend:
+        served = Conductor(NoPoll(backend) if kind in SERVERS else backend)
+        served.register(hello)
+        async with worker(served):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", CLIENT, url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            h = served.handle(done.stdout.strip())
+            assert await h.result(timeout=20) == "hello process"
+        await served.close()
+
+
+def make_backend_from_url(kind: str, url: str, tmp_path: Path) -> Any:
+    """The same store the subprocess opens by URL, opened and cleaned up here."""
+    from contextlib import asynccontextmanager
+
+    from substantial.backends import open_backend
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Backend]:
+        backend = open_backend(url)
+        await backend.open()
+        try:
+            yield backend
+        finally:
+            drop = getattr(backend, "drop_everything", None)
+            if drop is not None:
+                await drop()
+            await backend.close()
+
+    return opened()
+
+
+async def test_a_failing_hint_listener_is_logged_and_restarted(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 4 of the issue: the listener dies of an unexpected error once; it is
+    logged with its traceback, restarted, and wake-ups keep arriving (no poll)."""
+    c = Conductor(store)
+    c.register(hello)
+    real_hints = c.journal.hints
+    failures = 0
+
+    async def failing_once() -> AsyncIterator[str]:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            yield ""
+            raise RuntimeError("listener bug")
+        async for hint in real_hints():
+            yield hint
+
+    c.journal.hints = failing_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="substantial"):
+        async with worker(c):
+            for i in range(3):
+                h = await c.start(hello, {"name": str(i)})
+                assert await h.result(timeout=10) == f"hello {i}"
+    await c.close()
+    errors = [r for r in caplog.records if "hint listener failed" in r.getMessage()]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None and "listener bug" in str(errors[0].exc_info[1])
