@@ -106,6 +106,11 @@ def required_statuses(expr: Mapping[str, Any] | None) -> frozenset[RunStatus] | 
     return frozenset(known[n] for n in names if isinstance(n, str) and n in known)
 
 
+def parse_datetime(value: Any, path: str = "") -> datetime | None:
+    """A filter's time value as an aware UTC datetime (naive ones are UTC)."""
+    return _parse_dt(value, path)
+
+
 def matches(expr: Mapping[str, Any] | None, run: RunSummary) -> bool:
     """Whether ``run`` satisfies ``expr`` (compiles it each call)."""
     return compile_filter(expr)(run)
