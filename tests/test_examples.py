@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,4 +61,25 @@ def test_seed_readme_workflow_on_the_default_store(tmp_path: Path) -> None:
 @pytest.mark.crash
 def test_quickstart_survives_a_killed_worker(tmp_path: Path) -> None:
     out = run_example([str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path)
-    assert "every step ran exactly once." in out
+    assert "every recorded step ran exactly once." in out
+
+
+def _quickstart() -> Any:
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_check_allows_only_the_step_in_flight_to_repeat() -> None:
+    check = _quickstart().check_guarantee
+    steps = [f"step-{i}" for i in range(6)]
+    check(steps[:3], steps[3:])  # the kill fell between two steps
+    check(steps[:3], steps[2:])  # step-2 was in flight: the new worker ran it again
+    with pytest.raises(AssertionError, match="a recorded step ran twice"):
+        check(steps[:3], steps[1:])  # step-1 was recorded (step-2 ran after it)
+    with pytest.raises(AssertionError):
+        check(steps[:3], [*steps[3:], "step-2"])  # a repeat later than the restart
+    with pytest.raises(AssertionError):
+        check(steps[:3], steps[4:])  # a step never ran
