@@ -1,0 +1,76 @@
+"""The docs' code runs as written: blocks are read from the markdown at test time,
+so a page and its test cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "docs" / "quickstart.md"
+
+
+@dataclass(frozen=True)
+class Block:
+    section: str  # the ``## `` heading the block sits under
+    line: int  # 1-based line of its first code line in the page
+    code: str
+
+
+def python_blocks(page: Path) -> list[Block]:
+    """Every ```python fenced block of ``page``, with the section it belongs to."""
+    blocks: list[Block] = []
+    body: list[str] = []
+    section, fence, start = "", None, 0
+    for n, line in enumerate(page.read_text().splitlines(), start=1):
+        if fence is None:
+            if line.startswith("## "):
+                section = line[3:].strip()
+            elif m := re.match(r"^(```+)\s*python\s*$", line):
+                fence, start, body = m.group(1), n + 1, []
+        elif line.strip() == fence:
+            blocks.append(Block(section, start, "\n".join(body) + "\n"))
+            fence = None
+        else:
+            body.append(line)
+    return blocks
+
+
+def run_blocks(blocks: list[Block], page: Path) -> dict[str, Any]:
+    """Execute ``blocks`` in order in one namespace, as a reader pasting them would;
+    tracebacks point at the page's own lines."""
+    namespace: dict[str, Any] = {"__name__": f"docs.{page.stem}"}
+    for b in blocks:
+        code = compile("\n" * (b.line - 1) + b.code, str(page), "exec")
+        exec(code, namespace)
+    return namespace
+
+
+def section(blocks: list[Block], name: str) -> list[Block]:
+    found = [b for b in blocks if b.section == name]
+    assert found, f"{QUICKSTART.name} has no python block under '## {name}'"
+    return found
+
+
+async def test_the_quickstart_testing_recipe_runs_as_written() -> None:
+    blocks = python_blocks(QUICKSTART)
+    # the recipe tests the workflow of "A first workflow", exactly as the page defines it
+    recipe = section(blocks, "A first workflow") + section(blocks, "Testing workflows")
+    namespace = run_blocks(recipe, QUICKSTART)
+    tests = {k: v for k, v in namespace.items() if k.startswith("test_") and callable(v)}
+    assert list(tests) == ["test_checkout"], list(tests)
+    await tests["test_checkout"]()
+
+
+def test_the_block_reader_finds_sections_and_lines(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# T\n## One\n```python\nx = 1\n```\n## Two\n```console\n$ ls\n```\n")
+    [b] = python_blocks(page)
+    assert (b.section, b.line, b.code) == ("One", 4, "x = 1\n")
+    with pytest.raises(ZeroDivisionError) as info:
+        run_blocks([Block("One", 4, "1 / 0\n")], page)
+    assert info.traceback[-1].lineno + 1 == 4  # reported at the page's own line
