@@ -86,7 +86,7 @@ class SlowFirstRead(MemoryBackend):
     def __init__(self) -> None:
         super().__init__()
         self.loading = asyncio.Event()
-        self.release = asyncio.Event()
+        self.gate = asyncio.Event()  # (not `release`: that is a store operation)
         self.renewed_at: list[float] = []  # ``now`` of each renewal that carried the run
         self.claims: dict[str, list[list[Claim]]] = {}  # owner -> what each claim took
         self._held = True
@@ -95,7 +95,7 @@ class SlowFirstRead(MemoryBackend):
         if self._held:
             self._held = False
             self.loading.set()
-            await self.release.wait()
+            await self.gate.wait()
         return await super().read(run_id, **kw)
 
     async def renew(
@@ -125,7 +125,7 @@ async def test_a_run_still_loading_keeps_its_lease() -> None:
             other.register(holder)
             async with worker(other, lease=0.3, hot_wait=60.0):
                 await eventually(lambda: len(backend.claims) == 2)  # the other one claimed
-                backend.release.set()
+                backend.gate.set()
                 await h.send("go")
                 assert await h.result(timeout=20) == "slow"
             run = await backend.get_run(h.run_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 from typing import Any
 
@@ -105,6 +106,6 @@ async def test_more_jobs_than_threads_all_complete() -> None:
             running -= 1
         return i
 
-    results = await asyncio.gather(*(run_in_thread(lambda i=i: job(i)) for i in range(n)))
+    results = await asyncio.gather(*(run_in_thread(functools.partial(job, i)) for i in range(n)))
     assert results == list(range(n))
     assert peak == _threads.LIMIT
