@@ -53,21 +53,34 @@ async def forever(c: Context) -> None:
     await c.receive("never")
 
 
+@workflow()
+async def waits_armed(c: Context) -> None:
+    await c.receive("never", timeout=3600)  # the timeout's arm record marks the wait
+
+
+async def _log(conductor: Conductor, run_id: str) -> list[dict[str, Any]]:
+    snap = await conductor.backend.read(run_id)
+    assert snap is not None
+    return [orjson.loads(data) for data in snap.log]
+
+
+async def _armed(conductor: Conductor, run_id: str) -> bool:
+    return any(r["k"] == "arm" and r["p"] == "receive" for r in await _log(conductor, run_id))
+
+
 @pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
 async def test_cancel_stops_a_waiting_run(conductor: Conductor, hot_wait: float) -> None:
-    conductor.register(forever)
+    conductor.register(waits_armed)
     async with worker(conductor, hot_wait=hot_wait):
-        h = await conductor.start(forever)
-        await eventually(lambda: _status_in(h, RunStatus.SUSPENDED, RunStatus.RUNNING))
-        await asyncio.sleep(0.05)
+        h = await conductor.start(waits_armed)
+        await eventually(lambda: _armed(conductor, h.run_id))  # the run is in its wait
         await h.cancel()
         with pytest.raises(RunCancelled):
             await h.result(timeout=10)
     assert await h.status() == RunStatus.CANCELLED
-
-
-async def _status_in(h: object, *statuses: RunStatus) -> bool:
-    return await h.status() in statuses  # type: ignore[attr-defined]
+    kinds = [(r["k"], r.get("p"), r.get("status")) for r in await _log(conductor, h.run_id)]
+    # it ended inside the wait: no event was received, the arm is the last call
+    assert kinds[-2:] == [("arm", "receive", None), ("end", None, "CANCELLED")]
 
 
 @workflow()
