@@ -3,7 +3,10 @@ so a page and its test cannot drift apart."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,36 @@ async def test_the_quickstart_testing_recipe_runs_as_written() -> None:
     tests = {k: v for k, v in namespace.items() if k.startswith("test_") and callable(v)}
     assert list(tests) == ["test_checkout"], list(tests)
     await tests["test_checkout"]()
+
+
+def test_the_quickstart_run_it_example_runs_on_the_default_store(tmp_path: Path) -> None:
+    """ "A first workflow" then the first block of "Run it", as one script in a fresh
+    directory: the default store (SQLite under ./.substantial/), a worker, a run."""
+    blocks = python_blocks(QUICKSTART)
+    script = (
+        section(blocks, "A first workflow")
+        + section(blocks, "Run it: worker, start, send, result")[:1]
+    )
+    path = tmp_path / "quickstart_run.py"
+    path.write_text("".join(b.code for b in script))
+    env = {k: v for k, v in os.environ.items() if k != "SUBSTANTIAL_BACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # what the page's comments say it prints
+    assert proc.stdout.splitlines() == [
+        "charging 30 for A-1",
+        "{'receipt': 'receipt-A-1', 'ship_to': '1 Main Street'}",
+        "COMPLETED",
+    ]
+    assert (tmp_path / ".substantial" / "state.db").exists()
 
 
 def test_the_block_reader_finds_sections_and_lines(tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def with_our_src(env: dict[str, str]) -> dict[str, str]:
+    """The examples run in a temporary directory: make this checkout's package win
+    there too (a relative PYTHONPATH=src would not reach it)."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])}
+
+
 def run_example(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
         [sys.executable, *args],
@@ -21,7 +27,7 @@ def run_example(args: list[str], cwd: Path, env: dict[str, str] | None = None) -
         capture_output=True,
         text=True,
         timeout=90,
-        env={**os.environ, **(env or {})},
+        env=with_our_src({**os.environ, **(env or {})}),
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -51,7 +57,7 @@ def test_seed_readme_workflow_on_the_default_store(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=90,
-        env=env,
+        env=with_our_src(env),
     )
     assert out.returncode == 0, out.stderr
     assert "Final output 100" in out.stdout
