@@ -73,7 +73,6 @@ async def test_every_held_lease_is_renewed_in_one_call_per_beat() -> None:
     assert results == tags
     assert sorted(effects) == tags  # each step once: no lease was lost
     assert backend.missed == []  # no renewal ever left out a lease the worker held
-    assert all(len(r) <= len(ids) for r in backend.renewals)
     for run in runs:  # each lease was extended past what its claim granted, never lost
         assert run is not None and run.started_at is not None
         assert run.lease_token == 1 and run.lease_expires_at is not None
