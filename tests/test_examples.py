@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_our_src(env: dict[str, str]) -> dict[str, str]:
+    """The examples run in a temporary directory: make this checkout's package win
+    there too (a relative PYTHONPATH=src would not reach it)."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])}
 
 
 def run_example(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -19,7 +27,7 @@ def run_example(args: list[str], cwd: Path, env: dict[str, str] | None = None) -
         capture_output=True,
         text=True,
         timeout=90,
-        env={**os.environ, **(env or {})},
+        env=with_our_src({**os.environ, **(env or {})}),
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -49,7 +57,7 @@ def test_seed_readme_workflow_on_the_default_store(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=90,
-        env=env,
+        env=with_our_src(env),
     )
     assert out.returncode == 0, out.stderr
     assert "Final output 100" in out.stdout
@@ -59,4 +67,25 @@ def test_seed_readme_workflow_on_the_default_store(tmp_path: Path) -> None:
 @pytest.mark.crash
 def test_quickstart_survives_a_killed_worker(tmp_path: Path) -> None:
     out = run_example([str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path)
-    assert "every step ran exactly once." in out
+    assert "every recorded step ran exactly once." in out
+
+
+def _quickstart() -> Any:
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_check_allows_only_the_step_in_flight_to_repeat() -> None:
+    check = _quickstart().check_guarantee
+    steps = [f"step-{i}" for i in range(6)]
+    check(steps[:3], steps[3:])  # the kill fell between two steps
+    check(steps[:3], steps[2:])  # step-2 was in flight: the new worker ran it again
+    with pytest.raises(AssertionError, match="a recorded step ran twice"):
+        check(steps[:3], steps[1:])  # step-1 was recorded (step-2 ran after it)
+    with pytest.raises(AssertionError):
+        check(steps[:3], [*steps[3:], "step-2"])  # a repeat later than the restart
+    with pytest.raises(AssertionError):
+        check(steps[:3], steps[4:])  # a step never ran

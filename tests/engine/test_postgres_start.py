@@ -16,7 +16,8 @@ from .helpers import worker
 
 @workflow()
 async def welcome(c: Context, user: str) -> str:
-    return await c.save(lambda: f"hello {user}")
+    greeting: str = await c.save(lambda: f"hello {user}")
+    return greeting
 
 
 @pytest.fixture

@@ -107,9 +107,13 @@ async def test_many_runs_short_lease(store: Store, workers: Workers, effects: Pa
 
 
 @on_servers
-async def test_killed_worker_runs_resume_within_lease(
+async def test_killed_worker_runs_are_resumed_by_others_once_their_leases_expire(
     store: Store, workers: Workers, effects: Path
 ) -> None:
+    """Guarantee 4 in logical terms: every run the dead worker held is claimed again
+    (a new lease token) by another worker, never before its lease expired, and
+    finishes with each step once. How fast that happens is measured by
+    bench/failover.py, not asserted here."""
     lease, runs, n = 2.0, 30, 20
     ws = await workers.start(3, lease=lease)
     ids = [f"k{i:02}" for i in range(runs)]
@@ -129,29 +133,28 @@ async def test_killed_worker_runs_resume_within_lease(
     assert held, "no run was held by a worker: nothing to orphan"
     victim = next(w for w in ws if w.pid == held.most_common(1)[0][0])
     killed_at = victim.kill()
-    orphans = [
-        r.run_id
+    # what the store says the dead worker held: lease token and expiry (a renewal
+    # still in flight at the kill could only have made the expiry later)
+    orphans = {
+        r.run_id: (r.lease_token, r.lease_expires_at)
         for r in await store.backend.list_runs()
-        if not r.status.is_terminal and r.lease_owner and f":{victim.pid}:" in r.lease_owner
-    ]
+        if not r.status.is_terminal
+        and r.lease_owner
+        and f":{victim.pid}:" in r.lease_owner
+        and r.lease_expires_at is not None
+        and r.lease_expires_at > killed_at
+    }
     assert orphans, "the killed worker held no unfinished run: nothing was tested"
 
     done = await wait_all_terminal(store.backend, ids, timeout=60, on_timeout=workers.logs)
     assert completed_with(done, list(range(n))) == {}
 
-    # from the kill to the orphan's next side effect (or its end, if no step was left)
-    after = [e for e in read_effects(effects) if e.t > killed_at and e.pid != victim.pid]
-    resumed = {}
-    for rid in orphans:
-        times = [e.t for e in after if e.run_id == rid]
-        ended = done[rid].ended_at
-        resumed[rid] = (min(times) if times else ended) - killed_at
-    worst = max(resumed.values())
-    print(
-        f"\n{store.kind}: {len(orphans)} orphaned runs resumed after "
-        f"{min(resumed.values()):.2f}..{worst:.2f}s (lease {lease}s)"
-    )
-    assert worst <= lease + 1.5, resumed
+    after = [e for e in read_effects(effects) if e.t > killed_at]
+    assert all(e.pid != victim.pid for e in after)
+    for rid, (token, expires) in orphans.items():
+        assert done[rid].lease_token > token, (rid, "never claimed again")
+        resumed = [e.t for e in after if e.run_id == rid] or [done[rid].ended_at]
+        assert min(resumed) >= expires, (rid, "taken over before its lease expired")
 
     assert_exactly_once(
         effects, expected=dict.fromkeys(ids, n), killed=workers.killed_pids, context=workers.logs()

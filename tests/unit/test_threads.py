@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
-import time
+from typing import Any
 
 import pytest
 
@@ -22,18 +23,26 @@ async def test_runs_off_the_event_loop_thread_and_returns_the_value() -> None:
 
 
 async def test_the_loop_keeps_turning_while_a_step_blocks() -> None:
-    ticks = 0
+    """The step blocks until a coroutine on the loop lets it go: if the step held the
+    loop, that coroutine could never run and the step would give up."""
+    loop_thread = threading.get_ident()
+    started = threading.Event()
+    released = threading.Event()
+    set_by: list[int] = []
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
+    def blocking_step() -> bool:
+        started.set()
+        return released.wait(10)
 
-    ticker = asyncio.create_task(tick())
-    await run_in_thread(lambda: time.sleep(0.3))
-    ticker.cancel()
-    assert ticks >= 10
+    async def release_from_the_loop() -> None:
+        await asyncio.to_thread(started.wait, 10)
+        set_by.append(threading.get_ident())
+        released.set()
+
+    releaser = asyncio.create_task(release_from_the_loop())
+    assert await run_in_thread(blocking_step) is True
+    await releaser
+    assert set_by == [loop_thread]
 
 
 async def test_the_callers_context_variables_are_visible() -> None:
@@ -57,12 +66,26 @@ async def test_stop_iteration_becomes_a_runtime_error() -> None:
         await run_in_thread(stop)
 
 
-async def test_a_cancelled_wait_drops_the_late_result() -> None:
+async def test_a_cancelled_wait_drops_the_late_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    resolved = asyncio.Event()
+    errors: list[BaseException] = []
+    real_resolve = _threads._resolve
+
+    def watched(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        try:
+            real_resolve(fut, value, error)
+        except BaseException as exc:  # recorded: the test fails below, not the loop
+            errors.append(exc)
+        finally:
+            resolved.set()
+
+    monkeypatch.setattr(_threads, "_resolve", watched)
     release = threading.Event()
     fut = run_in_thread(lambda: release.wait(5))
     fut.cancel()
     release.set()
-    await asyncio.sleep(0.05)  # the thread finishes and tries to resolve: no error
+    await asyncio.wait_for(resolved.wait(), 10)  # the thread finished and tried to resolve
+    assert errors == []
     assert fut.cancelled()
     assert await run_in_thread(lambda: "next") == "next"  # the pool still serves
 
@@ -83,6 +106,6 @@ async def test_more_jobs_than_threads_all_complete() -> None:
             running -= 1
         return i
 
-    results = await asyncio.gather(*(run_in_thread(lambda i=i: job(i)) for i in range(n)))
+    results = await asyncio.gather(*(run_in_thread(functools.partial(job, i)) for i in range(n)))
     assert results == list(range(n))
     assert peak == _threads.LIMIT
