@@ -218,7 +218,7 @@ async def relay(c: Context, round: int) -> Any:
 async def test_send_cancel_and_logs_follow_continue_using(conductor: Conductor) -> None:
     conductor.register(relay)
 
-    async def continued(h: RunHandle) -> bool:  # the chain has moved past the first run
+    async def continued(h: RunHandle[Any]) -> bool:  # the chain has moved past the first run
         return (await h.summary()).run_id != h.run_id
 
     async with worker(conductor):

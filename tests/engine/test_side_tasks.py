@@ -138,7 +138,7 @@ async def test_a_worker_started_while_its_store_is_down_waits_and_logs_twice(
 ) -> None:
     inner = MemoryBackend()
     store = Flaky(inner)
-    c = Conductor(store)  # type: ignore[arg-type]
+    c = Conductor(store)
     c.register(quick)
     with caplog.at_level(logging.DEBUG, logger="substantial"):
         async with worker(c) as task:
@@ -161,7 +161,7 @@ async def test_result_rides_out_an_outage_within_its_timeout() -> None:
     inner = MemoryBackend()
     store = Flaky(inner)
     store.down = False
-    c = Conductor(store)  # type: ignore[arg-type]
+    c = Conductor(store)
     c.register(quick)
     h = await c.start(quick)
     store.down = True

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -76,12 +76,17 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
             s.proc.stop()
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Await a condition the code under test makes true (checked each loop tick)."""
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-    assert check(), what
+class Seen(logging.Handler):
+    """Sets an event when a log line containing ``text`` is emitted."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
@@ -98,14 +103,18 @@ async def test_a_worker_started_while_the_store_is_down_serves_once_it_is_up(
 ) -> None:
     served = Conductor(server.url)
     served.register(greet)
+    seen = Seen("unreachable")
+    logging.getLogger("substantial").addHandler(seen)
     with caplog.at_level(logging.INFO, logger="substantial"):
         async with worker(served) as task:
-            await until(lambda: bool(outage_lines(caplog)[0]), "the outage was logged")
+            async with asyncio.timeout(30):
+                await seen.event.wait()  # the worker met the outage and logged it
             assert not task.done()  # waiting, not dead
             await server.up()
             async with Conductor(server.url) as client:
                 h = await client.start(greet)
                 assert await h.result(timeout=60) == "hello world"
+    logging.getLogger("substantial").removeHandler(seen)
     down, back = outage_lines(caplog)
     assert len(down) == 1 and len(back) == 1, (down, back)
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("substantial")]
@@ -119,18 +128,17 @@ async def test_result_waits_through_an_outage_until_its_own_timeout(
     served = Conductor(server.url)
     served.register(wait_for_go)
     with caplog.at_level(logging.INFO, logger="substantial"):
-        async with worker(served):
-            async with Conductor(server.url) as client:
-                h = await client.start(wait_for_go)
-                waiting = asyncio.create_task(h.result(timeout=120))
-                await until_recorded(client, h.run_id)
-                await server.down()
-                outage = asyncio.create_task(asyncio.sleep(3.0))  # the outage's length
-                done, _ = await asyncio.wait({waiting, outage}, return_when="FIRST_COMPLETED")
-                assert waiting not in done, "result() gave up during the outage"
-                await server.up()
-                await h.send("go", "go")
-                assert await waiting == "first go"
+        async with worker(served), Conductor(server.url) as client:
+            h = await client.start(wait_for_go)
+            waiting = asyncio.create_task(h.result(timeout=120))
+            await until_recorded(client, h.run_id)
+            await server.down()
+            outage = asyncio.create_task(asyncio.sleep(3.0))  # the outage's length
+            done, _ = await asyncio.wait({waiting, outage}, return_when="FIRST_COMPLETED")
+            assert waiting not in done, "result() gave up during the outage"
+            await server.up()
+            await h.send("go", "go")
+            assert await waiting == "first go"
     down, back = outage_lines(caplog)
     assert len(down) <= 1 and len(back) == len(down), (down, back)
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -106,8 +106,8 @@ def test_terms_under_and_are_pushed_down_together() -> None:
             ]
         }
     )
-    assert n.statuses == {RunStatus.FAILED, RunStatus.CANCELLED}
-    assert n.run_ids == {"a", "b"}
+    assert n.statuses == frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+    assert n.run_ids == frozenset({"a", "b"})
     assert n.started_after is not None and abs(n.started_after - T0.timestamp()) < 0.01
     assert n.started_before is not None and n.started_before >= (T0 + timedelta(days=1)).timestamp()
     assert n.ended_after is not None and n.ended_before is not None
