@@ -21,7 +21,7 @@ import orjson
 
 from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
-from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate
+from .backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate
 from .codec import dumps
 from .errors import (
     BackendError,
@@ -174,7 +174,7 @@ class Journal:
     async def list_runs(
         self, workflow: str | None, statuses: Collection[RunStatus] | None = None
     ) -> list[RunRecord]:
-        return await self.backend.list_runs(workflow=workflow, statuses=statuses)
+        return (await self.backend.list_runs(RunQuery(workflow=workflow, statuses=None if statuses is None else frozenset(statuses))))[::-1]  # fmt: skip  # noqa: E501 - oldest first until Conductor.search takes a RunQuery
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         snap = await self.backend.read(run_id)

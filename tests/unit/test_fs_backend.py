@@ -84,7 +84,7 @@ async def test_corrupt_helper_overwrites_one_record(fs: FSBackend) -> None:
     await fs.create_run(_new("r1", first=b"0"))
     token = await _claim(fs)
     await fs.append("r1", token=token, expected_len=1, records=[b"1", b"2"], now=T0)
-    fs.corrupt("r1", 1, b"garbage!")
+    await fs.corrupt("r1", 1, b"garbage!")
     snap = await fs.read("r1", log_from=1)
     assert snap is not None and snap.log == [b"garbage!", b"2"]
 

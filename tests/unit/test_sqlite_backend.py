@@ -110,10 +110,10 @@ async def test_corrupt_overwrites_one_record(tmp_path: Path) -> None:
     b = SQLiteBackend(tmp_path / "s.db")
     await b.open()
     await b.create_run(_new("r1"))
-    b.corrupt("r1", 0, b"\xffgarbage")
+    await b.corrupt("r1", 0, b"\xffgarbage")
     snap = await b.read("r1")
     assert snap is not None and snap.log == [b"\xffgarbage"]
     with pytest.raises(IndexError):
-        b.corrupt("r1", 5, b"x")
+        await b.corrupt("r1", 5, b"x")
     assert b.calls["create_run"] == 1 and b.calls["read"] == 1
     await b.close()

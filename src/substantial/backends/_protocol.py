@@ -121,6 +121,34 @@ class RunUpdate:
         return self.result is not _UNSET
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunQuery:
+    """What ``list_runs`` returns: the runs matching every field that is set.
+
+    Time bounds are inclusive (``>=`` / ``<=``); a run whose ``started_at`` (or
+    ``ended_at``) is None never matches a bound on it. Results come newest first,
+    by ``(created_at, run_id)`` descending; ``before`` is the page cursor, the
+    ``(created_at, run_id)`` of the last run a previous page returned, and only
+    runs strictly after it in that order are returned. Each store pushes every
+    field down to where it keeps its runs (an index, a WHERE clause).
+    """
+
+    workflow: str | None = None
+    statuses: frozenset[RunStatus] | None = None
+    run_ids: frozenset[str] | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    started_after: float | None = None
+    started_before: float | None = None
+    ended_after: float | None = None
+    ended_before: float | None = None
+    limit: int | None = None
+    before: tuple[float, str] | None = None
+
+
+ALL_RUNS = RunQuery()
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One store. Implementations: memory, sqlite, fs, redis, postgres."""
@@ -207,14 +235,8 @@ class Backend(Protocol):
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
-        """Runs ordered by created_at then run_id."""
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
+        """The runs matching ``query``, newest first (see :class:`RunQuery`)."""
         ...
 
     def subscribe(self) -> AsyncIterator[str]:

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,13 +58,14 @@ from ..errors import (
     RunNotFound,
     SchemaVersionError,
 )
-from ._hub import LocalHub
-from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from . import _rules as rules
+from ._hub import shared_hub
+from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: the first layout; 2: runs.error_type, index runs_wf_created
 
 _TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
 
@@ -70,13 +73,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
     status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
-    due_at REAL, result TEXT, error TEXT, log_len INTEGER NOT NULL DEFAULT 0,
+    due_at REAL, result TEXT, error TEXT, error_type TEXT, log_len INTEGER NOT NULL DEFAULT 0,
     inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
     lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id);
 CREATE TABLE IF NOT EXISTS log (
     run_id TEXT NOT NULL, pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, pos)
 ) WITHOUT ROWID;
@@ -85,9 +89,18 @@ CREATE TABLE IF NOT EXISTS inbox (
 ) WITHOUT ROWID;
 """
 
+# Each step from the version before it to the next (the key), for stores made by
+# older versions; a fresh store gets _SCHEMA, already at SCHEMA_VERSION.
+_UPGRADES = {
+    2: (
+        "ALTER TABLE runs ADD COLUMN error_type TEXT",
+        "CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id)",
+    ),
+}
+
 _COLS = (
     "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
-    "error, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
+    "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
     "cancel_requested, parent_id"
 )
 
@@ -111,6 +124,7 @@ _APPEND_UPDATE = f"""UPDATE runs SET
     status = {_NEW_ST},
     result = CASE WHEN :has_result THEN :result ELSE result END,
     error = COALESCE(:error, error),
+    error_type = COALESCE(:error_type, error_type),
     ended_at = COALESCE(:ended_at, ended_at),
     inbox_pos = {_NEW_POS},
     due_at = CASE WHEN {_RELEASING}
@@ -139,6 +153,43 @@ def _record(row: Row) -> RunRecord:
     return RunRecord(**f)
 
 
+def _list_query(q: RunQuery) -> tuple[str, list[Any]]:
+    """``list_runs``' statement for ``q``: a WHERE term per set field, newest first
+    (runs_created or runs_wf_created read backwards)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if q.workflow is not None:
+        where.append("workflow = ?")
+        args.append(q.workflow)
+    for column, values in (
+        ("status", None if q.statuses is None else sorted(s.value for s in q.statuses)),
+        ("run_id", None if q.run_ids is None else sorted(q.run_ids)),
+    ):
+        if values is not None:
+            where.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "0")
+            args += values
+    for column, low, high in (
+        ("created_at", q.created_after, q.created_before),
+        ("started_at", q.started_after, q.started_before),
+        ("ended_at", q.ended_after, q.ended_before),
+    ):
+        if low is not None:
+            where.append(f"{column} >= ?")
+            args.append(low)
+        if high is not None:
+            where.append(f"{column} <= ?")
+            args.append(high)
+    if q.before is not None:
+        where.append("(created_at, run_id) < (?, ?)")
+        args += [q.before[0], q.before[1]]
+    sql = f"SELECT {_COLS} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+    args.append(-1 if q.limit is None else max(q.limit, 0))
+    return sql, args
+
+
 def _transact(
     conn: sqlite3.Connection, begin: str | None, fn: Callable[[sqlite3.Connection], T]
 ) -> T:
@@ -163,7 +214,13 @@ def _fence_error(c: sqlite3.Connection, run_id: str, token: int, expected: int) 
         return RunNotFound(run_id)
     if row[0] != token:
         return LeaseLost(run_id)
-    return LeaseLost(run_id, f"run {run_id!r}: log length is {row[1]}, expected {expected}")
+    return rules.log_moved(run_id, row[1], expected)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether SQLite refused because another connection holds the file."""
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 def _wrap(exc: sqlite3.Error) -> BackendError:
@@ -188,7 +245,8 @@ class SQLiteBackend:
         self._poll_interval = poll_interval
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
-        self._hub = LocalHub()
+        # Hints reach every backend object on this file in this process, not only this one.
+        self._hub = shared_hub(f"sqlite:{self.path.resolve()}")
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     def _count(self, op: str) -> None:
@@ -204,10 +262,16 @@ class SQLiteBackend:
     # -- plumbing -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        """A configured connection (autocommit; transactions are explicit)."""
+        """A configured connection (autocommit; transactions are explicit).
+
+        The busy timeout comes first, so every later statement waits for a
+        concurrent opener instead of failing; switching to WAL is skipped when the
+        file is already in WAL mode (the switch needs the file to itself)."""
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             conn.close()
@@ -215,27 +279,66 @@ class SQLiteBackend:
         return conn
 
     def _setup(self) -> None:
-        """On the worker thread: connect, then create or check the schema."""
+        """On the worker thread: connect, then create or check the schema.
+
+        Several processes may open a fresh file at the same moment. SQLite reports
+        some of those collisions as busy without waiting (a WAL switch or a WAL
+        recovery in another connection), so setup as a whole is retried until the
+        busy timeout has passed; each attempt is harmless to repeat."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                conn = self._connect()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+            else:
+                try:
+                    self._prepare(conn)
+                except BaseException as exc:
+                    conn.close()
+                    if not _busy(exc) or time.monotonic() > deadline:
+                        raise
+                else:
+                    self._conn = conn
+                    return
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 0.2)
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """The schema at SCHEMA_VERSION: a read when it already is, else one write
+        transaction (BEGIN IMMEDIATE: concurrent openers take turns, then see it done)."""
+        if self._version(conn) == SCHEMA_VERSION:
+            return
+        _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
+
+    @staticmethod
+    def _version(c: sqlite3.Connection) -> int | None:
         try:
-            _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
-        except BaseException:
-            conn.close()
+            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
             raise
-        self._conn = conn
+        return None if row is None else int(row[0])
 
     def _create_schema(self, c: sqlite3.Connection) -> None:
         c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is not None and row[0] > SCHEMA_VERSION:
+        found = self._version(c)
+        if found is not None and found > SCHEMA_VERSION:
             raise SchemaVersionError(
-                f"{self.path} has schema version {row[0]}, written by a newer Substantial; "
+                f"{self.path} has schema version {found}, written by a newer Substantial; "
                 f"this version understands up to {SCHEMA_VERSION}"
             )
-        # not executescript(): it would COMMIT the transaction first
-        for stmt in filter(str.strip, _SCHEMA.split(";")):
-            c.execute(stmt)
+        if found is None:  # a fresh file; not executescript(): it would COMMIT first
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                c.execute(stmt)
+        else:
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                for stmt in _UPGRADES[version]:
+                    c.execute(stmt)
         c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def _teardown(self) -> None:
@@ -411,6 +514,7 @@ class SQLiteBackend:
                     else orjson.dumps(update.result).decode()
                 ),
                 error=update.error,
+                error_type=update.error_type,
                 ended_at=update.ended_at,
                 inbox_pos=update.inbox_pos,
                 release=update.release,
@@ -537,45 +641,17 @@ class SQLiteBackend:
         row: Row | None = await self._run(lambda c: c.execute(sql, (run_id,)).fetchone(), None)
         return None if row is None else _record(row)
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
-        where: list[str] = []
-        args: list[Any] = []
-        if workflow is not None:
-            where.append("workflow = ?")
-            args.append(workflow)
-        if statuses is not None:
-            wanted = sorted({RunStatus(s).value for s in statuses})
-            if not wanted:
-                return []
-            where.append(f"status IN ({', '.join('?' * len(wanted))})")
-            args += wanted
-        sql = f"SELECT {_COLS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, run_id LIMIT ?"
-        args.append(-1 if limit is None else max(limit, 0))
+        sql, args = _list_query(query)
         rows: list[Row] = await self._run(lambda c: c.execute(sql, args).fetchall(), None)
         return [_record(row) for row in rows]
 
     # -- test helpers -------------------------------------------------------
 
-    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+    async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?", (data, run_id, position)
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        if cur.rowcount != 1:
+        sql = "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?"
+        changed = await self._write(lambda c: c.execute(sql, (data, run_id, position)).rowcount)
+        if changed != 1:
             raise IndexError(f"run {run_id!r} has no log record #{position}")
