@@ -59,6 +59,7 @@ from ..errors import (
     SchemaVersionError,
 )
 from . import _rules as rules
+from . import _sqlite_sql as sql
 from ._hub import shared_hub
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
@@ -67,127 +68,13 @@ Row = tuple[Any, ...]
 
 SCHEMA_VERSION = 2  # 1: the first layout; 2: runs.error_type, index runs_wf_created
 
-_TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
-    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
-    due_at REAL, result TEXT, error TEXT, error_type TEXT, log_len INTEGER NOT NULL DEFAULT 0,
-    inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
-    lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
-CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
-CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id);
-CREATE TABLE IF NOT EXISTS log (
-    run_id TEXT NOT NULL, pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, pos)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (
-    run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
-) WITHOUT ROWID;
-"""
-
-# Each step from the version before it to the next (the key), for stores made by
-# older versions; a fresh store gets _SCHEMA, already at SCHEMA_VERSION.
-_UPGRADES = {
-    2: (
-        "ALTER TABLE runs ADD COLUMN error_type TEXT",
-        "CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id)",
-    ),
-}
-
-_COLS = (
-    "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
-    "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id"
-)
-
-# The release rule of memory.apply_release, in SQL. {st} is the run's status after
-# the change, {pos} its inbox_pos after the change (UPDATE reads old column values).
-_RELEASED_DUE = (
-    "CASE WHEN {st} IN " + _TERMINAL + " THEN NULL"
-    " WHEN last_inbox_id > {pos} OR cancel_requested"
-    " THEN MIN(COALESCE(:due_at, :now), :now) ELSE :due_at END"
-)
-
-_NEW_ST = "COALESCE(:status, status)"
-_NEW_POS = "COALESCE(:inbox_pos, inbox_pos)"
-_RELEASING = f"(:release OR {_NEW_ST} IN {_TERMINAL})"
-_FENCE = "WHERE run_id = :run_id AND lease_token = :token AND log_len = :expected"
-
-_APPEND = f"UPDATE runs SET log_len = log_len + :n {_FENCE}"
-_REWRITE = f"UPDATE runs SET log_len = :n {_FENCE}"
-_APPEND_UPDATE = f"""UPDATE runs SET
-    log_len = log_len + :n,
-    status = {_NEW_ST},
-    result = CASE WHEN :has_result THEN :result ELSE result END,
-    error = COALESCE(:error, error),
-    error_type = COALESCE(:error_type, error_type),
-    ended_at = COALESCE(:ended_at, ended_at),
-    inbox_pos = {_NEW_POS},
-    due_at = CASE WHEN {_RELEASING}
-        THEN {_RELEASED_DUE.format(st=_NEW_ST, pos=_NEW_POS)} ELSE due_at END,
-    lease_owner = CASE WHEN {_RELEASING} THEN NULL ELSE lease_owner END,
-    lease_expires_at = CASE WHEN {_RELEASING} THEN NULL ELSE lease_expires_at END
-{_FENCE}"""
-
-_KEPT_ST = f"CASE WHEN status IN {_TERMINAL} THEN status ELSE :status END"
-_RELEASE = f"""UPDATE runs SET
-    status = {_KEPT_ST},
-    due_at = {_RELEASED_DUE.format(st=_KEPT_ST, pos="inbox_pos")},
-    lease_owner = NULL,
-    lease_expires_at = NULL
-WHERE run_id = :run_id AND lease_token = :token AND lease_owner IS NOT NULL"""
-
-
-_FIELDS = [name.strip() for name in _COLS.split(",")]
-
 
 def _record(row: Row) -> RunRecord:
-    f = dict(zip(_FIELDS, row, strict=True))
+    f = dict(zip(sql.FIELDS, row, strict=True))
     f["status"] = RunStatus(f["status"])
     f["result"] = None if f["result"] is None else orjson.loads(f["result"])
     f["cancel_requested"] = bool(f["cancel_requested"])
     return RunRecord(**f)
-
-
-def _list_query(q: RunQuery) -> tuple[str, list[Any]]:
-    """``list_runs``' statement for ``q``: a WHERE term per set field, newest first
-    (runs_created or runs_wf_created read backwards)."""
-    where: list[str] = []
-    args: list[Any] = []
-    if q.workflow is not None:
-        where.append("workflow = ?")
-        args.append(q.workflow)
-    for column, values in (
-        ("status", None if q.statuses is None else sorted(s.value for s in q.statuses)),
-        ("run_id", None if q.run_ids is None else sorted(q.run_ids)),
-    ):
-        if values is not None:
-            where.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "0")
-            args += values
-    for column, low, high in (
-        ("created_at", q.created_after, q.created_before),
-        ("started_at", q.started_after, q.started_before),
-        ("ended_at", q.ended_after, q.ended_before),
-    ):
-        if low is not None:
-            where.append(f"{column} >= ?")
-            args.append(low)
-        if high is not None:
-            where.append(f"{column} <= ?")
-            args.append(high)
-    if q.before is not None:
-        where.append("(created_at, run_id) < (?, ?)")
-        args += [q.before[0], q.before[1]]
-    sql = f"SELECT {_COLS} FROM runs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
-    args.append(-1 if q.limit is None else max(q.limit, 0))
-    return sql, args
 
 
 def _transact(
@@ -208,7 +95,7 @@ def _transact(
 
 
 def _fence_error(c: sqlite3.Connection, run_id: str, token: int, expected: int) -> Exception:
-    """Why an UPDATE with ``_FENCE`` matched no row."""
+    """Why an UPDATE with ``sql.FENCE`` matched no row."""
     row = c.execute("SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     if row is None:
         return RunNotFound(run_id)
@@ -333,11 +220,11 @@ class SQLiteBackend:
                 f"this version understands up to {SCHEMA_VERSION}"
             )
         if found is None:  # a fresh file; not executescript(): it would COMMIT first
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
+            for stmt in filter(str.strip, sql.SCHEMA.split(";")):
                 c.execute(stmt)
         else:
             for version in range(found + 1, SCHEMA_VERSION + 1):
-                for stmt in _UPGRADES[version]:
+                for stmt in sql.UPGRADES[version]:
                     c.execute(stmt)
         c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
@@ -439,7 +326,7 @@ class SQLiteBackend:
         marks = ", ".join("?" * len(wanted))
         select = (
             f"SELECT run_id, lease_token FROM runs WHERE queue = ? AND due_at <= ? "
-            f"AND workflow IN ({marks}) AND status NOT IN {_TERMINAL} "
+            f"AND workflow IN ({marks}) AND status NOT IN {sql.TERMINAL} "
             f"AND (lease_expires_at IS NULL OR lease_expires_at <= ?) "
             f"ORDER BY due_at, created_at, run_id LIMIT ?"
         )
@@ -464,7 +351,7 @@ class SQLiteBackend:
         self._count("read")
 
         def tx(c: sqlite3.Connection) -> Snapshot | None:
-            row = c.execute(f"SELECT {_COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            row = c.execute(f"SELECT {sql.COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
             rec = _record(row)
@@ -524,7 +411,7 @@ class SQLiteBackend:
         rows = [(run_id, expected_len + i, data) for i, data in enumerate(records)]
 
         def tx(c: sqlite3.Connection) -> int:
-            if c.execute(_APPEND if update is None else _APPEND_UPDATE, params).rowcount != 1:
+            if c.execute(sql.APPEND if update is None else sql.APPEND_UPDATE, params).rowcount != 1:
                 raise _fence_error(c, run_id, token, expected_len)
             if rows:
                 c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
@@ -553,7 +440,7 @@ class SQLiteBackend:
         rows = [(run_id, pos, data) for pos, data in enumerate(records)]
 
         def tx(c: sqlite3.Connection) -> int:
-            if c.execute(_REWRITE, params).rowcount != 1:
+            if c.execute(sql.REWRITE, params).rowcount != 1:
                 raise _fence_error(c, run_id, token, expected_len)
             c.execute("DELETE FROM log WHERE run_id = ?", (run_id,))
             c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
@@ -565,14 +452,14 @@ class SQLiteBackend:
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
     ) -> set[str]:
         self._count("renew")
-        sql = (
+        stmt = (
             "UPDATE runs SET lease_expires_at = ? "
             "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL"
         )
         expires, pairs = now + lease_seconds, list(leases.items())
 
         def renew(c: sqlite3.Connection) -> set[str]:  # one transaction for all
-            return {rid for rid, tok in pairs if c.execute(sql, (expires, rid, tok)).rowcount}
+            return {rid for rid, tok in pairs if c.execute(stmt, (expires, rid, tok)).rowcount}
 
         return await self._write(renew) if pairs else set()
 
@@ -587,7 +474,7 @@ class SQLiteBackend:
             "due_at": due_at,
             "now": now,
         }
-        released = await self._write(lambda c: c.execute(_RELEASE, params).rowcount == 1)
+        released = await self._write(lambda c: c.execute(sql.RELEASE, params).rowcount == 1)
         if released:
             self._hub.publish(run_id)
         return released
@@ -623,7 +510,7 @@ class SQLiteBackend:
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 f"UPDATE runs SET cancel_requested = 1, due_at = ? "
-                f"WHERE run_id = ? AND status NOT IN {_TERMINAL}",
+                f"WHERE run_id = ? AND status NOT IN {sql.TERMINAL}",
                 (now, run_id),
             )
             if cur.rowcount == 1:
@@ -637,21 +524,21 @@ class SQLiteBackend:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
-        sql = f"SELECT {_COLS} FROM runs WHERE run_id = ?"
-        row: Row | None = await self._run(lambda c: c.execute(sql, (run_id,)).fetchone(), None)
+        stmt = f"SELECT {sql.COLS} FROM runs WHERE run_id = ?"
+        row: Row | None = await self._run(lambda c: c.execute(stmt, (run_id,)).fetchone(), None)
         return None if row is None else _record(row)
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
-        sql, args = _list_query(query)
-        rows: list[Row] = await self._run(lambda c: c.execute(sql, args).fetchall(), None)
+        stmt, args = sql.list_query(query)
+        rows: list[Row] = await self._run(lambda c: c.execute(stmt, args).fetchall(), None)
         return [_record(row) for row in rows]
 
     # -- test helpers -------------------------------------------------------
 
     async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
-        sql = "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?"
-        changed = await self._write(lambda c: c.execute(sql, (data, run_id, position)).rowcount)
+        stmt = "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?"
+        changed = await self._write(lambda c: c.execute(stmt, (data, run_id, position)).rowcount)
         if changed != 1:
             raise IndexError(f"run {run_id!r} has no log record #{position}")
