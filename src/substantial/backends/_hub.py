@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator
 
 
@@ -45,7 +46,8 @@ class LocalHub:
             self._subs.remove(entry)
 
 
-_shared: dict[str, LocalHub] = {}
+# Weak: a hub lives while a backend object holds it (no growth with every tmp store).
+_shared: weakref.WeakValueDictionary[str, LocalHub] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 
@@ -55,5 +57,6 @@ def shared_hub(key: str) -> LocalHub:
     with _shared_lock:
         hub = _shared.get(key)
         if hub is None:
-            hub = _shared[key] = LocalHub()
+            hub = LocalHub()
+            _shared[key] = hub
         return hub

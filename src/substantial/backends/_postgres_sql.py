@@ -1,4 +1,5 @@
-"""SQL text of the PostgreSQL store: its migrations and statements.
+"""SQL text of the PostgreSQL store: its migrations and statements, and the decoding
+of what they return.
 
 Templates: ``{s}`` = the quoted schema, ``{t}`` = the terminal statuses (text[]),
 ``{c}`` = the run columns of ``runs r`` (the log length computed), ``{n}`` = the log
@@ -10,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._protocol import RunQuery
+import orjson
+
+from .._types import RunStatus
+from ..errors import LeaseLost, RunNotFound
+from . import _rules as rules
+from ._protocol import RunQuery, RunRecord
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial layout
@@ -329,6 +335,29 @@ def list_query(q: RunQuery) -> tuple[str, list[Any]]:
     sql = LIST + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY r.created_at DESC, r.run_id DESC"
     if q.limit is not None:
-        term(" LIMIT ?", max(q.limit, 0))
-        sql += where.pop()
+        args.append(max(q.limit, 0))
+        sql += f" LIMIT ${len(args)}"
     return sql, args
+
+
+# -- rows: what the statements above return, decoded --------------------------------
+
+
+def fenced(run_id: str, expected_len: int, row: Any) -> int:
+    """The new log length from ``append_step`` / ``rewrite_log``'s row, or their refusal."""
+    code, length = int(row["o_code"]), row["o_len"]
+    if code == 1:
+        raise RunNotFound(run_id)
+    if code == 2:
+        raise LeaseLost(run_id)
+    if code == 3:
+        raise rules.log_moved(run_id, length, expected_len)
+    return int(length)
+
+
+def to_record(row: Any) -> RunRecord:
+    fields = {k: row[k] for k in FIELDS}
+    fields["status"] = RunStatus(fields["status"])
+    if fields["result"] is not None:
+        fields["result"] = orjson.loads(fields["result"])
+    return RunRecord(**fields)

@@ -35,6 +35,14 @@ checks each one):
   raises RunNotFound; terminal run: raises RunFinished.
 * ``read`` returns the run, its log from ``log_from``, and inbox items with
   id > ``inbox_pos`` in id order.
+* ``list_runs`` returns the runs matching a :class:`RunQuery`, newest first, a
+  page at a time (``limit`` and the ``before`` cursor).
+* ``subscribe`` yields ``""`` first, once every later change will be hinted.
+
+The stores that hold runs as Python objects apply these rules through
+``backends._rules`` (one implementation); the SQL and Lua stores mirror them.
+Opening a store (``open``) is safe while other processes open it too, a fresh
+store included.
 """
 
 from __future__ import annotations

@@ -99,26 +99,6 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
 
 
-def _fenced(run_id: str, expected_len: int, row: Any) -> int:
-    """The new log length from ``append_step`` / ``rewrite_log``'s row, or their refusal."""
-    code, length = int(row["o_code"]), row["o_len"]
-    if code == 1:
-        raise RunNotFound(run_id)
-    if code == 2:
-        raise LeaseLost(run_id)
-    if code == 3:
-        raise rules.log_moved(run_id, length, expected_len)
-    return int(length)
-
-
-def _to_record(row: Any) -> RunRecord:
-    fields = {k: row[k] for k in sql.FIELDS}
-    fields["status"] = RunStatus(fields["status"])
-    if fields["result"] is not None:
-        fields["result"] = orjson.loads(fields["result"])
-    return RunRecord(**fields)
-
-
 class PostgresBackend:
     """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``."""
 
@@ -404,7 +384,7 @@ class PostgresBackend:
             return None
         pairs = zip(row["inbox_ids"], row["inbox_data"], strict=True)
         return Snapshot(
-            run=_to_record(row),
+            run=sql.to_record(row),
             log=[bytes(d) for d in row["log_data"]],
             inbox=[InboxItem(id=i, data=bytes(d)) for i, d in pairs],
         )
@@ -442,7 +422,7 @@ class PostgresBackend:
         args = (run_id, token, expected_len, list(records), update is not None, status,
                 u.has_result, result, u.error, u.error_type, u.ended_at, u.inbox_pos,
                 u.release, u.due_at, now, _TERMINAL, self._channel)  # fmt: skip
-        return _fenced(run_id, expected_len, await self._q("fetchrow", sql.APPEND, *args))
+        return sql.fenced(run_id, expected_len, await self._q("fetchrow", sql.APPEND, *args))
 
     async def rewrite_log(
         self,
@@ -457,12 +437,12 @@ class PostgresBackend:
         # Retried: a landed first attempt makes the retry's length check fail (LeaseLost)
         # unless the length did not change, when it writes the same records again.
         args = (run_id, token, expected_len, list(records))
-        return _fenced(run_id, expected_len, await self._q("fetchrow", sql.REWRITE, *args))
+        return sql.fenced(run_id, expected_len, await self._q("fetchrow", sql.REWRITE, *args))
 
     async def _refused(self, run_id: str, token: int, expected_len: int) -> None:
         """Raise the reason a records-only append matched no row (the rare path)."""
         row = await self._q("fetchrow", sql.FENCE, run_id, token)
-        _fenced(run_id, expected_len, row or {"o_code": 1, "o_len": None})
+        sql.fenced(run_id, expected_len, row or {"o_code": 1, "o_len": None})
         raise LeaseLost(run_id)  # not reached: the row says why (code 2 or 3)
 
     async def renew(
@@ -513,12 +493,12 @@ class PostgresBackend:
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         row = await self._q("fetchrow", sql.GET, run_id)
-        return None if row is None else _to_record(row)
+        return None if row is None else sql.to_record(row)
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         template, args = sql.list_query(query)
-        return [_to_record(r) for r in await self._q("fetch", template, *args)]
+        return [sql.to_record(r) for r in await self._q("fetch", template, *args)]
 
     # -- wake-ups -----------------------------------------------------------------
 

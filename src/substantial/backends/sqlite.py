@@ -31,8 +31,16 @@ Why it is built this way:
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
   run's log rows and the INSERT of the new ones, in one transaction.
 
-Changes made in this process are hinted through a :class:`LocalHub`; changes
-made by other processes are only seen by polling every ``poll_interval``.
+Changes made in this process are hinted through the process-wide hub of this file
+(every backend object on the same resolved path shares it, so a second Conductor in
+this process is never left to the poll); changes made by other processes are only
+seen by polling every ``poll_interval``.
+
+Opening is safe while other processes open the same fresh file: the busy timeout
+is set first, the WAL switch is skipped when already done, the schema is created
+or upgraded in one BEGIN IMMEDIATE transaction that a second opener waits for and
+then finds done, and the collisions SQLite reports as busy without waiting (a WAL
+switch or recovery in another connection) make setup retry until the busy timeout.
 """
 
 from __future__ import annotations
