@@ -22,7 +22,7 @@ import orjson
 
 from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
-from .backends import Backend, Claim, NewRun, RunRecord, RunUpdate, default_url
+from .backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate, default_url
 from .codec import dumps
 from .errors import (
     BackendError,
@@ -204,10 +204,9 @@ class Journal:
     async def get_or_none(self, run_id: str) -> RunRecord | None:
         return await self.backend.get_run(run_id)
 
-    async def list_runs(
-        self, workflow: str | None, statuses: Collection[RunStatus] | None = None
-    ) -> list[RunRecord]:
-        return await self.backend.list_runs(workflow=workflow, statuses=statuses)
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """Runs matching ``query``, newest first (one page of at most ``query.limit``)."""
+        return await self.backend.list_runs(query)
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         snap = await self.backend.read(run_id)

@@ -13,11 +13,15 @@ between a stored float and a datetime can never exclude a run.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ._types import RunStatus
+import orjson
+
+from ._types import RunStatus, RunSummary
+from .errors import ClientError
 from .filters import parse_datetime, required_statuses
 
 _SLACK = 0.001  # seconds: stored floats and filter datetimes round differently
@@ -121,3 +125,28 @@ def _max(a: float | None, b: float | None) -> float | None:
 
 def _min(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RunPage:
+    """One page of search results, newest first; ``next_cursor`` is None on the last."""
+
+    runs: list[RunSummary]
+    next_cursor: str | None
+
+
+def encode_cursor(position: tuple[float, str]) -> str:
+    """An opaque cursor: where the page ended, in the store's newest-first order."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode()
+
+
+def decode_cursor(cursor: str | None) -> tuple[float, str] | None:
+    if cursor is None:
+        return None
+    try:
+        created, run_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if isinstance(created, int | float) and isinstance(run_id, str):
+            return float(created), run_id
+    except (ValueError, TypeError):
+        pass
+    raise ClientError(f"not a search cursor: {cursor!r}")

@@ -16,7 +16,7 @@ from ._hints import HintRelay
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._supervision import Backoff, Outage
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
-from .backends import Backend, RunRecord, open_backend
+from .backends import Backend, RunQuery, RunRecord, open_backend
 from .errors import (
     BackendUnavailable,
     ClientError,
@@ -26,7 +26,8 @@ from .errors import (
     RunFinished,
     RunReverted,
 )
-from .filters import compile_filter, required_statuses
+from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
+from .filters import compile_filter
 from .worker import Worker, WorkerOptions, install_sigterm
 from .workflow import Workflow, workflow_name
 
@@ -379,17 +380,65 @@ class Conductor:
         return RunHandle(self, run_id)
 
     async def search(
-        self, workflow_name: str | Workflow[Any] | None, filter: Mapping[str, Any] | None = None
+        self,
+        workflow_name: str | Workflow[Any] | None,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
     ) -> list[RunSummary]:
-        """Runs of a workflow matching ``filter`` (the Metatype grammar; see filters)."""
+        """Runs matching ``filter`` (the Metatype grammar; see filters), newest first.
+
+        ``limit`` caps how many are returned; ``cursor`` continues after a page
+        (see :meth:`search_page`, which also returns the next cursor)."""
+        if limit is not None:
+            return (await self.search_page(workflow_name, filter, limit=limit, cursor=cursor)).runs
+        out: list[RunSummary] = []
+        while True:
+            page = await self.search_page(workflow_name, filter, limit=500, cursor=cursor)
+            out += page.runs
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
+
+    async def search_page(
+        self,
+        workflow_name: str | Workflow[Any] | None,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """One page of :meth:`search`: at most ``limit`` runs and the cursor of the
+        next page (None when this is the last). The store filters what it can
+        (status, run id and time terms; see ``_pushdown``); the filter decides."""
+        if limit < 1:
+            raise ClientError(f"limit must be at least 1, got {limit}")
         pred = compile_filter(filter)
+        narrow = narrowing(filter)
+        after = decode_cursor(cursor)
         await self._ensure_open()
+        if narrow.matches_nothing:
+            return RunPage(runs=[], next_cursor=None)
         name = None if workflow_name is None else globals()["workflow_name"](workflow_name)
-        statuses = required_statuses(filter)  # pushed down; the predicate still decides
-        if statuses is not None and not statuses:
-            return []
-        runs = await self.journal.list_runs(name, statuses)
-        return [s for s in map(summarize, runs) if pred(s)]
+        batch = max(limit, 100)
+        found: list[RunSummary] = []
+        while True:
+            query = RunQuery(workflow=name, limit=batch, before=after, **narrow.query_fields())
+            runs = await self.journal.list_runs(query)
+            last_batch = len(runs) < batch
+            for i, run in enumerate(runs):
+                after = (run.created_at, run.run_id)
+                summary = summarize(run)
+                if pred(summary):
+                    found.append(summary)
+                    if len(found) == limit:
+                        more = not last_batch or any(pred(summarize(r)) for r in runs[i + 1 :])
+                        return RunPage(
+                            runs=found, next_cursor=encode_cursor(after) if more else None
+                        )
+            if last_batch:
+                return RunPage(runs=found, next_cursor=None)
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
         """The run's record once it ended. Subscribed before each look (no lost

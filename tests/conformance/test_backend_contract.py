@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import Backend, NewRun, RunUpdate
+from substantial.backends import Backend, NewRun, RunQuery, RunRecord, RunUpdate
 from substantial.errors import LeaseLost, RunFinished, RunNotFound
 
 T0 = 1_700_000_000.0
@@ -22,13 +23,14 @@ def new_run(
     wf: str = "wf",
     queue: str = "default",
     first: bytes = b'{"k":"start"}',
+    created: float = T0,
 ) -> NewRun:
     return NewRun(
         run_id=run_id or uuid.uuid4().hex,
         workflow=wf,
         queue=queue,
         first_record=first,
-        created_at=T0,
+        created_at=created,
         due_at=due,
     )
 
@@ -373,11 +375,108 @@ async def test_list_runs_filters_by_workflow_and_status(backend: Backend) -> Non
     await backend.create_run(new_run("b", wf="other"))
     await backend.create_run(new_run("c", wf="wf"))
     await claim_one(backend)  # a or c becomes RUNNING
-    runs = await backend.list_runs(workflow="wf")
+    runs = await backend.list_runs(RunQuery(workflow="wf"))
     assert sorted(r.run_id for r in runs) == ["a", "c"]
-    pending = await backend.list_runs(statuses=[RunStatus.PENDING])
+    pending = await backend.list_runs(RunQuery(statuses=frozenset({RunStatus.PENDING})))
     assert len(pending) == 2
-    assert len(await backend.list_runs(limit=2)) == 2
+    assert len(await backend.list_runs(RunQuery(limit=2))) == 2
+    assert await backend.list_runs(RunQuery(limit=0)) == []
+    assert await backend.list_runs(RunQuery(statuses=frozenset())) == []
+    assert await backend.list_runs(RunQuery(workflow="nobody")) == []
+
+
+def _ids(runs: list[RunRecord]) -> list[str]:
+    return [r.run_id for r in runs]
+
+
+async def test_list_runs_is_newest_first_by_created_at_then_run_id(backend: Backend) -> None:
+    for rid, created in [("b", T0 + 1), ("a", T0 + 1), ("c", T0), ("d", T0 + 2), ("e", T0)]:
+        await backend.create_run(new_run(rid, created=created))
+    assert _ids(await backend.list_runs(RunQuery())) == ["d", "b", "a", "e", "c"]
+    assert _ids(await backend.list_runs()) == ["d", "b", "a", "e", "c"]
+
+
+async def test_list_runs_pages_through_every_run_exactly_once(backend: Backend) -> None:
+    # ties on created_at across page boundaries, and distinct times
+    for i in range(25):
+        await backend.create_run(new_run(f"r{i:02}", created=T0 + i // 4))
+    seen: list[str] = []
+    before: tuple[float, str] | None = None
+    pages = 0
+    while True:
+        page = await backend.list_runs(RunQuery(limit=10, before=before))
+        if not page:
+            break
+        pages += 1
+        assert len(page) <= 10
+        seen += _ids(page)
+        before = (page[-1].created_at, page[-1].run_id)
+    assert pages == 3
+    assert seen == sorted((f"r{i:02}" for i in range(25)), key=lambda r: (int(r[1:]) // 4, r),
+                          reverse=True)  # fmt: skip
+    # the cursor combines with the other fields
+    page = await backend.list_runs(RunQuery(before=(T0 + 2, "r09"), created_after=T0 + 1, limit=3))
+    assert _ids(page) == ["r08", "r07", "r06"]
+
+
+async def _timeline(backend: Backend) -> None:
+    """Runs t0..t4 created a second apart (t4 in another workflow); t0, t1, t2 claimed
+    (started) at +10, +11, +12, oldest first; t1 and t2 failed (ended) at +20, +21."""
+    for i in range(5):
+        await backend.create_run(new_run(f"t{i}", created=T0 + i, wf="wf" if i < 4 else "x"))
+    tokens = {}
+    for i in range(3):
+        c = await claim_one(backend, now=T0 + 10 + i, lease=100)
+        assert c is not None and c.run_id == f"t{i}"
+        tokens[c.run_id] = c.token
+    for rid, ended in (("t1", T0 + 20), ("t2", T0 + 21)):
+        update = RunUpdate(status=RunStatus.FAILED, error="e", ended_at=ended)
+        await backend.append(rid, token=tokens[rid], expected_len=1, records=[b"end"],
+                             update=update, now=ended)  # fmt: skip
+
+
+async def test_list_runs_filters_on_every_field(backend: Backend) -> None:
+    await _timeline(backend)
+    # t3 and t4 never started, t0 never ended: None matches no bound on that time
+    cases: list[tuple[RunQuery, list[str]]] = [
+        (RunQuery(workflow="wf"), ["t3", "t2", "t1", "t0"]),
+        (RunQuery(statuses=frozenset({RunStatus.FAILED})), ["t2", "t1"]),
+        (RunQuery(statuses=frozenset({RunStatus.PENDING, RunStatus.RUNNING})), ["t4", "t3", "t0"]),
+        (RunQuery(run_ids=frozenset({"t0", "t3", "ghost"})), ["t3", "t0"]),
+        (RunQuery(created_after=T0 + 3), ["t4", "t3"]),
+        (RunQuery(created_before=T0 + 1), ["t1", "t0"]),
+        (RunQuery(created_after=T0 + 1, created_before=T0 + 2), ["t2", "t1"]),
+        (RunQuery(started_after=T0 + 11), ["t2", "t1"]),
+        (RunQuery(started_before=T0 + 10), ["t0"]),
+        (RunQuery(started_after=T0), ["t2", "t1", "t0"]),
+        (RunQuery(ended_after=T0 + 21), ["t2"]),
+        (RunQuery(ended_before=T0 + 20), ["t1"]),
+        (RunQuery(ended_before=T0 + 100), ["t2", "t1"]),
+        (RunQuery(workflow="wf", statuses=frozenset({RunStatus.PENDING})), ["t3"]),
+        (RunQuery(run_ids=frozenset({"t1", "t2"}), ended_after=T0 + 21), ["t2"]),
+        (RunQuery(workflow="x", created_after=T0 + 5), []),
+        (RunQuery(run_ids=frozenset()), []),
+    ]
+    for query, expected in cases:
+        assert _ids(await backend.list_runs(query)) == expected, query
+
+
+async def test_a_failure_keeps_its_error_type(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    update = RunUpdate(status=RunStatus.FAILED, error="'address'", error_type="KeyError",
+                       ended_at=T0)  # fmt: skip
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"e"], update=update, now=T0)
+    run = await backend.get_run("r1")
+    assert run is not None and run.error_type == "KeyError" and run.error == "'address'"
+    [listed] = await backend.list_runs(RunQuery(run_ids=frozenset({"r1"})))
+    assert listed.error_type == "KeyError"
+    snap = await backend.read("r1")
+    assert snap is not None and snap.run.error_type == "KeyError"
+    await backend.create_run(new_run("r2"))
+    fresh = await backend.get_run("r2")
+    assert fresh is not None and fresh.error_type is None
 
 
 async def test_binary_records_round_trip_unchanged(backend: Backend) -> None:
@@ -392,14 +491,73 @@ async def test_binary_records_round_trip_unchanged(backend: Backend) -> None:
     assert snap.inbox[0].data == weird
 
 
-async def test_subscribe_hints_after_delivery(backend: Backend) -> None:
-    await backend.create_run(new_run("r1", due=None))
+async def _hinted(stream: AsyncIterator[str], run_id: str) -> None:
+    """Wait (bounded) until ``run_id`` is hinted; other hints may come first."""
+    async with asyncio.timeout(10):
+        async for item in stream:
+            if item == run_id:
+                return
+
+
+async def _claimed_run(backend: Backend, run_id: str) -> int:
+    await backend.create_run(new_run(run_id))
+    c = await claim_one(backend)
+    assert c is not None and c.run_id == run_id
+    return c.token
+
+
+CHANGES = ["create_run", "deliver", "release", "append_release", "request_cancel"]
+
+
+@pytest.mark.parametrize("change", CHANGES)
+async def test_subscribe_yields_empty_first_then_hints_every_later_change(
+    backend: Backend, change: str
+) -> None:
+    token = 0
+    if change == "deliver" or change == "request_cancel":
+        await backend.create_run(new_run("r1", due=None))
+    elif change != "create_run":
+        token = await _claimed_run(backend, "r1")
     stream = backend.subscribe()
-    waiter = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0.2)
-    await backend.deliver("r1", b"x", now=T0)
-    assert await asyncio.wait_for(waiter, 5) in ("r1", "")
-    await stream.aclose()  # type: ignore[attr-defined]
+    try:
+        async with asyncio.timeout(10):
+            assert await anext(stream) == ""
+        # no pause: a change right after the first item must be hinted
+        if change == "create_run":
+            await backend.create_run(new_run("r1"))
+        elif change == "deliver":
+            await backend.deliver("r1", b"x", now=T0)
+        elif change == "release":
+            assert await backend.release(
+                "r1", token=token, due_at=None, status=RunStatus.SUSPENDED, now=T0
+            )
+        elif change == "append_release":
+            update = RunUpdate(status=RunStatus.SUSPENDED, release=True)
+            await backend.append("r1", token=token, expected_len=1, records=[b"s"],
+                                 update=update, now=T0)  # fmt: skip
+        else:
+            await backend.request_cancel("r1", now=T0)
+        await _hinted(stream, "r1")
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_change_racing_the_subscription_is_seen_or_hinted(backend: Backend) -> None:
+    """Subscribing and creating in the same tick: the subscriber's first look, taken
+    after the first item, finds the run, or the run is hinted later. Never neither."""
+    for attempt in range(5):
+        rid = f"race{attempt}"
+        stream = backend.subscribe()
+        try:
+            first, created = await asyncio.gather(anext(stream), backend.create_run(new_run(rid)))
+            assert first == "" and created
+            claims = await backend.claim_due(
+                queue="default", workflows=WF, limit=10, owner="w", lease_seconds=60, now=T0
+            )
+            if rid not in [c.run_id for c in claims]:
+                await _hinted(stream, rid)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
 
 # -- rewrite_log (compaction) -----------------------------------------------------

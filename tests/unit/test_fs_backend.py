@@ -84,7 +84,7 @@ async def test_corrupt_helper_overwrites_one_record(fs: FSBackend) -> None:
     await fs.create_run(_new("r1", first=b"0"))
     token = await _claim(fs)
     await fs.append("r1", token=token, expected_len=1, records=[b"1", b"2"], now=T0)
-    fs.corrupt("r1", 1, b"garbage!")
+    await fs.corrupt("r1", 1, b"garbage!")
     snap = await fs.read("r1", log_from=1)
     assert snap is not None and snap.log == [b"garbage!", b"2"]
 
@@ -170,3 +170,21 @@ async def test_a_newer_store_format_is_refused(tmp_path: Path) -> None:
 
 def test_poll_interval_is_configurable(tmp_path: Path) -> None:
     assert FSBackend(tmp_path, poll_interval=2.0).poll_interval == 2.0
+
+
+async def test_a_run_json_written_before_error_type_reads_none(
+    fs: FSBackend, tmp_path: Path
+) -> None:
+    await fs.create_run(_new("r1"))
+    path = tmp_path / "root" / "runs" / "r1" / "run.json"
+    doc = orjson.loads(path.read_bytes())
+    assert "error_type" in doc  # written by this version
+    del doc["error_type"]  # as an older version wrote it
+    path.write_bytes(orjson.dumps(doc))
+    run = await fs.get_run("r1")
+    assert run is not None and run.error_type is None and run.status == RunStatus.PENDING
+    token = await _claim(fs)
+    update = RunUpdate(status=RunStatus.FAILED, error="e", error_type="KeyError", ended_at=T0)
+    await fs.append("r1", token=token, expected_len=1, records=[b"x"], update=update, now=T0)
+    run = await fs.get_run("r1")
+    assert run is not None and run.error_type == "KeyError"

@@ -110,10 +110,61 @@ async def test_corrupt_overwrites_one_record(tmp_path: Path) -> None:
     b = SQLiteBackend(tmp_path / "s.db")
     await b.open()
     await b.create_run(_new("r1"))
-    b.corrupt("r1", 0, b"\xffgarbage")
+    await b.corrupt("r1", 0, b"\xffgarbage")
     snap = await b.read("r1")
     assert snap is not None and snap.log == [b"\xffgarbage"]
     with pytest.raises(IndexError):
-        b.corrupt("r1", 5, b"x")
+        await b.corrupt("r1", 5, b"x")
     assert b.calls["create_run"] == 1 and b.calls["read"] == 1
     await b.close()
+
+
+_VERSION_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('schema_version', 1);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
+    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
+    due_at REAL, result TEXT, error TEXT, log_len INTEGER NOT NULL DEFAULT 0,
+    inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
+    lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
+);
+CREATE INDEX runs_claim ON runs (queue, due_at);
+CREATE INDEX runs_created ON runs (created_at, run_id);
+CREATE TABLE log (
+    run_id TEXT NOT NULL, pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, pos)
+) WITHOUT ROWID;
+CREATE TABLE inbox (
+    run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
+) WITHOUT ROWID;
+INSERT INTO runs (run_id, workflow, queue, status, created_at, due_at, log_len)
+    VALUES ('old', 'wf', 'default', 'PENDING', 1700000000.0, 1700000000.0, 1);
+INSERT INTO log VALUES ('old', 0, x'30');
+"""
+
+
+async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_VERSION_1)
+    conn.close()
+    b = SQLiteBackend(path)
+    await b.open()
+    try:
+        old = await b.get_run("old")
+        assert old is not None and old.error_type is None and old.log_len == 1
+        [c] = await b.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                                lease_seconds=30, now=T0)  # fmt: skip
+        update = RunUpdate(status=RunStatus.FAILED, error="e", error_type="KeyError", ended_at=T0)
+        await b.append("old", token=c.token, expected_len=1, records=[b"x"], update=update, now=T0)
+        run = await b.get_run("old")
+        assert run is not None and run.error_type == "KeyError"
+    finally:
+        await b.close()
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
+    conn.close()
+    assert row[0] == SCHEMA_VERSION == 2
+    assert "runs_wf_created" in indexes

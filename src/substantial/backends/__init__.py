@@ -7,16 +7,30 @@ needs redis or asyncpg installed; a missing extra is a clear ConfigurationError.
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qs, urlencode, urlsplit
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import ConfigurationError
-from ._protocol import Backend, Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Backend,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 
 __all__ = [
+    "ALL_RUNS",
     "Backend",
     "Claim",
     "InboxItem",
     "NewRun",
+    "RunQuery",
     "RunRecord",
     "RunUpdate",
     "Snapshot",
@@ -36,17 +50,124 @@ def _missing(extra: str, exc: ImportError) -> ConfigurationError:
     )
 
 
+def _flag(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+# Our own options per scheme: name -> parser (the parsed value goes to the constructor).
+_OWN: dict[str, dict[str, Callable[[str], Any]]] = {
+    "memory": {},
+    "sqlite": {"poll_interval": _positive, "busy_timeout": _positive},
+    "file": {"poll_interval": _positive, "fsync": _flag},
+    "redis": {"prefix": str, "poll_interval": _positive, "max_connections": int},
+    "postgresql": {
+        "schema": str,
+        "poll_interval": _positive,
+        "min_size": _count,
+        "max_size": int,
+        "connect_timeout": _positive,
+        "application_name": str,
+    },
+}
+# Driver options passed through in the URL, curated: a typo must not reach the driver
+# (redis-py turns it into a TypeError, asyncpg into a server setting the server refuses).
+_REDIS_DRIVER = frozenset({
+    "db", "username", "password", "client_name", "socket_timeout", "socket_connect_timeout",
+    "socket_keepalive", "retry_on_timeout", "health_check_interval",
+})  # fmt: skip
+_REDIS_TLS = frozenset({
+    "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "ssl_check_hostname",
+})  # fmt: skip
+_LIBPQ = frozenset({
+    "host", "port", "dbname", "database", "user", "password", "passfile", "service",
+    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib",
+})  # fmt: skip
+_DRIVER: dict[str, frozenset[str]] = {
+    "redis": _REDIS_DRIVER,
+    "rediss": _REDIS_DRIVER | _REDIS_TLS,
+    "postgresql": _LIBPQ,
+}
+
+
+def _options(scheme: str, query: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split a URL query into our parsed options and the driver's, refusing unknown names.
+
+    Values are never quoted in errors (a query may hold a password)."""
+    family = "redis" if scheme in ("redis", "rediss") else scheme
+    own_parsers = _OWN[family]
+    driver_names = _DRIVER.get(scheme, frozenset())
+    own: dict[str, Any] = {}
+    driver: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in own_parsers:
+            try:
+                own[name] = own_parsers[name](value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{scheme}:// URL option {name!r} has an invalid value"
+                ) from None
+        elif name in driver_names:
+            driver[name] = value
+        else:
+            known = sorted({*own_parsers, *driver_names})
+            listing = ", ".join(known) if known else "none"
+            raise ConfigurationError(
+                f"unknown {scheme}:// URL option {name!r}; known options: {listing}"
+            )
+    return own, driver
+
+
+def _with_query(parts: Any, driver: Mapping[str, str]) -> str:
+    return str(parts._replace(query=urlencode(driver)).geturl())
+
+
 def open_backend(url: str | None = None) -> Backend:
     """Build a backend from a URL (not yet connected; the Conductor opens it).
 
     ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////abs.db``,
     ``file:///dir``, ``redis://host:port/db?prefix=p``,
-    ``postgresql://user@host/db?schema=s``.
+    ``postgresql://user@host/db?schema=s``. ``None`` means :func:`default_url`;
+    an empty URL or an unknown query option is a ConfigurationError.
     """
-    url = url or default_url()
+    if url is None:
+        url = default_url()
+    if not url.strip():
+        raise ConfigurationError(
+            "the store URL is empty; pass None for the default, or e.g. 'sqlite:///state.db'"
+        )
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if scheme == "postgres":
+        scheme = "postgresql"
+    if scheme == "s3":
+        raise ConfigurationError("the s3:// store is not available yet in this version")
+    if scheme not in _OWN and scheme != "rediss":
+        raise ConfigurationError(
+            f"unknown store URL scheme {scheme!r}; expected memory, sqlite, file, redis or "
+            "postgresql"
+        )
+    own, driver = _options(scheme, parts.query)
     if scheme == "memory":
         from .memory import MemoryBackend
 
@@ -57,31 +178,21 @@ def open_backend(url: str | None = None) -> Backend:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ConfigurationError("sqlite URL needs a path: sqlite:///state.db")
-        return SQLiteBackend(path)
+        return SQLiteBackend(path, **own)
     if scheme == "file":
         from .fs import FSBackend
 
         if not parts.path:
             raise ConfigurationError("file URL needs a directory: file:///var/lib/substantial")
-        return FSBackend(parts.path)
+        return FSBackend(parts.path, **own)
     if scheme in ("redis", "rediss"):
         try:
             from .redis import RedisBackend
         except ImportError as exc:
             raise _missing("redis", exc) from exc
-        prefix = query.pop("prefix", "substantial")
-        clean = parts._replace(query=urlencode(query)).geturl()
-        return RedisBackend(clean, prefix=prefix)
-    if scheme in ("postgresql", "postgres"):
-        try:
-            from .postgres import PostgresBackend
-        except ImportError as exc:
-            raise _missing("postgres", exc) from exc
-        schema = query.pop("schema", "substantial")
-        clean = parts._replace(query=urlencode(query)).geturl()
-        return PostgresBackend(clean, schema=schema)
-    if scheme == "s3":
-        raise ConfigurationError("the s3:// store is not available yet in this version")
-    raise ConfigurationError(
-        f"unknown store URL scheme {scheme!r}; expected memory, sqlite, file, redis or postgresql"
-    )
+        return RedisBackend(_with_query(parts, driver), **own)
+    try:
+        from .postgres import PostgresBackend
+    except ImportError as exc:
+        raise _missing("postgres", exc) from exc
+    return PostgresBackend(_with_query(parts, driver), **own)

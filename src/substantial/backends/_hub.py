@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import AsyncIterator
 
 
@@ -18,24 +20,43 @@ class LocalHub:
         self._subs: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str]]] = []
 
     def publish(self, run_id: str) -> None:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop, q in list(self._subs):
-            if loop.is_closed():
-                continue
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
             if running is loop:
                 q.put_nowait(run_id)
-            else:
+                continue
+            try:
                 loop.call_soon_threadsafe(q.put_nowait, run_id)
+            except RuntimeError:  # that loop closed while its subscriber was registered
+                continue
 
     async def subscribe(self) -> AsyncIterator[str]:
+        """The queue is registered before the first item, ``""``, is yielded: a
+        publish from then on reaches it (the protocol's readiness rule)."""
         entry = (asyncio.get_running_loop(), asyncio.Queue[str]())
         self._subs.append(entry)
         try:
-            yield ""  # registered: every publish from now on reaches this subscriber
+            yield ""
             while True:
                 yield await entry[1].get()
         finally:
             self._subs.remove(entry)
+
+
+# Weak: a hub lives while a backend object holds it (no growth with every tmp store).
+_shared: weakref.WeakValueDictionary[str, LocalHub] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def shared_hub(key: str) -> LocalHub:
+    """The one hub of this process for the store at ``key`` (a resolved path), so
+    two backend objects on one file or directory see each other's hints."""
+    with _shared_lock:
+        hub = _shared.get(key)
+        if hub is None:
+            hub = LocalHub()
+            _shared[key] = hub
+        return hub

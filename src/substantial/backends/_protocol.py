@@ -35,6 +35,14 @@ checks each one):
   raises RunNotFound; terminal run: raises RunFinished.
 * ``read`` returns the run, its log from ``log_from``, and inbox items with
   id > ``inbox_pos`` in id order.
+* ``list_runs`` returns the runs matching a :class:`RunQuery`, newest first, a
+  page at a time (``limit`` and the ``before`` cursor).
+* ``subscribe`` yields ``""`` first, once every later change will be hinted.
+
+The stores that hold runs as Python objects apply these rules through
+``backends._rules`` (one implementation); the SQL and Lua stores mirror them.
+Opening a store (``open``) is safe while other processes open it too, a fresh
+store included.
 """
 
 from __future__ import annotations
@@ -119,6 +127,34 @@ class RunUpdate:
     @property
     def has_result(self) -> bool:
         return self.result is not _UNSET
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunQuery:
+    """What ``list_runs`` returns: the runs matching every field that is set.
+
+    Time bounds are inclusive (``>=`` / ``<=``); a run whose ``started_at`` (or
+    ``ended_at``) is None never matches a bound on it. Results come newest first,
+    by ``(created_at, run_id)`` descending; ``before`` is the page cursor, the
+    ``(created_at, run_id)`` of the last run a previous page returned, and only
+    runs strictly after it in that order are returned. Each store pushes every
+    field down to where it keeps its runs (an index, a WHERE clause).
+    """
+
+    workflow: str | None = None
+    statuses: frozenset[RunStatus] | None = None
+    run_ids: frozenset[str] | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    started_after: float | None = None
+    started_before: float | None = None
+    ended_after: float | None = None
+    ended_before: float | None = None
+    limit: int | None = None
+    before: tuple[float, str] | None = None
+
+
+ALL_RUNS = RunQuery()
 
 
 @runtime_checkable
@@ -207,14 +243,8 @@ class Backend(Protocol):
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
-        """Runs ordered by created_at then run_id."""
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
+        """The runs matching ``query``, newest first (see :class:`RunQuery`)."""
         ...
 
     def subscribe(self) -> AsyncIterator[str]:

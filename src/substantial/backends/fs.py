@@ -1,6 +1,6 @@
 """The file-system store (``file:///dir``): plain files, shared by processes on one machine.
 
-Layout under ``root`` (``<name>`` is an id made safe for a path, see :func:`_name`)::
+Layout under ``root`` (``<name>`` is an id made safe for a path, see ``_fs_layout.file_name``)::
 
     format                     store format version, created once ("1")
     tmp/                       runs being created (renamed into runs/ when complete)
@@ -47,131 +47,38 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
-import hashlib
 import os
-import re
 import shutil
-import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from .._types import RunStatus
-from ..errors import CorruptRecord, LeaseLost, RunFinished, RunNotFound, SchemaVersionError
-from ._hub import LocalHub
-from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
-from .memory import _apply_update, apply_release
-
-FORMAT = 1
-_FRAME = struct.Struct(">I")
-_FIELDS = tuple(f.name for f in fields(RunRecord))
-_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
-
-Entry = list[Any]  # [due_at, lease_expires_at, workflow, created_at]
-
-
-def _name(key: str) -> str:
-    """A file name for a user-chosen id that can never leave its directory.
-
-    Plain ids are kept readable; anything else (separators, "..", a leading dot,
-    non-ASCII, very long) becomes "~" + sha256, which no plain id can start with.
-    The real id is stored inside ``run.json``.
-    """
-    if _SAFE.fullmatch(key):
-        return key
-    return "~" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """Exclusive flock; each call opens its own descriptor, so threads exclude too."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # drops the lock
-
-
-@dataclass(frozen=True, slots=True)
-class _State:
-    """Everything in run.json."""
-
-    rec: RunRecord
-    last_inbox_id: int = 0
-    log_bytes: int = 0
-    log_gen: int = 0  # rewrite_log count, which names the log file (see _log)
-
-
-@dataclass(frozen=True, slots=True)
-class _Txn:
-    """A run locked for writing (and its queue, when ``qdir`` is set)."""
-
-    dir: Path
-    st: _State
-    qdir: Path | None
-
-
-def _dump(st: _State) -> bytes:
-    doc = {k: getattr(st.rec, k) for k in _FIELDS}
-    doc["last_inbox_id"] = st.last_inbox_id
-    doc["log_bytes"] = st.log_bytes
-    if st.log_gen:  # absent until a rewrite, so older versions still read other runs
-        doc["log_gen"] = st.log_gen
-    return orjson.dumps(doc)
-
-
-def _parse(raw: bytes) -> _State:
-    doc = orjson.loads(raw)
-    last, nbytes, gen = doc.pop("last_inbox_id"), doc.pop("log_bytes"), doc.pop("log_gen", 0)
-    doc["status"] = RunStatus(doc["status"])
-    return _State(RunRecord(**doc), last, nbytes, gen)
-
-
-def _log(d: Path, st: _State) -> Path:
-    """The run's log file: ``log``, then ``log.<gen>`` after each rewrite_log."""
-    return d / (f"log.{st.log_gen}" if st.log_gen else "log")
-
-
-def _fence(run_id: str, rec: RunRecord, token: int, expected_len: int) -> None:
-    """The append fence: ``token`` and ``expected_len`` must both be current."""
-    if rec.lease_token != token:
-        raise LeaseLost(run_id)
-    if rec.log_len != expected_len:
-        msg = f"run {run_id!r}: log length is {rec.log_len}, expected {expected_len}"
-        raise LeaseLost(run_id, msg)
-
-
-def _entry(rec: RunRecord) -> Entry | None:
-    if rec.due_at is None or rec.status.is_terminal:
-        return None
-    return [rec.due_at, rec.lease_expires_at, rec.workflow, rec.created_at]
-
-
-def _eager(a: Entry | None, b: Entry | None) -> Entry | None:
-    """The entry that is claimable whenever ``a`` or ``b`` is (lease None = free)."""
-    if a is None or b is None:
-        return b if a is None else a
-    lease = None if a[1] is None or b[1] is None else min(a[1], b[1])
-    return [min(a[0], b[0]), lease, b[2], b[3]]
-
-
-def _claimable(rec: RunRecord, queue: str, wanted: set[str], now: float) -> bool:
-    return (
-        rec.queue == queue
-        and rec.workflow in wanted
-        and rec.due_at is not None
-        and rec.due_at <= now
-        and (rec.lease_expires_at is None or rec.lease_expires_at <= now)
-        and not rec.status.is_terminal
-    )
+from ..errors import RunFinished, RunNotFound, SchemaVersionError
+from . import _rules as rules
+from ._fs_layout import (
+    FORMAT,
+    Entry,
+    State,
+    Txn,
+    Writer,
+    dump,
+    eager,
+    entry,
+    file_name,
+    flock,
+    frame,
+    log_path,
+    parse,
+    unframe,
+)
+from ._hub import shared_hub
+from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
 
 class FSBackend:
@@ -188,9 +95,10 @@ class FSBackend:
         self._queues = self._root / "queues"
         self._tmp = self._root / "tmp"
         self._poll = poll_interval
-        self._fsync = fsync
+        self._files = Writer(fsync)
         self._known_queues: set[str] = set()
-        self._hub = LocalHub()
+        # Hints reach every backend object on this directory in this process.
+        self._hub = shared_hub(f"file:{self._root.resolve()}")
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     def _count(self, op: str) -> None:
@@ -211,35 +119,13 @@ class FSBackend:
 
     # -- files --------------------------------------------------------------
 
-    def _sync_dir(self, path: Path) -> None:
-        if self._fsync:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _write_new(self, path: Path, data: bytes) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-            if self._fsync:
-                f.flush()
-                os.fsync(f.fileno())
-
-    def _write(self, path: Path, data: bytes) -> None:
-        """Replace ``path`` atomically (callers hold the lock guarding it)."""
-        tmp = path.with_name(path.name + ".tmp")
-        self._write_new(tmp, data)
-        os.replace(tmp, path)
-        self._sync_dir(path.parent)
-
     def _open(self) -> None:
         for d in (self._runs, self._queues, self._tmp):
             d.mkdir(parents=True, exist_ok=True)
         fmt = self._root / "format"
         if not fmt.exists():
             tmp = self._tmp / uuid.uuid4().hex
-            self._write_new(tmp, b"%d\n" % FORMAT)
+            self._files.write_new(tmp, b"%d\n" % FORMAT)
             try:
                 os.link(tmp, fmt)  # create-if-missing, atomically
             except FileExistsError:
@@ -257,19 +143,19 @@ class FSBackend:
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def _run_dir(self, run_id: str) -> Path:
-        return self._runs / _name(run_id)
+        return self._runs / file_name(run_id)
 
     def _queue_dir(self, queue: str) -> Path:
-        d = self._queues / _name(queue)
+        d = self._queues / file_name(queue)
         if queue not in self._known_queues:
             d.mkdir(parents=True, exist_ok=True)
             self._known_queues.add(queue)
         return d
 
     @staticmethod
-    def _load(d: Path) -> _State | None:
+    def _load(d: Path) -> State | None:
         try:
-            return _parse((d / "run.json").read_bytes())
+            return parse((d / "run.json").read_bytes())
         except FileNotFoundError:
             return None
 
@@ -288,32 +174,18 @@ class FSBackend:
             del idx[run_id]
         else:
             idx[run_id] = e
-        self._write(qdir / "index.json", orjson.dumps(idx))
+        self._files.replace(qdir / "index.json", orjson.dumps(idx))
 
-    def _read_log(self, run_id: str, d: Path, st: _State, log_from: int) -> list[bytes]:
+    @staticmethod
+    def _read_log(run_id: str, d: Path, st: State, log_from: int) -> list[bytes]:
         if log_from < 0:
             log_from = max(0, st.rec.log_len + log_from)
-        with open(_log(d, st), "rb") as f:
+        with open(log_path(d, st), "rb") as f:
             buf = f.read(st.log_bytes)
-        out: list[bytes] = []
-        off = pos = 0
-        while off < len(buf):
-            if off + _FRAME.size > len(buf):
-                raise CorruptRecord(run_id, pos, "truncated length prefix")
-            (n,) = _FRAME.unpack_from(buf, off)
-            off += _FRAME.size
-            if off + n > len(buf):
-                raise CorruptRecord(run_id, pos, "truncated record")
-            if pos >= log_from:
-                out.append(buf[off : off + n])
-            off += n
-            pos += 1
-        if len(buf) != st.log_bytes or pos != st.rec.log_len:
-            raise CorruptRecord(run_id, pos, f"log holds {pos} of {st.rec.log_len} records")
-        return out
+        return unframe(run_id, buf, st, log_from)
 
     @contextmanager
-    def _txn(self, run_id: str, *, indexed: bool) -> Iterator[_Txn | None]:
+    def _txn(self, run_id: str, *, indexed: bool) -> Iterator[Txn | None]:
         """Lock a run for writing (queue lock first when its index may change)."""
         d = self._run_dir(run_id)
         peek = self._load(d)  # unlocked: only to learn the queue, which never changes
@@ -324,22 +196,22 @@ class FSBackend:
             qdir = None
             if indexed:
                 qdir = self._queue_dir(peek.rec.queue)
-                locks.enter_context(_flock(qdir / "lock"))
-            locks.enter_context(_flock(d / "lock"))
+                locks.enter_context(flock(qdir / "lock"))
+            locks.enter_context(flock(d / "lock"))
             st = self._load(d)
             assert st is not None  # runs are never deleted
-            yield _Txn(d, st, qdir)
+            yield Txn(d, st, qdir)
 
-    def _commit(self, t: _Txn, st: _State) -> None:
+    def _commit(self, t: Txn, st: State) -> None:
         """Write run.json; keep the index never later than it (see module docstring)."""
         if t.qdir is None:
-            self._write(t.dir / "run.json", _dump(st))
+            self._files.replace(t.dir / "run.json", dump(st))
             return
-        rid, want = st.rec.run_id, _entry(st.rec)
+        rid, want = st.rec.run_id, entry(st.rec)
         idx = self._index(t.qdir)
-        low = _eager(idx.get(rid), want)
+        low = eager(idx.get(rid), want)
         self._set_entry(t.qdir, idx, rid, low)
-        self._write(t.dir / "run.json", _dump(st))
+        self._files.replace(t.dir / "run.json", dump(st))
         self._set_entry(t.qdir, idx, rid, want)
 
     # -- the protocol: each operation is one sync function run in a worker thread --
@@ -355,33 +227,24 @@ class FSBackend:
         d = self._run_dir(new.run_id)
         if d.exists():
             return False
-        rec = RunRecord(
-            run_id=new.run_id,
-            workflow=new.workflow,
-            queue=new.queue,
-            status=RunStatus.PENDING,
-            created_at=new.created_at,
-            due_at=new.due_at,
-            log_len=1,
-            parent_id=new.parent_id,
-        )
-        log = _FRAME.pack(len(new.first_record)) + new.first_record
+        rec = rules.new_record(new)
+        log = frame([new.first_record])
         tmp = self._tmp / uuid.uuid4().hex
         (tmp / "inbox").mkdir(parents=True)
-        self._write_new(tmp / "lock", b"")
-        self._write_new(tmp / "log", log)
-        self._write_new(tmp / "run.json", _dump(_State(rec, 0, len(log))))
-        self._sync_dir(tmp)
+        self._files.write_new(tmp / "lock", b"")
+        self._files.write_new(tmp / "log", log)
+        self._files.write_new(tmp / "run.json", dump(State(rec, 0, len(log))))
+        self._files.sync_dir(tmp)
         with ExitStack() as locks:
-            qdir, idx, want = None, {}, _entry(rec)
+            qdir, idx, want = None, {}, entry(rec)
             if want is not None:  # index it before it exists: eager is safe, late is not
                 qdir = self._queue_dir(new.queue)
-                locks.enter_context(_flock(qdir / "lock"))
+                locks.enter_context(flock(qdir / "lock"))
                 if d.exists():
                     shutil.rmtree(tmp)
                     return False
                 idx = self._index(qdir)
-                self._set_entry(qdir, idx, new.run_id, _eager(idx.get(new.run_id), want))
+                self._set_entry(qdir, idx, new.run_id, eager(idx.get(new.run_id), want))
             try:
                 os.rename(tmp, d)  # fails if d exists (it is never empty)
             except OSError as exc:
@@ -391,7 +254,7 @@ class FSBackend:
                 if qdir is not None:  # the winner's entry, if any, is in another queue
                     self._set_entry(qdir, idx, new.run_id, None)
                 return False
-            self._sync_dir(self._runs)
+            self._files.sync_dir(self._runs)
             if qdir is not None:
                 self._set_entry(qdir, idx, new.run_id, want)
         return True
@@ -407,12 +270,12 @@ class FSBackend:
         now: float,
     ) -> list[Claim]:
         self._count("claim_due")
-        wanted = set(workflows)
+        wanted, lease = set(workflows), lease_seconds
 
         def claim() -> list[Claim]:
             qdir = self._queue_dir(queue)
             claims: list[Claim] = []
-            with _flock(qdir / "lock"):
+            with flock(qdir / "lock"):
                 idx = self._index(qdir)
                 fixed = dict(idx)
                 due = sorted(
@@ -427,29 +290,21 @@ class FSBackend:
                     if self._load(d) is None:  # left by a create_run that crashed
                         del fixed[rid]
                         continue
-                    with _flock(d / "lock"):
+                    with flock(d / "lock"):
                         st = self._load(d)
                         assert st is not None
                         rec = st.rec
-                        if _claimable(rec, queue, wanted, now):
-                            token = rec.lease_token + 1
-                            rec = replace(
-                                rec,
-                                status=RunStatus.RUNNING,
-                                started_at=now if rec.started_at is None else rec.started_at,
-                                lease_token=token,
-                                lease_owner=owner,
-                                lease_expires_at=now + lease_seconds,
-                            )
-                            self._write(d / "run.json", _dump(replace(st, rec=rec)))
-                            claims.append(Claim(run_id=rid, token=token))
-                        e = _entry(rec) if rec.queue == queue else None
+                        if rules.claimable(rec, queue, wanted, now):
+                            rec = rules.claimed(rec, owner=owner, lease_seconds=lease, now=now)
+                            self._files.replace(d / "run.json", dump(replace(st, rec=rec)))
+                            claims.append(Claim(run_id=rid, token=rec.lease_token))
+                        e = entry(rec) if rec.queue == queue else None
                         if e is None:
                             del fixed[rid]
                         else:
                             fixed[rid] = e  # the truth, also for stale entries we skipped
                 if fixed != idx:  # raising entries after run.json is safe
-                    self._write(qdir / "index.json", orjson.dumps(fixed))
+                    self._files.replace(qdir / "index.json", orjson.dumps(fixed))
             return claims
 
         return await asyncio.to_thread(claim) if limit > 0 else []
@@ -493,30 +348,22 @@ class FSBackend:
         ends = update is not None and (
             update.release or (update.status is not None and update.status.is_terminal)
         )
-        data = b"".join(_FRAME.pack(len(r)) + r for r in records)
+        data = frame(records)
 
         def append() -> tuple[int, bool]:
             with self._txn(run_id, indexed=ends) as t:
                 if t is None:
                     raise RunNotFound(run_id)
                 st, rec = t.st, t.st.rec
-                _fence(run_id, rec, token, expected_len)
-                with open(_log(t.dir, st), "r+b") as f:
-                    if os.fstat(f.fileno()).st_size != st.log_bytes:
-                        f.truncate(st.log_bytes)  # a torn append left bytes past the commit
-                    f.seek(st.log_bytes)
-                    f.write(data)
-                    if self._fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
+                rules.check_fence(run_id, rec, token, expected_len)
+                self._files.append_at(log_path(t.dir, st), st.log_bytes, data)
                 rec = replace(rec, log_len=rec.log_len + len(records))
-                released = False
                 if update is not None:
-                    rec = _apply_update(rec, update)
-                    released = update.release or rec.status.is_terminal
-                    if released:
-                        pending = st.last_inbox_id > rec.inbox_pos
-                        rec = apply_release(rec, update.due_at, now, pending)
+                    rec = rules.apply_update(rec, update)
+                released = rules.releases(rec, update)
+                if released and update is not None:
+                    pending = st.last_inbox_id > rec.inbox_pos
+                    rec = rules.apply_release(rec, update.due_at, now, pending)
                 self._commit(t, replace(st, rec=rec, log_bytes=st.log_bytes + len(data)))
                 return rec.log_len, released
 
@@ -535,18 +382,18 @@ class FSBackend:
         now: float,
     ) -> int:
         self._count("rewrite_log")
-        data = b"".join(_FRAME.pack(len(r)) + r for r in records)
+        data = frame(records)
 
         def rewrite() -> int:
             with self._txn(run_id, indexed=False) as t:  # lease and due time stay: no index
                 if t is None:
                     raise RunNotFound(run_id)
-                _fence(run_id, t.st.rec, token, expected_len)
+                rules.check_fence(run_id, t.st.rec, token, expected_len)
                 rec = replace(t.st.rec, log_len=len(records))
                 st = replace(t.st, rec=rec, log_bytes=len(data), log_gen=t.st.log_gen + 1)
-                new = _log(t.dir, st)
-                self._write_new(new, data)  # unseen until run.json names it
-                self._sync_dir(t.dir)
+                new = log_path(t.dir, st)
+                self._files.write_new(new, data)  # unseen until run.json names it
+                self._files.sync_dir(t.dir)
                 self._commit(t, st)
                 for old in t.dir.glob("log*"):  # the previous log, and any a crash left
                     if old != new:
@@ -565,7 +412,7 @@ class FSBackend:
             # shortening lowers it, which must reach the index first (queue lock too).
             for indexed in (False, True):
                 with self._txn(run_id, indexed=indexed) as t:
-                    if t is None or t.st.rec.lease_token != token or not t.st.rec.lease_owner:
+                    if t is None or not rules.holds_lease(t.st.rec, token):
                         return False
                     expires, old = now + lease_seconds, t.st.rec.lease_expires_at
                     if indexed or old is None or expires >= old:
@@ -592,12 +439,12 @@ class FSBackend:
 
         def release() -> bool:
             with self._txn(run_id, indexed=True) as t:
-                if t is None or t.st.rec.lease_token != token or t.st.rec.lease_owner is None:
+                if t is None or not rules.holds_lease(t.st.rec, token):
                     return False
-                rec = t.st.rec
-                pending = t.st.last_inbox_id > rec.inbox_pos
-                rec = rec if rec.status.is_terminal else replace(rec, status=status)
-                self._commit(t, replace(t.st, rec=apply_release(rec, due_at, now, pending)))
+                pending = t.st.last_inbox_id > t.st.rec.inbox_pos
+                rec = rules.released(t.st.rec, status=status, due_at=due_at, now=now,
+                                     pending=pending)  # fmt: skip
+                self._commit(t, replace(t.st, rec=rec))
                 return True
 
         ok = await asyncio.to_thread(release)
@@ -615,8 +462,8 @@ class FSBackend:
                 if t.st.rec.status.is_terminal:
                     raise RunFinished(run_id, t.st.rec.status.value)
                 item = t.st.last_inbox_id + 1
-                self._write_new(t.dir / "inbox" / f"{item:08d}", data)  # unseen until commit
-                self._sync_dir(t.dir / "inbox")
+                self._files.write_new(t.dir / "inbox" / f"{item:08d}", data)  # unseen until commit
+                self._files.sync_dir(t.dir / "inbox")
                 rec = replace(t.st.rec, due_at=now)
                 self._commit(t, replace(t.st, rec=rec, last_inbox_id=item))
                 return item
@@ -646,38 +493,34 @@ class FSBackend:
         st = await asyncio.to_thread(self._load, self._run_dir(run_id))
         return None if st is None else st.rec
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
+        """Reads every run.json: the file store has no index by time (a bounded
+        ``run_ids`` query reads only those runs)."""
         self._count("list_runs")
 
         def scan() -> list[RunRecord]:
-            states = (self._load(d) for d in self._runs.iterdir())
-            out = [
-                st.rec
-                for st in states
-                if st is not None
-                and (workflow is None or st.rec.workflow == workflow)
-                and (statuses is None or st.rec.status in statuses)
-            ]
-            out.sort(key=lambda rec: (rec.created_at, rec.run_id))
-            return out if limit is None else out[:limit]
+            if query.run_ids is not None:
+                dirs: Iterator[Path] = (self._run_dir(rid) for rid in query.run_ids)
+            else:
+                dirs = self._runs.iterdir()
+            states = (self._load(d) for d in dirs)
+            return rules.newest_first((st.rec for st in states if st is not None), query)
 
         return await asyncio.to_thread(scan)
 
     # -- test helpers -------------------------------------------------------
 
-    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+    async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
-        with self._txn(run_id, indexed=False) as t:
-            if t is None:
-                raise RunNotFound(run_id)
-            log = self._read_log(run_id, t.dir, t.st, 0)
-            log[position] = data
-            raw = b"".join(_FRAME.pack(len(r)) + r for r in log)
-            self._write(_log(t.dir, t.st), raw)
-            self._write(t.dir / "run.json", _dump(replace(t.st, log_bytes=len(raw))))
+
+        def corrupt() -> None:
+            with self._txn(run_id, indexed=False) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                log = self._read_log(run_id, t.dir, t.st, 0)
+                log[position] = data
+                raw = frame(log)
+                self._files.replace(log_path(t.dir, t.st), raw)
+                self._files.replace(t.dir / "run.json", dump(replace(t.st, log_bytes=len(raw))))
+
+        await asyncio.to_thread(corrupt)

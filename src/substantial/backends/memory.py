@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from .._types import RunStatus
-from ..errors import LeaseLost, RunFinished, RunNotFound
+from ..errors import RunFinished, RunNotFound
+from . import _rules as rules
 from ._hub import LocalHub
-from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
 
 @dataclass
@@ -23,15 +23,6 @@ class _Run:
     log: list[bytes] = field(default_factory=list)
     inbox: list[InboxItem] = field(default_factory=list)
     last_inbox_id: int = 0
-
-
-def apply_release(rec: RunRecord, due_at: float | None, now: float, pending: bool) -> RunRecord:
-    """Shared release rule: a pending delivery or cancel makes the run due now."""
-    if rec.status.is_terminal:
-        due_at = None
-    elif pending or rec.cancel_requested:
-        due_at = now if due_at is None else min(due_at, now)
-    return replace(rec, due_at=due_at, lease_owner=None, lease_expires_at=None)
 
 
 class MemoryBackend:
@@ -62,17 +53,7 @@ class MemoryBackend:
         self._count("create_run")
         if new.run_id in self._runs:
             return False
-        rec = RunRecord(
-            run_id=new.run_id,
-            workflow=new.workflow,
-            queue=new.queue,
-            status=RunStatus.PENDING,
-            created_at=new.created_at,
-            due_at=new.due_at,
-            log_len=1,
-            parent_id=new.parent_id,
-        )
-        self._runs[new.run_id] = _Run(rec=rec, log=[new.first_record])
+        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=[new.first_record])
         self._hub.publish(new.run_id)
         return True
 
@@ -88,29 +69,12 @@ class MemoryBackend:
     ) -> list[Claim]:
         self._count("claim_due")
         wanted = set(workflows)
-        due = [
-            r
-            for r in self._runs.values()
-            if r.rec.queue == queue
-            and r.rec.workflow in wanted
-            and r.rec.due_at is not None
-            and r.rec.due_at <= now
-            and (r.rec.lease_expires_at is None or r.rec.lease_expires_at <= now)
-            and not r.rec.status.is_terminal
-        ]
+        due = [r for r in self._runs.values() if rules.claimable(r.rec, queue, wanted, now)]
         due.sort(key=lambda r: (r.rec.due_at or 0.0, r.rec.created_at, r.rec.run_id))
         claims = []
-        for r in due[:limit]:
-            token = r.rec.lease_token + 1
-            r.rec = replace(
-                r.rec,
-                status=RunStatus.RUNNING,
-                started_at=r.rec.started_at if r.rec.started_at is not None else now,
-                lease_token=token,
-                lease_owner=owner,
-                lease_expires_at=now + lease_seconds,
-            )
-            claims.append(Claim(run_id=r.rec.run_id, token=token))
+        for r in due[: max(limit, 0)]:
+            r.rec = rules.claimed(r.rec, owner=owner, lease_seconds=lease_seconds, now=now)
+            claims.append(Claim(run_id=r.rec.run_id, token=r.rec.lease_token))
         return claims
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
@@ -126,13 +90,7 @@ class MemoryBackend:
         r = self._runs.get(run_id)
         if r is None:
             raise RunNotFound(run_id)
-        if r.rec.lease_token != token:
-            raise LeaseLost(run_id)
-        if r.rec.log_len != expected_len:
-            raise LeaseLost(
-                run_id,
-                f"run {run_id!r}: log length is {r.rec.log_len}, expected {expected_len}",
-            )
+        rules.check_fence(run_id, r.rec, token, expected_len)
         return r
 
     async def append(
@@ -150,12 +108,12 @@ class MemoryBackend:
         r.log.extend(records)
         rec = replace(r.rec, log_len=len(r.log))
         if update is not None:
-            rec = _apply_update(rec, update)
-            if update.release or rec.status.is_terminal:
-                pending = bool(r.inbox) and r.inbox[-1].id > rec.inbox_pos
-                rec = apply_release(rec, update.due_at, now, pending)
+            rec = rules.apply_update(rec, update)
+        ends = rules.releases(rec, update)
+        if ends and update is not None:
+            rec = rules.apply_release(rec, update.due_at, now, r.last_inbox_id > rec.inbox_pos)
         r.rec = rec
-        if update is not None and (update.release or rec.status.is_terminal):
+        if ends:
             self._hub.publish(run_id)
         return rec.log_len
 
@@ -181,7 +139,7 @@ class MemoryBackend:
         held = set()
         for run_id, token in leases.items():
             r = self._runs.get(run_id)
-            if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
+            if r is None or not rules.holds_lease(r.rec, token):
                 continue
             r.rec = replace(r.rec, lease_expires_at=now + lease_seconds)
             held.add(run_id)
@@ -198,11 +156,10 @@ class MemoryBackend:
     ) -> bool:
         self._count("release")
         r = self._runs.get(run_id)
-        if r is None or r.rec.lease_token != token or r.rec.lease_owner is None:
+        if r is None or not rules.holds_lease(r.rec, token):
             return False
-        pending = bool(r.inbox) and r.inbox[-1].id > r.rec.inbox_pos
-        rec = r.rec if r.rec.status.is_terminal else replace(r.rec, status=status)
-        r.rec = apply_release(rec, due_at, now, pending)
+        pending = r.last_inbox_id > r.rec.inbox_pos
+        r.rec = rules.released(r.rec, status=status, due_at=due_at, now=now, pending=pending)
         self._hub.publish(run_id)
         return True
 
@@ -234,40 +191,12 @@ class MemoryBackend:
         r = self._runs.get(run_id)
         return None if r is None else r.rec
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
-        out = [
-            r.rec
-            for r in self._runs.values()
-            if (workflow is None or r.rec.workflow == workflow)
-            and (statuses is None or r.rec.status in statuses)
-        ]
-        out.sort(key=lambda rec: (rec.created_at, rec.run_id))
-        return out if limit is None else out[:limit]
+        return rules.newest_first((r.rec for r in self._runs.values()), query)
 
     # -- test helpers -------------------------------------------------------
 
-    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+    async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
         self._runs[run_id].log[position] = data
-
-
-def _apply_update(rec: RunRecord, u: RunUpdate) -> RunRecord:
-    changes: dict[str, Any] = {}
-    if u.status is not None:
-        changes["status"] = u.status
-    if u.has_result:
-        changes["result"] = u.result
-    if u.error is not None:
-        changes["error"] = u.error
-    if u.ended_at is not None:
-        changes["ended_at"] = u.ended_at
-    if u.inbox_pos is not None:
-        changes["inbox_pos"] = u.inbox_pos
-    return replace(rec, **changes) if changes else rec

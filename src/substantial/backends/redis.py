@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -69,222 +67,12 @@ from ..errors import (
     RunFinished,
     RunNotFound,
 )
-from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from . import _redis_lua as lua
+from . import _rules as rules
+from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
-_NONCE_TTL = 300
 _LIST_BATCH = 200
-
-_PRELUDE = (
-    "local TERM = {"
-    + ", ".join(f"{s.value}=true" for s in RunStatus if s.is_terminal)
-    + "}\n"
-    + """
-local function opt(a) if a == '' then return nil end return string.sub(a, 2) end
-local function reindex(rk)
-  local f = redis.call('HMGET', rk, 'run_id', 'dkey', 'status', 'due_at', 'lease_expires_at')
-  if TERM[f[3]] or not f[4] then redis.call('ZREM', f[2], f[1]) return end
-  local s = f[4]
-  if f[5] and tonumber(f[5]) > tonumber(s) then s = f[5] end
-  redis.call('ZADD', f[2], s, f[1])
-end
-local function release(rk, due, now)
-  local f = redis.call('HMGET', rk, 'status', 'last_inbox_id', 'inbox_pos', 'cancel_requested')
-  if TERM[f[1]] then due = nil
-  elseif tonumber(f[2]) > tonumber(f[3]) or f[4] then
-    if due == nil or tonumber(due) > tonumber(now) then due = now end
-  end
-  redis.call('HDEL', rk, 'lease_owner', 'lease_expires_at')
-  if due then redis.call('HSET', rk, 'due_at', due) else redis.call('HDEL', rk, 'due_at') end
-  reindex(rk)
-end
-"""
-)
-
-# KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
-# nonce, channel
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
-  return 0
-end
-redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
-  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', 1, 'inbox_pos', 0, 'lease_token', 0,
-  'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
-local due = opt(ARGV[5])
-if due then redis.call('HSET', KEYS[1], 'due_at', due) end
-local parent = opt(ARGV[6])
-if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
-redis.call('DEL', KEYS[2])
-redis.call('RPUSH', KEYS[2], ARGV[7])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-reindex(KEYS[1])
-redis.call('PUBLISH', ARGV[9], ARGV[1])
-return 1
-"""
-
-# KEYS the due indexes of the claimer's workflows; ARGV now, owner, expiry, limit, run-key prefix
-_CLAIM = """
-local now, limit = tonumber(ARGV[1]), tonumber(ARGV[4])
-local cands = {}
-for i = 1, #KEYS do
-  local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, limit)
-  for j = 1, #r, 2 do
-    local created = redis.call('HGET', ARGV[5] .. r[j], 'created_at')
-    cands[#cands + 1] = {r[j], tonumber(r[j + 1]), tonumber(created) or 0, KEYS[i]}
-  end
-end
-table.sort(cands, function(a, b)
-  if a[2] ~= b[2] then return a[2] < b[2] end
-  if a[3] ~= b[3] then return a[3] < b[3] end
-  return a[1] < b[1]
-end)
-local out = {}
-for _, c in ipairs(cands) do
-  if #out >= 2 * limit then break end
-  local rk = ARGV[5] .. c[1]
-  local f = redis.call('HMGET', rk, 'status', 'due_at', 'lease_expires_at', 'lease_token',
-    'started_at')
-  if not f[1] then
-    redis.call('ZREM', c[4], c[1])
-  elseif not TERM[f[1]] and f[2] and tonumber(f[2]) <= now
-      and (not f[3] or tonumber(f[3]) <= now) then
-    local tok = tonumber(f[4]) + 1
-    redis.call('HSET', rk, 'status', 'RUNNING', 'lease_token', tok, 'lease_owner', ARGV[2],
-      'lease_expires_at', ARGV[3])
-    if not f[5] then redis.call('HSET', rk, 'started_at', ARGV[1]) end
-    reindex(rk)
-    out[#out + 1] = c[1]
-    out[#out + 1] = tok
-  else
-    reindex(rk)
-  end
-end
-return out
-"""
-
-# KEYS run, log, inbox; ARGV log_from
-_READ = """
-local h = redis.call('HGETALL', KEYS[1])
-if #h == 0 then return false end
-local pos = redis.call('HGET', KEYS[1], 'inbox_pos')
-return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1)}
-"""
-
-# KEYS run, log; ARGV token, expected_len, now, channel, nonce, status?, result?, error?,
-# ended_at?, inbox_pos?, release, has_update, due?, records...
-_APPEND = """
-local rk = KEYS[1]
-local f = redis.call('HMGET', rk, 'lease_token', 'log_len', 'op_nonce', 'op_result')
-if not f[1] then return {-1} end
-if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
-if f[3] == ARGV[5] then return {1, tonumber(f[4])} end
-if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
-local n = tonumber(f[2])
-for i = 14, #ARGV, 1000 do
-  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-redis.call('HSET', rk, 'log_len', n, 'op_nonce', ARGV[5], 'op_result', n)
-if ARGV[12] == '1' then
-  local names = {[6] = 'status', [7] = 'result', [8] = 'error', [9] = 'ended_at',
-    [10] = 'inbox_pos'}
-  for i = 6, 10 do
-    local v = opt(ARGV[i])
-    if v then redis.call('HSET', rk, names[i], v) end
-  end
-  if ARGV[11] == '1' or TERM[redis.call('HGET', rk, 'status')] then
-    release(rk, opt(ARGV[13]), ARGV[3])
-    redis.call('PUBLISH', ARGV[4], redis.call('HGET', rk, 'run_id'))
-  end
-end
-return {1, n}
-"""
-
-# KEYS run, log; ARGV token, expected_len, nonce, records...
-_REWRITE = """
-local f = redis.call('HMGET', KEYS[1], 'lease_token', 'log_len', 'op_nonce', 'op_result')
-if not f[1] then return {-1} end
-if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
-if f[3] == ARGV[3] then return {1, tonumber(f[4])} end
-if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
-redis.call('DEL', KEYS[2])
-local n = 0
-for i = 4, #ARGV, 1000 do
-  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-redis.call('HSET', KEYS[1], 'log_len', n, 'op_nonce', ARGV[3], 'op_result', n)
-return {1, n}
-"""
-
-# KEYS run; ARGV token, expiry
-_RENEW = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local f = redis.call('HMGET', key, 'lease_token', 'lease_owner')
-  if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[i + 1]) or not f[2] then
-    out[i] = 0
-  else
-    redis.call('HSET', key, 'lease_expires_at', ARGV[1])
-    reindex(key)
-    out[i] = 1
-  end
-end
-return out
-"""
-
-# KEYS run; ARGV token, due?, status, now, nonce, channel
-_RELEASE = """
-local f = redis.call('HMGET', KEYS[1], 'lease_token', 'lease_owner', 'status', 'op_nonce',
-  'run_id')
-if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[1]) then return 0 end
-if f[4] == ARGV[5] then return 1 end
-if not f[2] then return 0 end
-if not TERM[f[3]] then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
-release(KEYS[1], opt(ARGV[2]), ARGV[4])
-redis.call('HSET', KEYS[1], 'op_nonce', ARGV[5])
-redis.call('PUBLISH', ARGV[6], f[5])
-return 1
-"""
-
-# KEYS run, inbox, nonce; ARGV data, now, channel
-_DELIVER = """
-local prev = redis.call('GET', KEYS[3])
-if prev then return {1, tonumber(prev)} end
-local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
-if not f[1] then return {-1} end
-if TERM[f[1]] then return {-2, f[1]} end
-local id = redis.call('HINCRBY', KEYS[1], 'last_inbox_id', 1)
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
-reindex(KEYS[1])
-redis.call('SET', KEYS[3], id, 'EX', @TTL@)
-redis.call('PUBLISH', ARGV[3], f[2])
-return {1, id}
-""".replace("@TTL@", str(_NONCE_TTL))
-
-# KEYS run; ARGV now, channel
-_CANCEL = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
-if not f[1] then return -1 end
-if TERM[f[1]] then return 0 end
-redis.call('HSET', KEYS[1], 'cancel_requested', 1, 'due_at', ARGV[1])
-reindex(KEYS[1])
-redis.call('PUBLISH', ARGV[2], f[2])
-return 1
-"""
-
-_SCRIPTS = dict(
-    create=_CREATE,
-    claim=_CLAIM,
-    read=_READ,
-    append=_APPEND,
-    rewrite=_REWRITE,
-    renew=_RENEW,
-    release=_RELEASE,
-    deliver=_DELIVER,
-    cancel=_CANCEL,
-)
 
 
 def _num(x: float) -> str:
@@ -300,31 +88,7 @@ def _opt(x: str | float | int | None) -> str:
     return f"={x}"
 
 
-def redact(url: str) -> str:
-    """The URL without credentials or query (which may hold ``password=``)."""
-    try:
-        p = urlsplit(url)
-        host = p.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host + (f":{p.port}" if p.port else "")
-    except ValueError:
-        return "<unparseable redis URL>"
-    if p.username or p.password:
-        netloc = "***@" + netloc
-    return urlunsplit((p.scheme, netloc, p.path, "", ""))
-
-
-def _secrets(url: str) -> list[str]:
-    try:
-        p = urlsplit(url)
-        found = [p.password or "", unquote(p.password or "")]
-        for key, values in parse_qs(p.query).items():
-            if key.lower() in ("password", "username", "user"):
-                found += values
-    except ValueError:
-        return []
-    return sorted({s for s in found if s}, key=len, reverse=True)
+redact = rules.redact  # kept importable from here: tests and callers use it
 
 
 def _record(h: dict[bytes, bytes]) -> RunRecord:
@@ -344,6 +108,7 @@ def _record(h: dict[bytes, bytes]) -> RunRecord:
         due_at=f("due_at"),
         result=json.loads(d["result"]) if "result" in d else None,
         error=d.get("error"),
+        error_type=d.get("error_type"),
         log_len=int(d["log_len"]),
         inbox_pos=int(d["inbox_pos"]),
         lease_token=int(d["lease_token"]),
@@ -381,8 +146,8 @@ class RedisBackend:
         if not prefix:
             raise ConfigurationError("the redis key prefix must not be empty")
         self._url = url
-        self._safe_url = redact(url)
-        self._secret_values = _secrets(url)
+        self._safe_url = rules.redact(url)
+        self._secret_values = rules.secrets(url)
         self._prefix = prefix
         self._tag = "{" + prefix + "}"
         self._channel = f"{self._tag}:hints"
@@ -412,9 +177,7 @@ class RedisBackend:
     # -- connection ---------------------------------------------------------
 
     def _describe(self, what: str, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}"
-        for secret in self._secret_values:
-            text = text.replace(secret, "***")
+        text = rules.scrub(f"{type(exc).__name__}: {exc}", self._secret_values)
         return f"redis at {self._safe_url} {what} ({text})"
 
     async def open(self) -> None:
@@ -436,14 +199,14 @@ class RedisBackend:
         client = aioredis.Redis(connection_pool=pool)
         try:
             await _cmd(client, "PING")
-            for src in _SCRIPTS.values():
-                await client.script_load(_PRELUDE + src)
+            for src in lua.SCRIPTS.values():
+                await client.script_load(lua.PRELUDE + src)
         except (RedisError, OSError) as exc:
             await client.aclose()
             await pool.aclose()
             raise BackendUnavailable(self._describe("is unreachable", exc)) from exc
         self._scripts = {
-            name: client.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()
+            name: client.register_script(lua.PRELUDE + src) for name, src in lua.SCRIPTS.items()
         }
         self._pool, self._client, self._closed = pool, client, False
 
@@ -562,6 +325,7 @@ class RedisBackend:
             "1" if u.release else "0",
             "0" if update is None else "1",
             _opt(u.due_at),
+            _opt(u.error_type),
             *records,
         ]
         return await self._fenced("append", "append", run_id, expected_len, args)
@@ -589,9 +353,7 @@ class RedisBackend:
         if code == -2:
             raise LeaseLost(run_id)
         if code == -3:
-            raise LeaseLost(
-                run_id, f"run {run_id!r}: log length is {rest[0]}, expected {expected_len}"
-            )
+            raise rules.log_moved(run_id, rest[0], expected_len)
         return int(rest[0])
 
     async def renew(
@@ -638,36 +400,55 @@ class RedisBackend:
         h = await self._exec("get_run", lambda c: _cmd(c, "HGETALL", key))
         return _record(h) if h else None
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
-        """Runs in created_at, run id order; reads in batches (not one snapshot)."""
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
+        """Newest first from the created_at index (``ZREVRANGEBYSCORE`` between the
+        created bounds and the cursor), in pages; the other fields are checked on
+        each page's records. Pages are not one snapshot: a run changing meanwhile
+        is seen as it was when its page was read."""
         self._count("list_runs")
-        index = f"{self._tag}:runs" if workflow is None else self._key("wf", workflow)
-        wanted = None if statuses is None else set(statuses)
-        enough = limit if limit is not None and limit >= 0 else None
-
-        async def page(c: aioredis.Redis, start: int) -> list[Any]:
-            ids = await _cmd(c, "ZRANGE", index, start, start + _LIST_BATCH - 1)
-            pipe = c.pipeline(transaction=False)
-            for rid in ids:
-                _cmd(pipe, "HGETALL", self._key("run", rid.decode()))
-            return await pipe.execute() if ids else []
-
+        if query.limit is not None and query.limit <= 0:
+            return []
+        if query.run_ids is not None:  # a handful of ids: read them, no index walk
+            hashes = await self._hashes(sorted(query.run_ids))
+            return rules.newest_first((_record(h) for h in hashes if h), query)
+        index = f"{self._tag}:runs" if query.workflow is None else self._key("wf", query.workflow)
+        high = query.created_before
+        if query.before is not None:
+            high = query.before[0] if high is None else min(high, query.before[0])
+        hi = "+inf" if high is None else _num(high)
+        lo = "-inf" if query.created_after is None else _num(query.created_after)
+        batch = _LIST_BATCH if query.limit is None else min(max(query.limit, 10), _LIST_BATCH)
         out: list[RunRecord] = []
-        start = 0
-        while enough is None or len(out) < enough:
-            hashes = await self._exec("list_runs", functools.partial(page, start=start))
-            if not hashes:
+        skip = 0  # entries already read whose score is exactly ``hi`` (keyset paging)
+        while query.limit is None or len(out) < query.limit:
+            args = ("ZREVRANGEBYSCORE", index, hi, lo, "WITHSCORES", "LIMIT", skip, batch)
+            flat = await self._exec("list_runs", lambda c: _cmd(c, *args))  # noqa: B023
+            if not flat:
                 break
-            records = (_record(h) for h in hashes if h)
-            out += [r for r in records if wanted is None or r.status in wanted]
-            start += _LIST_BATCH
-        return out if limit is None else out[:limit]
+            ids, scores = [rid.decode() for rid in flat[::2]], [float(x) for x in flat[1::2]]
+            if scores[-1] == float(hi):
+                skip += len(ids)
+            else:
+                hi, skip = _num(scores[-1]), scores.count(scores[-1])
+            hashes = await self._hashes(ids)
+            out += rules.newest_first((_record(h) for h in hashes if h), query)
+            if len(ids) < batch:
+                break
+        return out if query.limit is None else out[: query.limit]
+
+    async def _hashes(self, run_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """The run hashes of ``run_ids`` in one pipelined round trip ({} if missing)."""
+        if not run_ids:
+            return []
+
+        async def fetch(c: aioredis.Redis) -> list[dict[bytes, bytes]]:
+            pipe = c.pipeline(transaction=False)
+            for rid in run_ids:
+                _cmd(pipe, "HGETALL", self._key("run", rid))
+            return list(await pipe.execute())
+
+        replies: list[dict[bytes, bytes]] = await self._exec("list_runs", fetch)
+        return replies
 
     # -- hints ----------------------------------------------------------------
 
@@ -675,20 +456,20 @@ class RedisBackend:
         return self._hints()
 
     async def _hints(self) -> AsyncIterator[str]:
-        """Run ids published by the scripts; "" after a reconnection (hints may be lost)."""
-        delay, dropped = 0.1, False
+        """Run ids published by the scripts. "" once SUBSCRIBE is confirmed (from then
+        on every publish reaches us), and again after each reconnection."""
+        delay = 0.1
         while not self._closed:
             client = self._client
             if client is None:  # not open yet
                 await asyncio.sleep(delay)
                 continue
             pubsub = client.pubsub()
+            dropped = False
             try:
-                await pubsub.subscribe(self._channel)
-                _raise_if_cancelled()
-                if dropped:
-                    delay, dropped = 0.1, False
-                    yield ""
+                await self._subscribed(pubsub)
+                delay = 0.1
+                yield ""
                 while not self._closed:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     _raise_if_cancelled()
@@ -703,6 +484,18 @@ class RedisBackend:
             if dropped and not self._closed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _subscribed(self, pubsub: Any) -> None:
+        """SUBSCRIBE and wait for the server's confirmation: sending the command is not
+        enough, a publish the server handles before reading it would be missed."""
+        await pubsub.subscribe(self._channel)
+        while True:
+            _raise_if_cancelled()
+            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if msg is not None and msg.get("type") == "subscribe":
+                return
+            if self._closed:
+                raise RedisConnectionError("the backend was closed while subscribing")
 
     # -- test helpers -----------------------------------------------------------
 

@@ -31,15 +31,25 @@ Why it is built this way:
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
   run's log rows and the INSERT of the new ones, in one transaction.
 
-Changes made in this process are hinted through a :class:`LocalHub`; changes
-made by other processes are only seen by polling every ``poll_interval``.
+Changes made in this process are hinted through the process-wide hub of this file
+(every backend object on the same resolved path shares it, so a second Conductor in
+this process is never left to the poll); changes made by other processes are only
+seen by polling every ``poll_interval``.
+
+Opening is safe while other processes open the same fresh file: the busy timeout
+is set first, the WAL switch is skipped when already done, the schema is created
+or upgraded in one BEGIN IMMEDIATE transaction that a second opener waits for and
+then finds done, and the collisions SQLite reports as busy without waiting (a WAL
+switch or recovery in another connection) make setup retry until the busy timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,83 +66,19 @@ from ..errors import (
     RunNotFound,
     SchemaVersionError,
 )
-from ._hub import LocalHub
-from ._protocol import Claim, InboxItem, NewRun, RunRecord, RunUpdate, Snapshot
+from . import _rules as rules
+from . import _sqlite_sql as sql
+from ._hub import shared_hub
+from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 1
-
-_TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
-    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
-    due_at REAL, result TEXT, error TEXT, log_len INTEGER NOT NULL DEFAULT 0,
-    inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
-    lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
-CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
-CREATE TABLE IF NOT EXISTS log (
-    run_id TEXT NOT NULL, pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, pos)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (
-    run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
-) WITHOUT ROWID;
-"""
-
-_COLS = (
-    "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
-    "error, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id"
-)
-
-# The release rule of memory.apply_release, in SQL. {st} is the run's status after
-# the change, {pos} its inbox_pos after the change (UPDATE reads old column values).
-_RELEASED_DUE = (
-    "CASE WHEN {st} IN " + _TERMINAL + " THEN NULL"
-    " WHEN last_inbox_id > {pos} OR cancel_requested"
-    " THEN MIN(COALESCE(:due_at, :now), :now) ELSE :due_at END"
-)
-
-_NEW_ST = "COALESCE(:status, status)"
-_NEW_POS = "COALESCE(:inbox_pos, inbox_pos)"
-_RELEASING = f"(:release OR {_NEW_ST} IN {_TERMINAL})"
-_FENCE = "WHERE run_id = :run_id AND lease_token = :token AND log_len = :expected"
-
-_APPEND = f"UPDATE runs SET log_len = log_len + :n {_FENCE}"
-_REWRITE = f"UPDATE runs SET log_len = :n {_FENCE}"
-_APPEND_UPDATE = f"""UPDATE runs SET
-    log_len = log_len + :n,
-    status = {_NEW_ST},
-    result = CASE WHEN :has_result THEN :result ELSE result END,
-    error = COALESCE(:error, error),
-    ended_at = COALESCE(:ended_at, ended_at),
-    inbox_pos = {_NEW_POS},
-    due_at = CASE WHEN {_RELEASING}
-        THEN {_RELEASED_DUE.format(st=_NEW_ST, pos=_NEW_POS)} ELSE due_at END,
-    lease_owner = CASE WHEN {_RELEASING} THEN NULL ELSE lease_owner END,
-    lease_expires_at = CASE WHEN {_RELEASING} THEN NULL ELSE lease_expires_at END
-{_FENCE}"""
-
-_KEPT_ST = f"CASE WHEN status IN {_TERMINAL} THEN status ELSE :status END"
-_RELEASE = f"""UPDATE runs SET
-    status = {_KEPT_ST},
-    due_at = {_RELEASED_DUE.format(st=_KEPT_ST, pos="inbox_pos")},
-    lease_owner = NULL,
-    lease_expires_at = NULL
-WHERE run_id = :run_id AND lease_token = :token AND lease_owner IS NOT NULL"""
-
-
-_FIELDS = [name.strip() for name in _COLS.split(",")]
+SCHEMA_VERSION = 2  # 1: the first layout; 2: runs.error_type, index runs_wf_created
 
 
 def _record(row: Row) -> RunRecord:
-    f = dict(zip(_FIELDS, row, strict=True))
+    f = dict(zip(sql.FIELDS, row, strict=True))
     f["status"] = RunStatus(f["status"])
     f["result"] = None if f["result"] is None else orjson.loads(f["result"])
     f["cancel_requested"] = bool(f["cancel_requested"])
@@ -157,13 +103,19 @@ def _transact(
 
 
 def _fence_error(c: sqlite3.Connection, run_id: str, token: int, expected: int) -> Exception:
-    """Why an UPDATE with ``_FENCE`` matched no row."""
+    """Why an UPDATE with ``sql.FENCE`` matched no row."""
     row = c.execute("SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     if row is None:
         return RunNotFound(run_id)
     if row[0] != token:
         return LeaseLost(run_id)
-    return LeaseLost(run_id, f"run {run_id!r}: log length is {row[1]}, expected {expected}")
+    return rules.log_moved(run_id, row[1], expected)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether SQLite refused because another connection holds the file."""
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 def _wrap(exc: sqlite3.Error) -> BackendError:
@@ -188,7 +140,8 @@ class SQLiteBackend:
         self._poll_interval = poll_interval
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
-        self._hub = LocalHub()
+        # Hints reach every backend object on this file in this process, not only this one.
+        self._hub = shared_hub(f"sqlite:{self.path.resolve()}")
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     def _count(self, op: str) -> None:
@@ -204,10 +157,16 @@ class SQLiteBackend:
     # -- plumbing -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        """A configured connection (autocommit; transactions are explicit)."""
+        """A configured connection (autocommit; transactions are explicit).
+
+        The busy timeout comes first, so every later statement waits for a
+        concurrent opener instead of failing; switching to WAL is skipped when the
+        file is already in WAL mode (the switch needs the file to itself)."""
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             conn.close()
@@ -215,27 +174,66 @@ class SQLiteBackend:
         return conn
 
     def _setup(self) -> None:
-        """On the worker thread: connect, then create or check the schema."""
+        """On the worker thread: connect, then create or check the schema.
+
+        Several processes may open a fresh file at the same moment. SQLite reports
+        some of those collisions as busy without waiting (a WAL switch or a WAL
+        recovery in another connection), so setup as a whole is retried until the
+        busy timeout has passed; each attempt is harmless to repeat."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                conn = self._connect()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+            else:
+                try:
+                    self._prepare(conn)
+                except BaseException as exc:
+                    conn.close()
+                    if not _busy(exc) or time.monotonic() > deadline:
+                        raise
+                else:
+                    self._conn = conn
+                    return
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 0.2)
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """The schema at SCHEMA_VERSION: a read when it already is, else one write
+        transaction (BEGIN IMMEDIATE: concurrent openers take turns, then see it done)."""
+        if self._version(conn) == SCHEMA_VERSION:
+            return
+        _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
+
+    @staticmethod
+    def _version(c: sqlite3.Connection) -> int | None:
         try:
-            _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
-        except BaseException:
-            conn.close()
+            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
             raise
-        self._conn = conn
+        return None if row is None else int(row[0])
 
     def _create_schema(self, c: sqlite3.Connection) -> None:
         c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is not None and row[0] > SCHEMA_VERSION:
+        found = self._version(c)
+        if found is not None and found > SCHEMA_VERSION:
             raise SchemaVersionError(
-                f"{self.path} has schema version {row[0]}, written by a newer Substantial; "
+                f"{self.path} has schema version {found}, written by a newer Substantial; "
                 f"this version understands up to {SCHEMA_VERSION}"
             )
-        # not executescript(): it would COMMIT the transaction first
-        for stmt in filter(str.strip, _SCHEMA.split(";")):
-            c.execute(stmt)
+        if found is None:  # a fresh file; not executescript(): it would COMMIT first
+            for stmt in filter(str.strip, sql.SCHEMA.split(";")):
+                c.execute(stmt)
+        else:
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                for stmt in sql.UPGRADES[version]:
+                    c.execute(stmt)
         c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def _teardown(self) -> None:
@@ -336,7 +334,7 @@ class SQLiteBackend:
         marks = ", ".join("?" * len(wanted))
         select = (
             f"SELECT run_id, lease_token FROM runs WHERE queue = ? AND due_at <= ? "
-            f"AND workflow IN ({marks}) AND status NOT IN {_TERMINAL} "
+            f"AND workflow IN ({marks}) AND status NOT IN {sql.TERMINAL} "
             f"AND (lease_expires_at IS NULL OR lease_expires_at <= ?) "
             f"ORDER BY due_at, created_at, run_id LIMIT ?"
         )
@@ -361,7 +359,7 @@ class SQLiteBackend:
         self._count("read")
 
         def tx(c: sqlite3.Connection) -> Snapshot | None:
-            row = c.execute(f"SELECT {_COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            row = c.execute(f"SELECT {sql.COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
             rec = _record(row)
@@ -411,6 +409,7 @@ class SQLiteBackend:
                     else orjson.dumps(update.result).decode()
                 ),
                 error=update.error,
+                error_type=update.error_type,
                 ended_at=update.ended_at,
                 inbox_pos=update.inbox_pos,
                 release=update.release,
@@ -420,7 +419,7 @@ class SQLiteBackend:
         rows = [(run_id, expected_len + i, data) for i, data in enumerate(records)]
 
         def tx(c: sqlite3.Connection) -> int:
-            if c.execute(_APPEND if update is None else _APPEND_UPDATE, params).rowcount != 1:
+            if c.execute(sql.APPEND if update is None else sql.APPEND_UPDATE, params).rowcount != 1:
                 raise _fence_error(c, run_id, token, expected_len)
             if rows:
                 c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
@@ -449,7 +448,7 @@ class SQLiteBackend:
         rows = [(run_id, pos, data) for pos, data in enumerate(records)]
 
         def tx(c: sqlite3.Connection) -> int:
-            if c.execute(_REWRITE, params).rowcount != 1:
+            if c.execute(sql.REWRITE, params).rowcount != 1:
                 raise _fence_error(c, run_id, token, expected_len)
             c.execute("DELETE FROM log WHERE run_id = ?", (run_id,))
             c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
@@ -461,14 +460,14 @@ class SQLiteBackend:
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
     ) -> set[str]:
         self._count("renew")
-        sql = (
+        stmt = (
             "UPDATE runs SET lease_expires_at = ? "
             "WHERE run_id = ? AND lease_token = ? AND lease_owner IS NOT NULL"
         )
         expires, pairs = now + lease_seconds, list(leases.items())
 
         def renew(c: sqlite3.Connection) -> set[str]:  # one transaction for all
-            return {rid for rid, tok in pairs if c.execute(sql, (expires, rid, tok)).rowcount}
+            return {rid for rid, tok in pairs if c.execute(stmt, (expires, rid, tok)).rowcount}
 
         return await self._write(renew) if pairs else set()
 
@@ -483,7 +482,7 @@ class SQLiteBackend:
             "due_at": due_at,
             "now": now,
         }
-        released = await self._write(lambda c: c.execute(_RELEASE, params).rowcount == 1)
+        released = await self._write(lambda c: c.execute(sql.RELEASE, params).rowcount == 1)
         if released:
             self._hub.publish(run_id)
         return released
@@ -519,7 +518,7 @@ class SQLiteBackend:
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 f"UPDATE runs SET cancel_requested = 1, due_at = ? "
-                f"WHERE run_id = ? AND status NOT IN {_TERMINAL}",
+                f"WHERE run_id = ? AND status NOT IN {sql.TERMINAL}",
                 (now, run_id),
             )
             if cur.rowcount == 1:
@@ -533,49 +532,21 @@ class SQLiteBackend:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
-        sql = f"SELECT {_COLS} FROM runs WHERE run_id = ?"
-        row: Row | None = await self._run(lambda c: c.execute(sql, (run_id,)).fetchone(), None)
+        stmt = f"SELECT {sql.COLS} FROM runs WHERE run_id = ?"
+        row: Row | None = await self._run(lambda c: c.execute(stmt, (run_id,)).fetchone(), None)
         return None if row is None else _record(row)
 
-    async def list_runs(
-        self,
-        *,
-        workflow: str | None = None,
-        statuses: Collection[RunStatus] | None = None,
-        limit: int | None = None,
-    ) -> list[RunRecord]:
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
-        where: list[str] = []
-        args: list[Any] = []
-        if workflow is not None:
-            where.append("workflow = ?")
-            args.append(workflow)
-        if statuses is not None:
-            wanted = sorted({RunStatus(s).value for s in statuses})
-            if not wanted:
-                return []
-            where.append(f"status IN ({', '.join('?' * len(wanted))})")
-            args += wanted
-        sql = f"SELECT {_COLS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, run_id LIMIT ?"
-        args.append(-1 if limit is None else max(limit, 0))
-        rows: list[Row] = await self._run(lambda c: c.execute(sql, args).fetchall(), None)
+        stmt, args = sql.list_query(query)
+        rows: list[Row] = await self._run(lambda c: c.execute(stmt, args).fetchall(), None)
         return [_record(row) for row in rows]
 
     # -- test helpers -------------------------------------------------------
 
-    def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+    async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?", (data, run_id, position)
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        if cur.rowcount != 1:
+        stmt = "UPDATE log SET data = ? WHERE run_id = ? AND pos = ?"
+        changed = await self._write(lambda c: c.execute(stmt, (data, run_id, position)).rowcount)
+        if changed != 1:
             raise IndexError(f"run {run_id!r} has no log record #{position}")

@@ -1,0 +1,363 @@
+"""SQL text of the PostgreSQL store: its migrations and statements, and the decoding
+of what they return.
+
+Templates: ``{s}`` = the quoted schema, ``{t}`` = the terminal statuses (text[]),
+``{c}`` = the run columns of ``runs r`` (the log length computed), ``{n}`` = the log
+length of run r. ``PostgresBackend._sql`` formats each once. Migrations are never
+edited once released: a change is a new migration appended to ``MIGRATIONS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .._types import RunStatus
+from ..errors import LeaseLost, RunNotFound
+from . import _rules as rules
+from ._protocol import RunQuery, RunRecord
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: initial layout
+    """
+CREATE TABLE {s}.runs (
+    run_id text PRIMARY KEY, workflow text NOT NULL, queue text NOT NULL,
+    status text NOT NULL, created_at double precision NOT NULL,
+    started_at double precision, ended_at double precision, due_at double precision,
+    result text, error text, log_len bigint NOT NULL DEFAULT 0,
+    inbox_pos bigint NOT NULL DEFAULT 0, last_inbox_id bigint NOT NULL DEFAULT 0,
+    lease_token bigint NOT NULL DEFAULT 0, lease_owner text,
+    lease_expires_at double precision, cancel_requested boolean NOT NULL DEFAULT false,
+    parent_id text);
+CREATE INDEX runs_due_idx ON {s}.runs (queue, due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX runs_created_idx ON {s}.runs (created_at, run_id);
+CREATE TABLE {s}.log (run_id text NOT NULL, pos bigint NOT NULL, data bytea NOT NULL,
+    PRIMARY KEY (run_id, pos));
+CREATE TABLE {s}.inbox (run_id text NOT NULL, id bigint NOT NULL, data bytea NOT NULL,
+    PRIMARY KEY (run_id, id));
+CREATE FUNCTION {s}.append_step(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    p_has_update boolean, p_status text, p_set_result boolean, p_result text,
+    p_error text, p_ended_at double precision, p_inbox_pos bigint, p_release boolean,
+    p_due_at double precision, p_now double precision, p_terminal text[], p_channel text,
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint; v_status text; v_inbox_pos bigint; v_last bigint; v_cancel boolean;
+    v_due double precision; v_owner text; v_expires double precision;
+    v_released boolean := false;
+BEGIN
+    SELECT lease_token, log_len, status, inbox_pos, last_inbox_id, cancel_requested,
+           due_at, lease_owner, lease_expires_at
+      INTO v_token, o_len, v_status, v_inbox_pos, v_last, v_cancel, v_due, v_owner, v_expires
+      FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, p_expected + t.o - 1, t.d
+          FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := p_expected + coalesce(cardinality(p_records), 0);
+    IF p_has_update THEN
+        v_status := coalesce(p_status, v_status);
+        v_inbox_pos := coalesce(p_inbox_pos, v_inbox_pos);
+        IF p_release OR v_status = ANY(p_terminal) THEN  -- the release rule
+            v_released := true; v_owner := NULL; v_expires := NULL;
+            IF v_status = ANY(p_terminal) THEN v_due := NULL;
+            ELSIF v_last > v_inbox_pos OR v_cancel THEN v_due := least(p_due_at, p_now);
+            ELSE v_due := p_due_at;
+            END IF;
+        END IF;
+    END IF;
+    UPDATE {s}.runs SET
+        log_len = o_len, status = v_status, inbox_pos = v_inbox_pos, due_at = v_due,
+        lease_owner = v_owner, lease_expires_at = v_expires,
+        result = CASE WHEN p_set_result THEN p_result ELSE result END,
+        error = coalesce(p_error, error), ended_at = coalesce(p_ended_at, ended_at)
+     WHERE run_id = p_run_id;
+    IF v_released THEN PERFORM pg_notify(p_channel, p_run_id); END IF;
+    o_code := 0;
+END
+$fn$;
+""",
+    # 2: the log length is the log's own (max(pos) + 1), so a step's append is one
+    # INSERT fenced by a share lock on the run row instead of an UPDATE of that row
+    """
+ALTER TABLE {s}.runs DROP COLUMN log_len;
+CREATE OR REPLACE FUNCTION {s}.append_step(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    p_has_update boolean, p_status text, p_set_result boolean, p_result text,
+    p_error text, p_ended_at double precision, p_inbox_pos bigint, p_release boolean,
+    p_due_at double precision, p_now double precision, p_terminal text[], p_channel text,
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint; v_status text; v_inbox_pos bigint; v_last bigint; v_cancel boolean;
+    v_due double precision; v_owner text; v_expires double precision;
+    v_released boolean := false;
+BEGIN
+    SELECT lease_token, status, inbox_pos, last_inbox_id, cancel_requested,
+           due_at, lease_owner, lease_expires_at
+      INTO v_token, v_status, v_inbox_pos, v_last, v_cancel, v_due, v_owner, v_expires
+      FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, p_expected + t.o - 1, t.d
+          FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := p_expected + coalesce(cardinality(p_records), 0);
+    IF p_has_update THEN
+        v_status := coalesce(p_status, v_status);
+        v_inbox_pos := coalesce(p_inbox_pos, v_inbox_pos);
+        IF p_release OR v_status = ANY(p_terminal) THEN  -- the release rule
+            v_released := true; v_owner := NULL; v_expires := NULL;
+            IF v_status = ANY(p_terminal) THEN v_due := NULL;
+            ELSIF v_last > v_inbox_pos OR v_cancel THEN v_due := least(p_due_at, p_now);
+            ELSE v_due := p_due_at;
+            END IF;
+        END IF;
+        UPDATE {s}.runs SET
+            status = v_status, inbox_pos = v_inbox_pos, due_at = v_due,
+            lease_owner = v_owner, lease_expires_at = v_expires,
+            result = CASE WHEN p_set_result THEN p_result ELSE result END,
+            error = coalesce(p_error, error), ended_at = coalesce(p_ended_at, ended_at)
+         WHERE run_id = p_run_id;
+    END IF;
+    IF v_released THEN PERFORM pg_notify(p_channel, p_run_id); END IF;
+    o_code := 0;
+END
+$fn$;
+""",
+    # 3: rewrite_log (compaction). Separate statements: each sees the log as it is once
+    # the run row is locked, and the INSERT reuses the positions the DELETE freed.
+    """
+CREATE FUNCTION {s}.rewrite_log(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint;
+BEGIN
+    SELECT lease_token INTO v_token FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    DELETE FROM {s}.log WHERE run_id = p_run_id;
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, t.o - 1, t.d FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := coalesce(cardinality(p_records), 0);
+    o_code := 0;
+END
+$fn$;
+""",
+    # 4: the failed run's error type; searches newest first per workflow. append_step
+    # gains p_error_type as a new overload (17 arguments); the 16-argument one of
+    # migration 2 stays for code that predates this migration.
+    """
+ALTER TABLE {s}.runs ADD COLUMN error_type text;
+CREATE INDEX runs_wf_created_idx ON {s}.runs (workflow, created_at, run_id);
+CREATE FUNCTION {s}.append_step(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    p_has_update boolean, p_status text, p_set_result boolean, p_result text,
+    p_error text, p_error_type text, p_ended_at double precision, p_inbox_pos bigint,
+    p_release boolean, p_due_at double precision, p_now double precision,
+    p_terminal text[], p_channel text,
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint; v_status text; v_inbox_pos bigint; v_last bigint; v_cancel boolean;
+    v_due double precision; v_owner text; v_expires double precision;
+    v_released boolean := false;
+BEGIN
+    SELECT lease_token, status, inbox_pos, last_inbox_id, cancel_requested,
+           due_at, lease_owner, lease_expires_at
+      INTO v_token, v_status, v_inbox_pos, v_last, v_cancel, v_due, v_owner, v_expires
+      FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, p_expected + t.o - 1, t.d
+          FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := p_expected + coalesce(cardinality(p_records), 0);
+    IF p_has_update THEN
+        v_status := coalesce(p_status, v_status);
+        v_inbox_pos := coalesce(p_inbox_pos, v_inbox_pos);
+        IF p_release OR v_status = ANY(p_terminal) THEN  -- the release rule
+            v_released := true; v_owner := NULL; v_expires := NULL;
+            IF v_status = ANY(p_terminal) THEN v_due := NULL;
+            ELSIF v_last > v_inbox_pos OR v_cancel THEN v_due := least(p_due_at, p_now);
+            ELSE v_due := p_due_at;
+            END IF;
+        END IF;
+        UPDATE {s}.runs SET
+            status = v_status, inbox_pos = v_inbox_pos, due_at = v_due,
+            lease_owner = v_owner, lease_expires_at = v_expires,
+            result = CASE WHEN p_set_result THEN p_result ELSE result END,
+            error = coalesce(p_error, error), error_type = coalesce(p_error_type, error_type),
+            ended_at = coalesce(p_ended_at, ended_at)
+         WHERE run_id = p_run_id;
+    END IF;
+    IF v_released THEN PERFORM pg_notify(p_channel, p_run_id); END IF;
+    o_code := 0;
+END
+$fn$;
+""",
+)
+
+LATEST_VERSION = len(MIGRATIONS)
+
+# Statements: {s} = quoted schema, {t} = terminal statuses (text[]), {c} = the run
+# columns of ``runs r`` (the log length computed), {n} = the log length of run r.
+FIELDS = (
+    "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
+    "result", "error", "error_type", "log_len", "inbox_pos", "lease_token", "lease_owner",
+    "lease_expires_at", "cancel_requested", "parent_id",
+)  # fmt: skip
+LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY,
+    applied_at double precision NOT NULL DEFAULT extract(epoch FROM now()))"""
+CURRENT = "SELECT coalesce(max(version), 0) FROM {s}.schema_version"
+SET_VERSION = "INSERT INTO {s}.schema_version (version) VALUES ($1)"
+CREATE = """WITH ins AS (
+    INSERT INTO {s}.runs (run_id, workflow, queue, status, created_at, due_at, parent_id)
+    VALUES ($1, $2, $3, 'PENDING', $4, $5, $6) ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id
+), lg AS (INSERT INTO {s}.log (run_id, pos, data) SELECT run_id, 0, $7 FROM ins)
+SELECT pg_notify($8, run_id) FROM ins"""
+CLAIM = """WITH picked AS MATERIALIZED (
+    SELECT run_id FROM {s}.runs
+     WHERE queue = $1 AND workflow = ANY($2::text[]) AND due_at <= $3::float8
+       AND (lease_expires_at IS NULL OR lease_expires_at <= $3::float8) AND status <> ALL({t})
+     ORDER BY due_at, created_at, run_id LIMIT $4
+       FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {s}.runs r SET status = 'RUNNING', started_at = coalesce(r.started_at, $3::float8),
+           lease_token = r.lease_token + 1, lease_owner = $5,
+           lease_expires_at = $3::float8 + $6::float8
+      FROM picked WHERE r.run_id = picked.run_id
+    RETURNING r.run_id, r.lease_token, r.due_at, r.created_at
+)
+SELECT run_id, lease_token FROM claimed ORDER BY due_at, created_at, run_id"""
+READ = """SELECT {c},
+    ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
+           AND l.pos >= CASE WHEN $2::bigint < 0 THEN {n} + $2 ELSE $2 END
+         ORDER BY l.pos) AS log_data,
+    ARRAY(SELECT b.id FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
+         ORDER BY b.id) AS inbox_ids,
+    ARRAY(SELECT b.data FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
+         ORDER BY b.id) AS inbox_data
+FROM {s}.runs r WHERE r.run_id = $1"""
+APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 18))
+APPEND += ")"
+REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"
+# The common case, records and no run update: one INSERT. The share lock on the run
+# row is the fence: it conflicts with every UPDATE of the row (a claim changing the
+# token waits for this append to commit, or this append sees the new token and
+# inserts nothing). The length check: position expected - 1 must exist, and the
+# log's primary key refuses position expected if it does (the log moved on). No
+# write of the run row: a step costs about one plain insert.
+APPEND_RECORDS = """INSERT INTO {s}.log (run_id, pos, data)
+SELECT $1, $3::bigint + t.o - 1, t.d FROM unnest($4::bytea[]) WITH ORDINALITY AS t(d, o)
+ WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
+   AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
+# The same for the usual single record, without the array (about 10% cheaper).
+APPEND_ONE = """INSERT INTO {s}.log (run_id, pos, data) SELECT $1, $3::bigint, $4::bytea
+ WHERE EXISTS (SELECT FROM {s}.runs WHERE run_id = $1 AND lease_token = $2 FOR SHARE)
+   AND ($3::bigint = 0 OR EXISTS (SELECT FROM {s}.log WHERE run_id = $1 AND pos = $3 - 1))"""
+# Why a records-only append wrote nothing, in append_step's codes (see _fenced).
+FENCE = """SELECT CASE WHEN r.lease_token <> $2 THEN 2 ELSE 3 END AS o_code, {n} AS o_len
+  FROM {s}.runs r WHERE r.run_id = $1"""
+RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
+  FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
+ WHERE r.run_id = h.run_id AND r.lease_token = h.token AND r.lease_owner IS NOT NULL
+RETURNING r.run_id"""
+RELEASE = """WITH u AS (
+    UPDATE {s}.runs SET
+        status = CASE WHEN status = ANY({t}) THEN status ELSE $4::text END,
+        due_at = CASE WHEN status = ANY({t}) OR $4::text = ANY({t}) THEN NULL
+            WHEN last_inbox_id > inbox_pos OR cancel_requested THEN least($3::float8, $5::float8)
+            ELSE $3::float8 END,
+        lease_owner = NULL, lease_expires_at = NULL
+     WHERE run_id = $1 AND lease_token = $2 AND lease_owner IS NOT NULL
+    RETURNING run_id
+)
+SELECT pg_notify($6, run_id) FROM u"""
+DELIVER = """WITH u AS (
+    UPDATE {s}.runs SET last_inbox_id = last_inbox_id + 1, due_at = $3::float8
+     WHERE run_id = $1 AND status <> ALL({t})
+    RETURNING run_id, last_inbox_id
+), i AS (INSERT INTO {s}.inbox (run_id, id, data) SELECT run_id, last_inbox_id, $2 FROM u)
+SELECT last_inbox_id, pg_notify($4, run_id) FROM u"""
+CANCEL = """WITH u AS (
+    UPDATE {s}.runs SET cancel_requested = true, due_at = $2::float8
+     WHERE run_id = $1 AND status <> ALL({t}) RETURNING run_id
+)
+SELECT pg_notify($3, run_id) FROM u"""
+STATUS = "SELECT status FROM {s}.runs WHERE run_id = $1"
+GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
+# list_runs: WHERE terms built from the set fields of a RunQuery (see list_query);
+# newest first walks runs_created_idx (or runs_wf_created_idx) backwards.
+LIST = "SELECT {c} FROM {s}.runs r"
+CORRUPT = "UPDATE {s}.log SET data = $3 WHERE run_id = $1 AND pos = $2"
+DROP = "DROP SCHEMA IF EXISTS {s} CASCADE"
+
+
+def list_query(q: RunQuery) -> tuple[str, list[Any]]:
+    """The ``list_runs`` statement template for ``q`` and its arguments: one WHERE
+    term per set field, so each query shape is a plan the indexes serve."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def term(text: str, value: Any) -> None:
+        args.append(value)
+        where.append(text.replace("?", f"${len(args)}"))
+
+    if q.workflow is not None:
+        term("r.workflow = ?", q.workflow)
+    if q.statuses is not None:
+        term("r.status = ANY(?::text[])", sorted(s.value for s in q.statuses))
+    if q.run_ids is not None:
+        term("r.run_id = ANY(?::text[])", sorted(q.run_ids))
+    for column, low, high in (
+        ("created_at", q.created_after, q.created_before),
+        ("started_at", q.started_after, q.started_before),
+        ("ended_at", q.ended_after, q.ended_before),
+    ):
+        if low is not None:
+            term(f"r.{column} >= ?::float8", low)
+        if high is not None:
+            term(f"r.{column} <= ?::float8", high)
+    if q.before is not None:
+        args += [q.before[0], q.before[1]]
+        where.append(f"(r.created_at, r.run_id) < (${len(args) - 1}::float8, ${len(args)})")
+    sql = LIST + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY r.created_at DESC, r.run_id DESC"
+    if q.limit is not None:
+        args.append(max(q.limit, 0))
+        sql += f" LIMIT ${len(args)}"
+    return sql, args
+
+
+# -- rows: what the statements above return, decoded --------------------------------
+
+
+def fenced(run_id: str, expected_len: int, row: Any) -> int:
+    """The new log length from ``append_step`` / ``rewrite_log``'s row, or their refusal."""
+    code, length = int(row["o_code"]), row["o_len"]
+    if code == 1:
+        raise RunNotFound(run_id)
+    if code == 2:
+        raise LeaseLost(run_id)
+    if code == 3:
+        raise rules.log_moved(run_id, length, expected_len)
+    return int(length)
+
+
+def to_record(row: Any) -> RunRecord:
+    fields = {k: row[k] for k in FIELDS}
+    fields["status"] = RunStatus(fields["status"])
+    if fields["result"] is not None:
+        fields["result"] = orjson.loads(fields["result"])
+    return RunRecord(**fields)

@@ -1,0 +1,223 @@
+"""Lua of the Redis store: one script per protocol operation, each atomic.
+
+Every script is sent with ``PRELUDE`` in front (the terminal statuses, ``opt`` for
+optional arguments, and the shared ``reindex`` / ``release`` rules). Key layout and
+argument conventions are described in ``redis.py``.
+"""
+
+from __future__ import annotations
+
+from .._types import RunStatus
+
+NONCE_TTL = 300  # seconds a delivery's nonce is kept (retry de-duplication)
+
+PRELUDE = (
+    "local TERM = {"
+    + ", ".join(f"{s.value}=true" for s in RunStatus if s.is_terminal)
+    + "}\n"
+    + """
+local function opt(a) if a == '' then return nil end return string.sub(a, 2) end
+local function reindex(rk)
+  local f = redis.call('HMGET', rk, 'run_id', 'dkey', 'status', 'due_at', 'lease_expires_at')
+  if TERM[f[3]] or not f[4] then redis.call('ZREM', f[2], f[1]) return end
+  local s = f[4]
+  if f[5] and tonumber(f[5]) > tonumber(s) then s = f[5] end
+  redis.call('ZADD', f[2], s, f[1])
+end
+local function release(rk, due, now)
+  local f = redis.call('HMGET', rk, 'status', 'last_inbox_id', 'inbox_pos', 'cancel_requested')
+  if TERM[f[1]] then due = nil
+  elseif tonumber(f[2]) > tonumber(f[3]) or f[4] then
+    if due == nil or tonumber(due) > tonumber(now) then due = now end
+  end
+  redis.call('HDEL', rk, 'lease_owner', 'lease_expires_at')
+  if due then redis.call('HSET', rk, 'due_at', due) else redis.call('HDEL', rk, 'due_at') end
+  reindex(rk)
+end
+"""
+)
+
+# KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
+# nonce, channel
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
+  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', 1, 'inbox_pos', 0, 'lease_token', 0,
+  'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
+local due = opt(ARGV[5])
+if due then redis.call('HSET', KEYS[1], 'due_at', due) end
+local parent = opt(ARGV[6])
+if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
+redis.call('DEL', KEYS[2])
+redis.call('RPUSH', KEYS[2], ARGV[7])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+reindex(KEYS[1])
+redis.call('PUBLISH', ARGV[9], ARGV[1])
+return 1
+"""
+
+# KEYS the due indexes of the claimer's workflows; ARGV now, owner, expiry, limit, run-key prefix
+_CLAIM = """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[4])
+local cands = {}
+for i = 1, #KEYS do
+  local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, limit)
+  for j = 1, #r, 2 do
+    local created = redis.call('HGET', ARGV[5] .. r[j], 'created_at')
+    cands[#cands + 1] = {r[j], tonumber(r[j + 1]), tonumber(created) or 0, KEYS[i]}
+  end
+end
+table.sort(cands, function(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  if a[3] ~= b[3] then return a[3] < b[3] end
+  return a[1] < b[1]
+end)
+local out = {}
+for _, c in ipairs(cands) do
+  if #out >= 2 * limit then break end
+  local rk = ARGV[5] .. c[1]
+  local f = redis.call('HMGET', rk, 'status', 'due_at', 'lease_expires_at', 'lease_token',
+    'started_at')
+  if not f[1] then
+    redis.call('ZREM', c[4], c[1])
+  elseif not TERM[f[1]] and f[2] and tonumber(f[2]) <= now
+      and (not f[3] or tonumber(f[3]) <= now) then
+    local tok = tonumber(f[4]) + 1
+    redis.call('HSET', rk, 'status', 'RUNNING', 'lease_token', tok, 'lease_owner', ARGV[2],
+      'lease_expires_at', ARGV[3])
+    if not f[5] then redis.call('HSET', rk, 'started_at', ARGV[1]) end
+    reindex(rk)
+    out[#out + 1] = c[1]
+    out[#out + 1] = tok
+  else
+    reindex(rk)
+  end
+end
+return out
+"""
+
+# KEYS run, log, inbox; ARGV log_from
+_READ = """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+local pos = redis.call('HGET', KEYS[1], 'inbox_pos')
+return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1)}
+"""
+
+# KEYS run, log; ARGV token, expected_len, now, channel, nonce, status?, result?, error?,
+# ended_at?, inbox_pos?, release, has_update, due?, error_type?, records...
+_APPEND = """
+local rk = KEYS[1]
+local f = redis.call('HMGET', rk, 'lease_token', 'log_len', 'op_nonce', 'op_result')
+if not f[1] then return {-1} end
+if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
+if f[3] == ARGV[5] then return {1, tonumber(f[4])} end
+if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
+local n = tonumber(f[2])
+for i = 15, #ARGV, 1000 do
+  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('HSET', rk, 'log_len', n, 'op_nonce', ARGV[5], 'op_result', n)
+if ARGV[12] == '1' then
+  local names = {[6] = 'status', [7] = 'result', [8] = 'error', [9] = 'ended_at',
+    [10] = 'inbox_pos', [14] = 'error_type'}
+  for i, name in pairs(names) do
+    local v = opt(ARGV[i])
+    if v then redis.call('HSET', rk, name, v) end
+  end
+  if ARGV[11] == '1' or TERM[redis.call('HGET', rk, 'status')] then
+    release(rk, opt(ARGV[13]), ARGV[3])
+    redis.call('PUBLISH', ARGV[4], redis.call('HGET', rk, 'run_id'))
+  end
+end
+return {1, n}
+"""
+
+# KEYS run, log; ARGV token, expected_len, nonce, records...
+_REWRITE = """
+local f = redis.call('HMGET', KEYS[1], 'lease_token', 'log_len', 'op_nonce', 'op_result')
+if not f[1] then return {-1} end
+if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
+if f[3] == ARGV[3] then return {1, tonumber(f[4])} end
+if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
+redis.call('DEL', KEYS[2])
+local n = 0
+for i = 4, #ARGV, 1000 do
+  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('HSET', KEYS[1], 'log_len', n, 'op_nonce', ARGV[3], 'op_result', n)
+return {1, n}
+"""
+
+# KEYS run; ARGV token, expiry
+_RENEW = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local f = redis.call('HMGET', key, 'lease_token', 'lease_owner')
+  if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[i + 1]) or not f[2] then
+    out[i] = 0
+  else
+    redis.call('HSET', key, 'lease_expires_at', ARGV[1])
+    reindex(key)
+    out[i] = 1
+  end
+end
+return out
+"""
+
+# KEYS run; ARGV token, due?, status, now, nonce, channel
+_RELEASE = """
+local f = redis.call('HMGET', KEYS[1], 'lease_token', 'lease_owner', 'status', 'op_nonce',
+  'run_id')
+if not f[1] or tonumber(f[1]) ~= tonumber(ARGV[1]) then return 0 end
+if f[4] == ARGV[5] then return 1 end
+if not f[2] then return 0 end
+if not TERM[f[3]] then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
+release(KEYS[1], opt(ARGV[2]), ARGV[4])
+redis.call('HSET', KEYS[1], 'op_nonce', ARGV[5])
+redis.call('PUBLISH', ARGV[6], f[5])
+return 1
+"""
+
+# KEYS run, inbox, nonce; ARGV data, now, channel
+_DELIVER = """
+local prev = redis.call('GET', KEYS[3])
+if prev then return {1, tonumber(prev)} end
+local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
+if not f[1] then return {-1} end
+if TERM[f[1]] then return {-2, f[1]} end
+local id = redis.call('HINCRBY', KEYS[1], 'last_inbox_id', 1)
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
+reindex(KEYS[1])
+redis.call('SET', KEYS[3], id, 'EX', @TTL@)
+redis.call('PUBLISH', ARGV[3], f[2])
+return {1, id}
+""".replace("@TTL@", str(NONCE_TTL))
+
+# KEYS run; ARGV now, channel
+_CANCEL = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
+if not f[1] then return -1 end
+if TERM[f[1]] then return 0 end
+redis.call('HSET', KEYS[1], 'cancel_requested', 1, 'due_at', ARGV[1])
+reindex(KEYS[1])
+redis.call('PUBLISH', ARGV[2], f[2])
+return 1
+"""
+
+SCRIPTS = dict(
+    create=_CREATE,
+    claim=_CLAIM,
+    read=_READ,
+    append=_APPEND,
+    rewrite=_REWRITE,
+    renew=_RENEW,
+    release=_RELEASE,
+    deliver=_DELIVER,
+    cancel=_CANCEL,
+)
