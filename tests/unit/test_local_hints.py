@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from substantial import Conductor, Context, workflow
 from substantial.backends import Backend, NewRun
 from substantial.backends.fs import FSBackend
 from substantial.backends.sqlite import SQLiteBackend
@@ -104,3 +105,29 @@ async def test_a_subscriber_on_another_thread_is_hinted(kind: str, tmp_path: Pat
         await asyncio.to_thread(thread.join, 15)
         await b.close()
     assert not errors
+
+
+@workflow()
+async def double(c: Context, x: int) -> int:
+    return 2 * x
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "fs"])
+async def test_a_second_conductor_as_client_is_served_without_polling(
+    kind: str, tmp_path: Path
+) -> None:
+    """A worker's Conductor and a client's Conductor, each with its own backend object
+    on the same store, in one process: the run starts and its result arrives through
+    hints alone (both poll intervals are an hour)."""
+    a, b = _pair(kind, tmp_path)
+    server, client = Conductor(a), Conductor(b)
+    server.register(double)
+    task = server.run(handle_sigterm=False)
+    try:
+        handle = await client.start(double, {"x": 21})
+        assert await handle.result(timeout=20) == 42
+    finally:
+        task.cancel()
+        await task
+        await client.close()
+        await server.close()

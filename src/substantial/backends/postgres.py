@@ -100,7 +100,12 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 class PostgresBackend:
-    """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``."""
+    """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``.
+
+    ``connect_timeout`` bounds each connection attempt (seconds);
+    ``application_name`` is what ``pg_stat_activity`` shows for the pool (default
+    ``substantial:<schema>``), with ``:beat`` and ``:hints`` appended for the
+    heartbeat and LISTEN connections. Both may also be given as URL options."""
 
     def __init__(
         self,
@@ -110,7 +115,7 @@ class PostgresBackend:
         poll_interval: float = 1.0,
         min_size: int = 0,  # no floor: asyncpg would log a traceback per retry in an outage
         max_size: int = 10,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         application_name: str | None = None,
     ) -> None:
         if not _SCHEMA_RE.match(schema):
