@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
+from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
@@ -26,7 +27,6 @@ from .errors import (
     RunFinished,
     RunReverted,
 )
-from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from .filters import compile_filter
 from .worker import Worker, WorkerOptions, install_sigterm
 from .workflow import Workflow, workflow_name
