@@ -22,7 +22,16 @@ import orjson
 
 from . import _records as R
 from ._types import LogRecord, RunStatus, RunSummary
-from .backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate, default_url
+from .backends import (
+    Backend,
+    Claim,
+    JoinsTransactions,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    default_url,
+)
 from .codec import dumps
 from .errors import (
     BackendError,
@@ -150,14 +159,12 @@ class Journal:
             parent_id=parent_id,
         )
         if connection is not None:
-            try:
-                created = await self.backend.create_run(new, connection=connection)  # type: ignore[call-arg]
-            except TypeError:
+            if not isinstance(self.backend, JoinsTransactions):
                 raise ConfigurationError(
                     "start(connection=...) joins the caller's transaction; only the "
-                    "PostgreSQL store supports it"
-                ) from None
-            return bool(created)
+                    f"PostgreSQL store supports it, not {type(self.backend).__name__}"
+                )
+            return await self.backend.create_run_in(new, connection)
         return await self.backend.create_run(new)
 
     async def deliver(self, run_id: str, name: str, value: Any) -> int:

@@ -8,9 +8,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from substantial import Conductor, Context, RunNotFound, workflow
+from substantial import Conductor, ConfigurationError, Context, RunNotFound, workflow
+from substantial.backends import JoinsTransactions
 
-from ..backends import POSTGRES_URL, make_backend
+from ..backends import LOCAL, POSTGRES_URL, make_backend
 from .helpers import worker
 
 
@@ -50,3 +51,16 @@ async def test_a_run_started_in_a_rolled_back_transaction_never_exists(pg: Condu
         await conn.close()
     with pytest.raises(RunNotFound):
         await h.status()
+
+
+@pytest.mark.parametrize("kind", LOCAL + ["redis"])
+async def test_stores_without_the_capability_refuse_a_connection(kind: str, tmp_path: Path) -> None:
+    """Joining a transaction is a capability a store declares (JoinsTransactions);
+    the others say so instead of failing on an unexpected argument."""
+    async with make_backend(kind, tmp_path) as backend:
+        assert not isinstance(backend, JoinsTransactions)
+        c = Conductor(backend)
+        with pytest.raises(ConfigurationError, match="only the PostgreSQL store"):
+            await c.start(welcome, {"user": "x"}, connection=object())
+        assert await c.search(welcome) == []
+        await c.close()

@@ -139,13 +139,13 @@ async def test_transactional_create_run_follows_the_callers_transaction(schema: 
     try:
         with pytest.raises(RuntimeError):
             async with conn.transaction():
-                assert await b.create_run(_new("rolled-back"), connection=conn)
+                assert await b.create_run_in(_new("rolled-back"), conn)
                 raise RuntimeError("abort the business transaction")
         assert await b.get_run("rolled-back") is None
         assert await b.read("rolled-back") is None
 
         async with conn.transaction():
-            assert await b.create_run(_new("committed"), connection=conn)
+            assert await b.create_run_in(_new("committed"), conn)
             assert await b.get_run("committed") is None  # not visible before commit
         snap = await b.read("committed")
         assert snap is not None and snap.log == [b"0"]
@@ -163,7 +163,7 @@ async def test_hint_of_a_transactional_start_is_sent_on_commit(schema: str) -> N
         assert await asyncio.wait_for(stream.__anext__(), 10) == ""  # listening
         waiter = asyncio.ensure_future(stream.__anext__())
         async with conn.transaction():
-            await b.create_run(_new("r1"), connection=conn)
+            await b.create_run_in(_new("r1"), conn)
             await asyncio.sleep(0.2)
             assert not waiter.done()
         assert await asyncio.wait_for(waiter, 5) == "r1"

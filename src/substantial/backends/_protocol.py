@@ -267,3 +267,14 @@ class Backend(Protocol):
         """Fallback polling period for work made by other processes; None = never
         needed (every change is signalled through ``subscribe``)."""
         ...
+
+
+@runtime_checkable
+class JoinsTransactions(Protocol):
+    """A capability some stores declare: creating a run inside the caller's own
+    open transaction, so that the run exists iff that transaction commits
+    (``Conductor.start(..., connection=...)``). PostgreSQL has it."""
+
+    async def create_run_in(self, new: NewRun, connection: Any) -> bool:
+        """``create_run`` through ``connection`` (a driver connection of the caller's)."""
+        ...

@@ -349,23 +349,28 @@ class PostgresBackend:
 
     # -- operations ---------------------------------------------------------------
 
-    async def create_run(self, new: NewRun, *, connection: Any = None) -> bool:
-        """Insert the run. With ``connection`` (an asyncpg connection, typically in
-        the caller's open transaction) the run exists iff the caller commits."""
+    async def create_run(self, new: NewRun) -> bool:
         self._count("create_run")
-        n = new
-        args = (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
-                n.first_record, self._channel)  # fmt: skip
-        if connection is None:  # not retried once sent: a landed first try would say False
-            return len(await self._q("fetch", sql.CREATE, *args, retry=False)) == 1
+        # not retried once sent: a first try that landed would then say False
+        return len(await self._q("fetch", sql.CREATE, *self._create_args(new), retry=False)) == 1
+
+    async def create_run_in(self, new: NewRun, connection: Any) -> bool:
+        """Insert the run through the caller's asyncpg ``connection``, typically in
+        its open transaction: the run exists iff the caller commits
+        (:class:`~substantial.backends.JoinsTransactions`)."""
+        self._count("create_run")
         if self._pool is None:  # open() made sure the schema exists
             raise BackendError(f"the PostgreSQL store {self._safe_url} is not open")
         try:
-            return len(await connection.fetch(self._sql(sql.CREATE), *args)) == 1
+            return len(await connection.fetch(self._sql(sql.CREATE), *self._create_args(new))) == 1
         except Exception as exc:
             if _is_connection_error(exc):
                 raise self._unavailable(exc) from exc
             raise
+
+    def _create_args(self, n: NewRun) -> tuple[Any, ...]:
+        return (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
+                n.first_record, self._channel)  # fmt: skip
 
     async def claim_due(
         self,
