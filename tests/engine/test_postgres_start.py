@@ -53,7 +53,7 @@ async def test_a_run_started_in_a_rolled_back_transaction_never_exists(pg: Condu
         await h.status()
 
 
-@pytest.mark.parametrize("kind", LOCAL + ["redis"])
+@pytest.mark.parametrize("kind", [*LOCAL, "redis"])
 async def test_stores_without_the_capability_refuse_a_connection(kind: str, tmp_path: Path) -> None:
     """Joining a transaction is a capability a store declares (JoinsTransactions);
     the others say so instead of failing on an unexpected argument."""
