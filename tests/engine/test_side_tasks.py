@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from substantial import Conductor, Context, workflow
+from substantial.backends import Backend
 from substantial.backends.memory import MemoryBackend
 from substantial.errors import BackendUnavailable
 
-from ..backends import url_for
+from ..backends import ALL, make_backend, url_for
 from .helpers import worker
 
 effects: list[str] = []
@@ -133,11 +134,16 @@ class Flaky:
         return 0.2  # hints published while down are lost: the poll covers them
 
 
+@pytest.fixture(params=ALL)
+async def real_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with make_backend(request.param, tmp_path) as backend:
+        yield backend
+
+
 async def test_a_worker_started_while_its_store_is_down_waits_and_logs_twice(
-    caplog: pytest.LogCaptureFixture,
+    real_store: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    inner = MemoryBackend()
-    store = Flaky(inner)
+    store = Flaky(real_store)
     c = Conductor(store)
     c.register(quick)
     with caplog.at_level(logging.DEBUG, logger="substantial"):
@@ -146,7 +152,7 @@ async def test_a_worker_started_while_its_store_is_down_waits_and_logs_twice(
                 await asyncio.sleep(0.05)
                 assert not task.done()
             store.down = False
-            client = Conductor(inner)
+            client = Conductor(real_store)
             h = await client.start(quick)
             assert await c.handle(h.run_id).result(timeout=10) == 7
     await c.close()
@@ -157,9 +163,8 @@ async def test_a_worker_started_while_its_store_is_down_waits_and_logs_twice(
     assert len(back) == 1
 
 
-async def test_result_rides_out_an_outage_within_its_timeout() -> None:
-    inner = MemoryBackend()
-    store = Flaky(inner)
+async def test_result_rides_out_an_outage_within_its_timeout(real_store: Backend) -> None:
+    store = Flaky(real_store)
     store.down = False
     c = Conductor(store)
     c.register(quick)
