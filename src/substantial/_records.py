@@ -23,6 +23,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
+
+from .errors import CorruptRecord
+
 START: Final = "start"
 EVENT: Final = "event"
 CALL: Final = "call"  # a durable call's final record
@@ -38,3 +42,18 @@ Record = dict[str, Any]
 
 def is_final(rec: Record) -> bool:
     return rec["k"] in (CALL, LOG)
+
+
+def decode_record(run_id: str, position: int, data: bytes) -> Record:
+    """Decode one stored record, or raise CorruptRecord saying why."""
+    try:
+        rec = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptRecord(run_id, position, f"not valid JSON ({exc})") from None
+    if not isinstance(rec, dict) or rec.get("k") not in KINDS:
+        raise CorruptRecord(run_id, position, "not a Substantial record (unknown kind)")
+    if position == 0 and rec["k"] != START:
+        raise CorruptRecord(run_id, 0, "the log does not begin with a start record")
+    if rec["k"] in (CALL, TRY, ARM, LOG) and not isinstance(rec.get("s"), int):
+        raise CorruptRecord(run_id, position, "durable-call record without a sequence id")
+    return rec
