@@ -15,6 +15,7 @@ call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed o
 try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]
 arm        s, p, at, due (epoch seconds)                                  [sleep, timeouts]
 log        s, p, at, level, msg, fields, t
+mark       p ("compact"), next (the sequence id the run had reached)   [compact]
 end        status, v | err
 =========  ==========================================================
 """
@@ -34,8 +35,9 @@ TRY: Final = "try"
 ARM: Final = "arm"
 LOG: Final = "log"
 END: Final = "end"
+MARK: Final = "mark"  # where compact() rewrote the log
 
-KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END})
+KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END, MARK})
 
 Record = dict[str, Any]
 
