@@ -206,13 +206,14 @@ class Context:
         self._replay.index_new()
         self._replay.advance(len(self._session.records))
 
-    async def _write(self, *recs: R.Record, what: str) -> int:
-        """Append records (after any buffered log lines); returns position of the last."""
+    async def _write(self, *recs: R.Record, what: str, waiting: bool = False) -> int:
+        """Append records (after any buffered log lines); returns position of the last.
+        ``waiting``: they start a wait, and the store shows the run SUSPENDED."""
         if self._poisoned:
             raise WorkflowError(f"run {self.run_id}: stopped after overlapping durable calls")
         batch = [*self._pending, *recs]
         self._pending.clear()
-        first = await self._session.append(batch, what=what)
+        first = await self._session.write(batch, what=what, waiting=waiting)
         self._replay.index_new()
         last = first + len(batch) - 1
         self._replay.advance(last + 1)
@@ -256,6 +257,7 @@ class Context:
             if now >= budget_end or (due is not None and due > budget_end and not events):
                 raise Suspend(due)
             limit = budget_end - now if due is None else min(budget_end, due) - now
+            await self._session.show(RunStatus.SUSPENDED)  # (its record usually did)
             if await self._session.wait_for_change(limit):
                 if events:
                     await self._sync()
@@ -333,6 +335,7 @@ class Context:
         limit = None if timeout is None else to_seconds(timeout)
         while True:
             attempt += 1
+            await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
             try:
                 value = await _invoke(f, limit)
                 final = self._rec(
@@ -362,6 +365,7 @@ class Context:
                     await self._write(
                         self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at, **keyed),
                         what=what,
+                        waiting=True,
                     )
                     await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
@@ -396,7 +400,8 @@ class Context:
             await self._sync()
             due = due_fn()
             keyed = {} if key is None else {"key": key}
-            await self._write(self._rec(R.ARM, seq, "sleep", at, due=due, **keyed), what="sleep()")
+            arm = self._rec(R.ARM, seq, "sleep", at, due=due, **keyed)
+            await self._write(arm, what="sleep()", waiting=True)
         await self._wait(due, events=False, budget_end=self._budget())
 
     @_one_at_a_time
@@ -430,7 +435,7 @@ class Context:
             if arm is None:  # the wait's own record: where it started, and its deadline
                 due = None if timeout is None else self._clock() + to_seconds(timeout)
                 arm = self._rec(R.ARM, seq, "receive", at, name, due=due)
-                await self._write(arm, what=f"receive({name!r})")
+                await self._write(arm, what=f"receive({name!r})", waiting=True)
             if due is not None and self._clock() >= due:
                 final = self._rec(R.CALL, seq, "receive", at, name, to=True)
                 break
@@ -468,7 +473,7 @@ class Context:
                 if arm is None:
                     due = None if timeout is None else self._clock() + to_seconds(timeout)
                     arm = self._rec(R.ARM, seq, "ensure", at, due=due)
-                    await self._write(arm, what="ensure()")
+                    await self._write(arm, what="ensure()", waiting=True)
                 if due is not None and self._clock() >= due:
                     final = self._rec(R.CALL, seq, "ensure", at, to=True)
                     break

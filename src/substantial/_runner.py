@@ -17,7 +17,6 @@ from ._context import Context, child_event
 from ._interrupts import CancelRun, StopRun, Suspend
 from ._journal import RunSession
 from ._types import RunStatus
-from .backends import RunUpdate
 from .codec import to_json
 from .errors import BackendError, RunFinished, RunNotFound
 from .workflow import Workflow
@@ -54,13 +53,7 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         )
     except Suspend as s:
         _raise_if_lost(session)
-        pending = ctx.flush_records()
-        if pending:
-            update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=s.due)
-            await session.append(pending, update, "log record")
-            session.released = True
-        else:
-            await session.suspend(s.due)
+        await session.suspend(s.due, ctx.flush_records())
         return s.due
     except CancelRun:
         _raise_if_lost(session)

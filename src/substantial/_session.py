@@ -46,6 +46,7 @@ class RunSession:
         self.released = False  # ended or handed back: the lease is no longer ours
         self._changed = asyncio.Event()
         self._dirty = True  # the inbox may hold items: pull before acting
+        self._shown = RunStatus.RUNNING  # the status the store shows (a claim sets RUNNING)
 
     @classmethod
     def loaded(cls, journal: Journal, claim: Claim, snap: Snapshot, lease: float) -> RunSession:
@@ -93,7 +94,30 @@ class RunSession:
             self.lost = exc
             raise
         self.records.extend(recs)
+        if update is not None and update.status is not None:
+            self._shown = update.status
         return pos
+
+    async def write(self, recs: Sequence[R.Record], *, what: str, waiting: bool = False) -> int:
+        """The engine's append of a durable call's records; returns the position of
+        the first.
+
+        The status rides along (guarantee 8), so it costs no round trip of its
+        own: ``waiting`` records start a wait (an armed timer, a failed attempt's
+        backoff), and the store shows SUSPENDED with them while this worker
+        keeps the lease; the first write after a wait shows RUNNING again."""
+        status = RunStatus.SUSPENDED if waiting else RunStatus.RUNNING
+        update = None if status == self._shown else RunUpdate(status=status)
+        return await self.append(recs, update, what)
+
+    async def show(self, status: RunStatus) -> None:
+        """Make the store show ``status`` (RUNNING or SUSPENDED) if it does not.
+
+        The rare case where no record carries it: user code (a save's effect)
+        about to run right after an in-place wait, or a wait that a replay
+        continues in place (its record was written before the restart)."""
+        if status != self._shown:
+            await self.append([], RunUpdate(status=status), "status")
 
     async def rewrite(self, recs: Sequence[R.Record]) -> None:
         """Replace the whole log (compaction). Fenced like ``append``."""
@@ -185,9 +209,15 @@ class RunSession:
         await self.append([*extra, end], update, "the run's result")
         self.released = True
 
-    async def suspend(self, due: float | None) -> None:
-        """Give the run back to the store until ``due`` (or its next event)."""
+    async def suspend(self, due: float | None, pending: Sequence[R.Record] = ()) -> None:
+        """Give the run back to the store until ``due`` (or its next event), with
+        the ``pending`` records (log lines) written in the same step."""
         if self.lost is not None:
+            return
+        if pending:
+            update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=due)
+            await self.append(pending, update, "log record")
+            self.released = True
             return
         self.released = True
         await self.journal.backend.release(
