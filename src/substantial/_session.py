@@ -194,15 +194,21 @@ class RunSession:
         result: Any = None,
         error: str | None = None,
         error_type: str | None = None,
+        traceback: str | None = None,
         extra: Sequence[R.Record] = (),
     ) -> None:
         """Append the end record (after any ``extra`` records) and set the final
-        status in one write."""
+        status in one write. A failure keeps its type and ``traceback`` (the
+        workflow code's frames) in the end record; the run row gets the type."""
         now = self.journal.clock()
         end: R.Record = {"k": R.END, "status": status.value}
         if status == RunStatus.FAILED:
             end["err"] = {"type": error_type, "msg": error}
-            update = RunUpdate(status=status, error=error or "", ended_at=now)
+            if traceback is not None:
+                end["err"]["tb"] = traceback
+            update = RunUpdate(
+                status=status, error=error or "", error_type=error_type, ended_at=now
+            )
         else:
             end["v"] = result
             update = RunUpdate(status=status, result=result, ended_at=now)
