@@ -17,14 +17,16 @@ Determinism rules (read these before writing a workflow):
   stops FAILED with a :class:`~substantial.errors.NonDeterminismError` naming
   both calls and where they were made; it is never silently continued.
 * ``compact()`` keeps only the last record of each ``key``: a loop it compacts
-  must carry its state through keyed calls (on replay a dropped keyed call
-  returns the next kept value of its key) and key every call it makes.
+  must carry its state through keyed calls and key the calls it makes (log
+  lines aside). On replay, calls before the compaction are answered by key
+  (the value the key had then) and unkeyed ones in order; from the compaction
+  point, or the loop's exit if the kept state ends it sooner, calls match by
+  sequence id again, so calls after the loop need no key (``_replay``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import inspect
 import logging
@@ -37,12 +39,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
+from ._compaction import compact as compact_log
 from ._interrupts import CancelRun, StopRun, Suspend
+from ._replay import Replay, Step
 from ._threads import run_in_thread
 from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
 from .codec import coerce, to_json
 from .errors import (
-    NonDeterminismError,
     PayloadTooLarge,
     RunCancelled,
     RunFailed,
@@ -106,13 +109,6 @@ def _one_at_a_time(
             self._in_call = None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _describe(p: str, name: str | None, at: str | None, key: str | None = None) -> str:
-    call = f"{p}({name!r})" if name is not None else f"{p}()"
-    if key is not None:
-        call = f"{call[:-1]}key={key!r})"
-    return f"{call} at {at}" if at else call
 
 
 class _Done:
@@ -179,123 +175,48 @@ class Context:
         self.workflow: str = start.get("wf", session.run.workflow)
         self.kwargs: dict[str, Any] = dict(start.get("kw") or {})
         self.log = RunLogger(self)
-        self._seq = 0
-        self._calls: dict[int, list[int]] = {}  # seq -> positions of its records
-        self._max_seq = -1
-        self._event_pos: list[int] = []  # positions of event records, ascending
-        self._by_name: dict[str, list[int]] = {}
-        self._keyed: dict[str, list[tuple[int, int]]] = {}  # key -> (seq, pos) of finals
-        self._consumed: dict[str, int] = {}  # name -> how many have been received
-        self._cursor = 1  # events at positions < cursor are visible
         self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
+        self._replay = Replay(self.run_id, session.records, self._feed_handlers)
         self._pending: list[R.Record] = []  # log records waiting for the next write
         self._compensations: list[tuple[int, Callable[[], Any]]] = []
         self._in_call: str | None = None
         self._poisoned = False
-        self._indexed = 0
-        self._index_new()
 
     # -- bookkeeping ----------------------------------------------------------
 
-    def _index_new(self) -> None:
-        """Index records appended to the session since the last call."""
-        records = self._session.records
-        for pos in range(self._indexed, len(records)):
-            rec = records[pos]
-            k = rec.get("k")
-            if k == R.EVENT:
-                self._event_pos.append(pos)
-                self._by_name.setdefault(rec["name"], []).append(pos)
-            elif "s" in rec:
-                s = rec["s"]
-                self._calls.setdefault(s, []).append(pos)
-                self._max_seq = max(self._max_seq, s)
-                if "key" in rec and rec["k"] in (R.CALL, R.ARM):  # a keyed call's outcome
-                    self._keyed.setdefault(rec["key"], []).append((s, pos))
-        self._indexed = len(records)
+    def _feed_handlers(self, event: R.Record) -> None:
+        for name, cb in self._handlers:
+            if name == event["name"]:
+                cb(event.get("v"))
 
     def _begin(
         self, p: str, name: str | None = None, *, key: str | None = None
-    ) -> tuple[int, list[R.Record], str]:
-        seq = self._seq
-        self._seq += 1
+    ) -> tuple[Step, str]:
         at = _caller()
-        recs = [self._session.records[i] for i in self._calls.get(seq, ())]
-        if recs:
-            first = recs[0]
-            if first.get("p") != p or first.get("name") != name or first.get("key") != key:
-                raise NonDeterminismError(
-                    run_id=self.run_id,
-                    step=seq,
-                    expected=_describe(p, name, at, key),
-                    recorded=_describe(
-                        first.get("p", "?"), first.get("name"), first.get("at"), first.get("key")
-                    ),
-                )
-        elif key is None and seq < self._max_seq and self._keyed:
-            self._gap(seq, p, name, at)
-        return seq, recs, at
+        return self._replay.begin(p, name, key, at), at
 
-    def _superseded(self, seq: int, p: str, key: str, at: str) -> R.Record:
-        """Replay of a keyed call whose record ``compact`` dropped: the next kept
-        record of the same key stands in for it (the values in between were only
-        ever overwritten by later calls of that key). The cursor stays put."""
-        for later, pos in self._keyed.get(key, ()):
-            if later > seq:
-                rec = self._session.records[pos]
-                if rec.get("p") != p:
-                    break
-                return rec
-        raise NonDeterminismError(
-            run_id=self.run_id,
-            step=seq,
-            expected=_describe(p, None, at, key),
-            recorded="no later call with that key in the (compacted) log",
-        )
-
-    def _final(self, seq: int, recs: list[R.Record]) -> R.Record | None:
-        for pos in self._calls.get(seq, ()):
-            rec = self._session.records[pos]
-            if R.is_final(rec):
-                self._advance(pos + 1)
-                return rec
-        return None
-
-    def _replayed_past(self, seq: int) -> bool:
-        """True if the log already holds later calls: this one completed."""
-        return seq < self._max_seq
-
-    def _advance(self, to: int) -> None:
-        """Make events before position ``to`` visible, feeding handlers in log order."""
-        if to <= self._cursor:
-            return
-        lo = bisect.bisect_left(self._event_pos, self._cursor)
-        hi = bisect.bisect_left(self._event_pos, to)
-        self._cursor = to
-        for pos in self._event_pos[lo:hi]:
-            rec = self._session.records[pos]
-            for name, cb in self._handlers:
-                if name == rec["name"]:
-                    cb(rec.get("v"))
+    def _final(self, step: Step) -> R.Record | None:
+        return self._replay.final(step)
 
     async def _sync(self) -> None:
         """Live edge: take in pending events, check for cancellation."""
         await self._session.pull_if_needed()
         if self._session.run.cancel_requested:
             raise CancelRun()
-        self._index_new()
-        self._advance(len(self._session.records))
+        self._replay.index_new()
+        self._replay.advance(len(self._session.records))
 
-    async def _write(self, *recs: R.Record, what: str) -> int:
-        """Append records (after any buffered log lines); returns position of the last."""
+    async def _write(self, *recs: R.Record, what: str, waiting: bool = False) -> int:
+        """Append records (after any buffered log lines); returns position of the last.
+        ``waiting``: they start a wait, and the store shows the run SUSPENDED."""
         if self._poisoned:
             raise WorkflowError(f"run {self.run_id}: stopped after overlapping durable calls")
         batch = [*self._pending, *recs]
         self._pending.clear()
-        first = await self._session.append(batch, what=what)
-        self._index_new()
+        first = await self._session.write(batch, what=what, waiting=waiting)
+        self._replay.index_new()
         last = first + len(batch) - 1
-        self._advance(last + 1)
+        self._replay.advance(last + 1)
         return last
 
     def _rec(
@@ -313,32 +234,8 @@ class Context:
         return out
 
     def check_complete(self) -> None:
-        """The workflow returned: it must have made every call the log recorded.
-
-        Keyed records it did not reach are fine: after ``compact`` a replay can
-        take a loop's last keyed value early and leave the loop sooner; those
-        records only ever held values later ones replaced."""
-        unmatched = [s for s in self._calls if s >= self._seq]
-        for seq in sorted(unmatched):
-            rec = self._session.records[self._calls[seq][0]]
-            if "key" in rec:
-                continue
-            raise NonDeterminismError(
-                run_id=self.run_id,
-                step=self._seq,
-                expected="return (the workflow ended)",
-                recorded=_describe(rec.get("p", "?"), rec.get("name"), rec.get("at")),
-            )
-
-    def _gap(self, seq: int, p: str, name: str | None, at: str) -> None:
-        """No record at ``seq`` though the log holds later calls: ``compact`` dropped
-        a keyed call here, and an unkeyed one now stands in its place."""
-        raise NonDeterminismError(
-            run_id=self.run_id,
-            step=seq,
-            expected=_describe(p, name, at),
-            recorded="a keyed call that compact() dropped (key every call in a compacted loop)",
-        )
+        """The workflow returned: it must have made every call the log recorded."""
+        self._replay.check_complete()
 
     # -- waiting --------------------------------------------------------------
 
@@ -360,6 +257,7 @@ class Context:
             if now >= budget_end or (due is not None and due > budget_end and not events):
                 raise Suspend(due)
             limit = budget_end - now if due is None else min(budget_end, due) - now
+            await self._session.show(RunStatus.SUSPENDED)  # (its record usually did)
             if await self._session.wait_for_change(limit):
                 if events:
                     await self._sync()
@@ -399,11 +297,10 @@ class Context:
         tp: Any,
         key: str | None = None,
     ) -> Any:
-        seq, recs, at = self._begin(p, key=key)
+        step, at = self._begin(p, key=key)
+        seq, recs = step.seq, step.records
         what = f"{p}() at {at} (step {seq})"
-        final = self._final(seq, recs)
-        if final is None and key is not None and not recs and self._replayed_past(seq):
-            final = self._superseded(seq, p, key, at)
+        final = self._final(step)
         if final is None:
             policy = retry or DEFAULT_RETRY
             final = await self._execute(seq, p, at, f, recs, policy, timeout, what, key)
@@ -438,6 +335,7 @@ class Context:
         limit = None if timeout is None else to_seconds(timeout)
         while True:
             attempt += 1
+            await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
             try:
                 value = await _invoke(f, limit)
                 final = self._rec(
@@ -467,6 +365,7 @@ class Context:
                     await self._write(
                         self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at, **keyed),
                         what=what,
+                        waiting=True,
                     )
                     await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
@@ -476,59 +375,50 @@ class Context:
     @_one_at_a_time
     async def sleep(self, duration: Seconds, *, key: str | None = None) -> None:
         """Durable timer: survives restarts. ``key``: see :meth:`compact`."""
-        seq, recs, at = self._begin("sleep", key=key)
-        await self._timer(seq, recs, at, lambda: self._clock() + to_seconds(duration), key)
+        step, at = self._begin("sleep", key=key)
+        await self._timer(step, at, lambda: self._clock() + to_seconds(duration), key)
 
     @_one_at_a_time
     async def sleep_until(self, when: datetime, *, key: str | None = None) -> None:
-        seq, recs, at = self._begin("sleep", key=key)
+        step, at = self._begin("sleep", key=key)
         if when.tzinfo is None:
             raise ValueError("sleep_until() needs an aware datetime (e.g. tzinfo=UTC)")
-        await self._timer(seq, recs, at, when.timestamp, key)
+        await self._timer(step, at, when.timestamp, key)
 
     async def _timer(
-        self,
-        seq: int,
-        recs: list[R.Record],
-        at: str,
-        due_fn: Callable[[], float],
-        key: str | None,
+        self, step: Step, at: str, due_fn: Callable[[], float], key: str | None
     ) -> None:
         # A sleep's place in the log is its ARM record: events are applied up to it,
         # never during the wait, so code after the sleep sees the same on replay.
-        if not recs and key is not None and self._replayed_past(seq):
-            self._superseded(seq, "sleep", key, at)  # compacted away: it was slept
-            return
+        seq, recs = step.seq, step.records
         if recs:
-            self._advance(self._calls[seq][0] + 1)
-            if self._replayed_past(seq):
+            self._replay.advance(self._replay.first_position(step) + 1)
+            if step.done:
                 return
             due = recs[0]["due"]
         else:
             await self._sync()
             due = due_fn()
             keyed = {} if key is None else {"key": key}
-            await self._write(self._rec(R.ARM, seq, "sleep", at, due=due, **keyed), what="sleep()")
+            arm = self._rec(R.ARM, seq, "sleep", at, due=due, **keyed)
+            await self._write(arm, what="sleep()", waiting=True)
         await self._wait(due, events=False, budget_end=self._budget())
 
     @_one_at_a_time
     async def receive(self, name: str, *, timeout: Seconds | None = None) -> Any:
         """The next unconsumed event ``name``, in send order; waits for one."""
-        seq, recs, at = self._begin("receive", name)
-        final = self._final(seq, recs)
+        step, at = self._begin("receive", name)
+        final = self._final(step)
         if final is None:
-            final = await self._await_event(seq, recs, at, name, timeout)
-        self._consumed[name] = self._consumed.get(name, 0) + (0 if final.get("to") else 1)
+            final = await self._await_event(step.seq, step.records, at, name, timeout)
+        if not final.get("to"):
+            self._replay.consume(name)
         if final.get("to"):
             raise TimeoutError(f"receive({name!r}) timed out")
         return self._session.records[final["ev"]].get("v")
 
     def _next_event(self, name: str) -> int | None:
-        positions = self._by_name.get(name, ())
-        n = self._consumed.get(name, 0)
-        if n < len(positions) and positions[n] < self._cursor:
-            return positions[n]
-        return None
+        return self._replay.next_event(name)
 
     async def _await_event(
         self, seq: int, recs: list[R.Record], at: str, name: str, timeout: Seconds | None
@@ -542,11 +432,10 @@ class Context:
             if pos is not None:
                 final = self._rec(R.CALL, seq, "receive", at, name, ev=pos)
                 break
-            if due is None and timeout is not None:
-                due = self._clock() + to_seconds(timeout)
-                await self._write(
-                    self._rec(R.ARM, seq, "receive", at, name, due=due), what=f"receive({name!r})"
-                )
+            if arm is None:  # the wait's own record: where it started, and its deadline
+                due = None if timeout is None else self._clock() + to_seconds(timeout)
+                arm = self._rec(R.ARM, seq, "receive", at, name, due=due)
+                await self._write(arm, what=f"receive({name!r})", waiting=True)
             if due is not None and self._clock() >= due:
                 final = self._rec(R.CALL, seq, "receive", at, name, to=True)
                 break
@@ -557,10 +446,8 @@ class Context:
     def handle(self, name: str, cb: Callable[[Any], Any]) -> None:
         """Apply ``cb(payload)`` to every event ``name``, in order, now and as they arrive."""
         self._handlers.append((name, cb))
-        for pos in self._by_name.get(name, ()):
-            if pos >= self._cursor:
-                break
-            cb(self._session.records[pos].get("v"))
+        for event in self._replay.visible(name):
+            cb(event.get("v"))
 
     @_one_at_a_time
     async def ensure(
@@ -571,8 +458,9 @@ class Context:
         timeout: Seconds | None = None,
     ) -> bool:
         """Suspend until ``pred()`` is true (re-checked on each new event, and every ``poll``)."""
-        seq, recs, at = self._begin("ensure")
-        final = self._final(seq, recs)
+        step, at = self._begin("ensure")
+        seq, recs = step.seq, step.records
+        final = self._final(step)
         if final is None:
             arm = next((r for r in recs if r["k"] == R.ARM), None)
             due = arm["due"] if arm else None
@@ -582,9 +470,10 @@ class Context:
                 if pred():
                     final = self._rec(R.CALL, seq, "ensure", at)
                     break
-                if due is None and timeout is not None:
-                    due = self._clock() + to_seconds(timeout)
-                    await self._write(self._rec(R.ARM, seq, "ensure", at, due=due), what="ensure()")
+                if arm is None:
+                    due = None if timeout is None else self._clock() + to_seconds(timeout)
+                    arm = self._rec(R.ARM, seq, "ensure", at, due=due)
+                    await self._write(arm, what="ensure()", waiting=True)
                 if due is not None and self._clock() >= due:
                     final = self._rec(R.CALL, seq, "ensure", at, to=True)
                     break
@@ -599,8 +488,9 @@ class Context:
         return True
 
     async def _value(self, p: str, make: Callable[[], Any]) -> Any:
-        seq, recs, at = self._begin(p)
-        final = self._final(seq, recs)
+        step, at = self._begin(p)
+        seq = step.seq
+        final = self._final(step)
         if final is None:
             await self._sync()
             final = self._rec(R.CALL, seq, p, at, v=make())
@@ -624,8 +514,9 @@ class Context:
         return uuid.UUID(await self._value("uuid4", lambda: str(uuid.uuid4())))
 
     def _log(self, level: str, message: str, fields: dict[str, Any]) -> _Done:
-        seq, recs, at = self._begin("log")
-        if recs:
+        step, at = self._begin("log")
+        seq = step.seq
+        if step.records:
             return _Done()
         rec = self._rec(
             R.LOG,
@@ -660,8 +551,9 @@ class Context:
     ) -> ChildHandle:
         """Start a child run; cancelling this run cancels it too."""
         name = workflow_name(wf)
-        seq, recs, at = self._begin("start_child", name)
-        final = self._final(seq, recs)
+        step, at = self._begin("start_child", name)
+        seq = step.seq
+        final = self._final(step)
         if final is None:
             await self._sync()
             child_id = f"{self.run_id}.{seq}"
@@ -678,8 +570,7 @@ class Context:
 
     async def _child_outcome(self, child_id: str) -> dict[str, Any]:
         name = child_event(child_id)
-        seq = self._seq
-        if seq > self._max_seq and self._next_event(name) is None:
+        if self._replay.live() and self._next_event(name) is None:
             # Live: if the child already ended but its notice was lost, re-send it.
             journal = self._session.journal
             child = await journal.get_or_none(child_id)
@@ -689,7 +580,11 @@ class Context:
                 and isinstance(child.result, dict)
             ):
                 child = await journal.get_or_none(str(child.result["continued_to"]))
-            if child is not None and child.status.is_terminal and not self._by_name.get(name):
+            if (
+                child is not None
+                and child.status.is_terminal
+                and not self._replay.by_name.get(name)
+            ):
                 await journal.deliver(self.run_id, name, child_outcome(child))
                 self._session.notify()
         value = await self.receive(name)
@@ -708,31 +603,25 @@ class Context:
         """Keep only the last record of each ``key`` (see ``save(key=...)``), so the
         log of a long-lived looping workflow stays bounded.
 
-        Records without a key stay. On replay, a keyed call whose record was
-        dropped returns the next kept value of its key, so state carried from one
-        iteration to the next must go through keyed calls. Writes no record of its
-        own and takes no sequence id; while replaying it does nothing."""
-        if self._seq <= self._max_seq:  # replaying: the log already goes further
+        Records without a key stay, and a mark records where the run compacted.
+        On replay, calls before the mark match by key (a keyed call returns the
+        value its key had at the compaction) and unkeyed ones in order; from the
+        compaction point on (this ``compact()`` call, or the loop's exit if the
+        kept state ends the loop sooner) calls match by sequence id again. So
+        state carried from one round to the next must go through keyed calls;
+        see docs/concepts/replay.md. Takes no sequence id."""
+        if not self._replay.compact_here():  # replaying: the log already goes further
             return
-        records = self._session.records
-        last: dict[str, int] = {}
-        for rec in records:
-            if "key" in rec:
-                last[rec["key"]] = max(last.get(rec["key"], -1), rec["s"])
-        keep = [i for i, r in enumerate(records) if "key" not in r or r["s"] == last[r["key"]]]
-        if len(keep) == len(records):
+        if self._poisoned:
+            raise WorkflowError(f"run {self.run_id}: stopped after overlapping durable calls")
+        records = [*self._session.records, *self._pending]  # log lines go in too
+        out = compact_log(records, next_seq=self._replay.next_seq, compacts=self._replay.compacts)
+        if out is None:
             return
-        moved = {old: new for new, old in enumerate(keep)}
-        kept = [
-            {**records[i], "ev": moved[records[i]["ev"]]} if "ev" in records[i] else records[i]
-            for i in keep
-        ]
-        await self._session.rewrite(kept)
-        cursor = bisect.bisect_left(keep, self._cursor)
-        self._calls, self._event_pos, self._by_name, self._keyed = {}, [], {}, {}
-        self._max_seq, self._indexed = -1, 0
-        self._index_new()
-        self._cursor = cursor
+        await self._session.rewrite(out.records)
+        self._pending.clear()
+        cursor = out.position_of(self._replay.cursor)
+        self._replay.reload(self._session.records, cursor=cursor, live=True)
 
     @_one_at_a_time
     async def continue_using(
@@ -740,8 +629,9 @@ class Context:
     ) -> None:
         """End this run and carry on in a fresh run (new log); handles follow it."""
         name = workflow_name(wf)
-        seq, recs, at = self._begin("continue_using", name)
-        final = self._final(seq, recs)
+        step, at = self._begin("continue_using", name)
+        seq = step.seq
+        final = self._final(step)
         if final is None:
             await self._sync()
             final = self._rec(
@@ -768,15 +658,13 @@ class Context:
         """Events in the log the workflow never saw: not received, no handler for
         their name (internal ones aside). A continuing run hands them on."""
         handled = {name for name, _ in self._handlers}
-        out = []
-        for pos in self._event_pos:
-            rec = self._session.records[pos]
-            name = rec["name"]
-            if name in handled or name.startswith("substantial."):
-                continue
-            if self._by_name[name].index(pos) >= self._consumed.get(name, 0):
-                out.append((pos, {"name": name, "v": rec.get("v")}))
-        return [self._session.journal.encode(ev, "forwarded event") for _, ev in sorted(out)]
+        events = self._replay.unconsumed(
+            lambda name: name in handled or name.startswith("substantial.")
+        )
+        return [
+            self._session.journal.encode({"name": e["name"], "v": e.get("v")}, "forwarded event")
+            for e in events
+        ]
 
 
 def child_outcome(run: Any) -> dict[str, Any]:

@@ -9,19 +9,18 @@ and is what the engine appends through.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
-
 from . import _records as R
-from ._types import LogRecord, RunStatus, RunSummary
+from ._records import decode_record
+from ._session import RunSession
+from ._types import LogRecord, RunSummary
 from .backends import (
     Backend,
     Claim,
@@ -29,38 +28,21 @@ from .backends import (
     NewRun,
     RunQuery,
     RunRecord,
-    RunUpdate,
     default_url,
 )
 from .codec import dumps
 from .errors import (
-    BackendError,
     ConfigurationError,
-    CorruptRecord,
-    LeaseLost,
     RunFinished,
     RunNotFound,
 )
+
+__all__ = ["DEFAULT_MAX_PAYLOAD", "Clock", "Journal", "RunSession", "decode_record", "summarize"]
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 DEFAULT_MAX_PAYLOAD = 1_048_576
-
-
-def decode_record(run_id: str, position: int, data: bytes) -> R.Record:
-    """Decode one stored record, or raise CorruptRecord saying why."""
-    try:
-        rec = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise CorruptRecord(run_id, position, f"not valid JSON ({exc})") from None
-    if not isinstance(rec, dict) or rec.get("k") not in R.KINDS:
-        raise CorruptRecord(run_id, position, "not a Substantial record (unknown kind)")
-    if position == 0 and rec["k"] != R.START:
-        raise CorruptRecord(run_id, 0, "the log does not begin with a start record")
-    if rec["k"] in (R.CALL, R.TRY, R.ARM, R.LOG) and not isinstance(rec.get("s"), int):
-        raise CorruptRecord(run_id, position, "durable-call record without a sequence id")
-    return rec
 
 
 def to_datetime(t: float | None) -> datetime | None:
@@ -237,181 +219,4 @@ class Journal:
         snap = await self.backend.read(claim.run_id)
         if snap is None:
             return None
-        session = RunSession(self, claim, snap.run, lease)
-        session.load(snap.log)
-        if not snap.inbox:
-            session._dirty = False  # this read saw the inbox empty: no need to read again
-        return session
-
-
-class RunSession:
-    """One worker's hold on one run: decoded log, fenced appends, inbox transfer.
-
-    ``lost`` turns true when the store says another worker owns the run (or it
-    became unreachable); after that the session never writes again.
-    """
-
-    def __init__(self, journal: Journal, claim: Claim, run: RunRecord, lease: float) -> None:
-        self.journal = journal
-        self.run_id = claim.run_id
-        self.token = claim.token
-        self.run = run
-        self.lease = lease
-        self.records: list[R.Record] = []
-        self.corrupt: CorruptRecord | None = None
-        self.lost: BaseException | None = None
-        self.released = False  # ended or handed back: the lease is no longer ours
-        self._changed = asyncio.Event()
-        self._dirty = True  # the inbox may hold items: pull before acting
-
-    # -- loading -------------------------------------------------------------
-
-    def load(self, raw: Sequence[bytes]) -> None:
-        for i, data in enumerate(raw):
-            try:
-                self.records.append(decode_record(self.run_id, i, data))
-            except CorruptRecord as exc:
-                self.corrupt = exc
-                self.records.append({"k": "corrupt"})
-
-    @property
-    def start(self) -> R.Record:
-        return self.records[0]
-
-    # -- writes -------------------------------------------------------------
-
-    async def append(
-        self, recs: Sequence[R.Record], update: RunUpdate | None = None, what: str = "record"
-    ) -> int:
-        """Append records; returns the log position of the first. Fenced."""
-        if self.lost is not None:
-            raise self.lost
-        encoded = [self.journal.encode(r, what) for r in recs]
-        pos = len(self.records)
-        try:
-            await self.journal.backend.append(
-                self.run_id,
-                token=self.token,
-                expected_len=pos,
-                records=encoded,
-                update=update,
-                now=self.journal.clock(),
-            )
-        except BackendError as exc:  # lease lost, or store unreachable: stop writing
-            self.lost = exc
-            raise
-        self.records.extend(recs)
-        return pos
-
-    async def rewrite(self, recs: Sequence[R.Record]) -> None:
-        """Replace the whole log (compaction). Fenced like ``append``."""
-        if self.lost is not None:
-            raise self.lost
-        encoded = [self.journal.encode(r, "compacted record") for r in recs]
-        try:
-            await self.journal.backend.rewrite_log(
-                self.run_id,
-                token=self.token,
-                expected_len=len(self.records),
-                records=encoded,
-                now=self.journal.clock(),
-            )
-        except BackendError as exc:
-            self.lost = exc
-            raise
-        self.records = list(recs)
-
-    async def pull(self) -> None:
-        """Move pending inbox items into the log (their position is now fixed)."""
-        self._dirty = False
-        self._changed.clear()
-        snap = await self.journal.backend.read(self.run_id, log_from=len(self.records))
-        if snap is None:
-            raise RunNotFound(self.run_id)
-        self.run = snap.run
-        if snap.log or snap.run.lease_token != self.token:
-            self.lost = LeaseLost(self.run_id)
-            raise self.lost
-        if not snap.inbox:
-            return
-        events = []
-        for item in snap.inbox:
-            try:
-                body = orjson.loads(item.data)
-                events.append(
-                    {"k": R.EVENT, "name": str(body["name"]), "v": body.get("v"), "id": item.id}
-                )
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.warning("run %s: dropping undecodable inbox item %d", self.run_id, item.id)
-        await self.append(events, RunUpdate(inbox_pos=snap.inbox[-1].id), "event")
-
-    async def pull_if_needed(self) -> None:
-        if self._dirty:
-            await self.pull()
-
-    def notify(self) -> None:
-        """A hint arrived for this run: an event or a cancel may be waiting."""
-        self._dirty = True
-        self._changed.set()
-
-    async def wait_for_change(self, timeout: float) -> bool:
-        """Wait for a hint (or ``timeout`` seconds); True if something may have changed."""
-        if timeout <= 0:
-            return self._dirty
-        poll = self.journal.backend.poll_interval
-        if poll is not None:
-            timeout = min(timeout, poll)
-        try:
-            async with asyncio.timeout(timeout):  # not wait_for: it can eat a cancel
-                await self._changed.wait()
-        except TimeoutError:
-            if poll is not None:
-                self._dirty = True  # no hints across processes: look anyway
-                return True
-            return False
-        return True
-
-    async def finish(
-        self,
-        status: RunStatus,
-        *,
-        result: Any = None,
-        error: str | None = None,
-        error_type: str | None = None,
-        extra: Sequence[R.Record] = (),
-    ) -> None:
-        """Append the end record (after any ``extra`` records) and set the final
-        status in one write."""
-        now = self.journal.clock()
-        end: R.Record = {"k": R.END, "status": status.value}
-        if status == RunStatus.FAILED:
-            end["err"] = {"type": error_type, "msg": error}
-            update = RunUpdate(status=status, error=error or "", ended_at=now)
-        else:
-            end["v"] = result
-            update = RunUpdate(status=status, result=result, ended_at=now)
-        await self.append([*extra, end], update, "the run's result")
-        self.released = True
-
-    async def suspend(self, due: float | None) -> None:
-        """Give the run back to the store until ``due`` (or its next event)."""
-        if self.lost is not None:
-            return
-        self.released = True
-        await self.journal.backend.release(
-            self.run_id,
-            token=self.token,
-            due_at=due,
-            status=RunStatus.SUSPENDED,
-            now=self.journal.clock(),
-        )
-
-    async def hand_back(self) -> None:
-        """Shutdown: make the run due now for any worker."""
-        if self.lost is not None:
-            return
-        self.released = True
-        now = self.journal.clock()
-        await self.journal.backend.release(
-            self.run_id, token=self.token, due_at=now, status=RunStatus.PENDING, now=now
-        )
+        return RunSession.loaded(self, claim, snap, lease)

@@ -15,6 +15,7 @@ call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed o
 try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]
 arm        s, p, at, due (epoch seconds)                                  [sleep, timeouts]
 log        s, p, at, level, msg, fields, t
+mark       p ("compact"), next (the sequence id the run had reached)   [compact]
 end        status, v | err
 =========  ==========================================================
 """
@@ -23,6 +24,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
+
+from .errors import CorruptRecord
+
 START: Final = "start"
 EVENT: Final = "event"
 CALL: Final = "call"  # a durable call's final record
@@ -30,11 +35,27 @@ TRY: Final = "try"
 ARM: Final = "arm"
 LOG: Final = "log"
 END: Final = "end"
+MARK: Final = "mark"  # where compact() rewrote the log
 
-KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END})
+KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END, MARK})
 
 Record = dict[str, Any]
 
 
 def is_final(rec: Record) -> bool:
     return rec["k"] in (CALL, LOG)
+
+
+def decode_record(run_id: str, position: int, data: bytes) -> Record:
+    """Decode one stored record, or raise CorruptRecord saying why."""
+    try:
+        rec = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptRecord(run_id, position, f"not valid JSON ({exc})") from None
+    if not isinstance(rec, dict) or rec.get("k") not in KINDS:
+        raise CorruptRecord(run_id, position, "not a Substantial record (unknown kind)")
+    if position == 0 and rec["k"] != START:
+        raise CorruptRecord(run_id, 0, "the log does not begin with a start record")
+    if rec["k"] in (CALL, TRY, ARM, LOG) and not isinstance(rec.get("s"), int):
+        raise CorruptRecord(run_id, position, "durable-call record without a sequence id")
+    return rec

@@ -11,22 +11,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import traceback
 from typing import Any
 
 from ._context import Context, child_event
 from ._interrupts import CancelRun, StopRun, Suspend
 from ._journal import RunSession
 from ._types import RunStatus
-from .backends import RunUpdate
 from .codec import to_json
 from .errors import BackendError, RunFinished, RunNotFound
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def error_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without the frames inside this package: what the
+    workflow's author needs (their files and lines), chained causes included."""
+    te = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        frames = [f for f in t.stack if not os.path.abspath(f.filename).startswith(_PKG_DIR)]
+        t.stack = traceback.StackSummary.from_list(frames)
+        todo.extend(x for x in (t.__cause__, t.__context__) if x is not None)
+    return "".join(te.format())
 
 
 async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> float | None:
@@ -54,13 +73,7 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         )
     except Suspend as s:
         _raise_if_lost(session)
-        pending = ctx.flush_records()
-        if pending:
-            update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=s.due)
-            await session.append(pending, update, "log record")
-            session.released = True
-        else:
-            await session.suspend(s.due)
+        await session.suspend(s.due, ctx.flush_records())
         return s.due
     except CancelRun:
         _raise_if_lost(session)
@@ -82,12 +95,22 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         _raise_if_lost(session)
         if isinstance(exc, BackendError):
             raise
-        log.info("run %s failed: %s: %s", session.run_id, type(exc).__name__, exc)
+        tb = user_traceback(exc)
+        log.warning(
+            "run %s (%s) failed: %s: %s\n%s",
+            session.run_id,
+            wf.name,
+            type(exc).__name__,
+            exc,
+            tb.rstrip(),
+            extra={"run_id": session.run_id, "error_type": type(exc).__name__},
+        )
         await _end(
             session,
             RunStatus.FAILED,
             error=error_message(exc),
             error_type=type(exc).__name__,
+            traceback=tb,
             extra=ctx.flush_records(),
         )
         return None
@@ -108,10 +131,16 @@ async def _end(
     result: Any = None,
     error: str | None = None,
     error_type: str | None = None,
+    traceback: str | None = None,
     extra: list[Any] | None = None,
 ) -> None:
     await session.finish(
-        status, result=result, error=error, error_type=error_type, extra=extra or ()
+        status,
+        result=result,
+        error=error,
+        error_type=error_type,
+        traceback=traceback,
+        extra=extra or (),
     )
     parent = session.run.parent_id
     if parent is not None and status != RunStatus.CONTINUED:

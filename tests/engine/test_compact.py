@@ -50,7 +50,7 @@ async def test_a_looping_workflow_keeps_a_bounded_log(conductor: Conductor) -> N
         assert await h.result(timeout=20) == 50 * 51 // 2
     assert effects == ["init", *(f"add {i}" for i in range(1, 51))]
     kinds = [r["k"] for r in await log_of(conductor, h.run_id)]
-    assert kinds == ["start", "call", "end"]  # the start, the last "state", the end
+    assert kinds == ["start", "call", "mark", "end"]  # the start, the last "state", the end
 
 
 @workflow()
@@ -92,9 +92,10 @@ async def keyed_and_unkeyed(c: Context) -> list[Any]:
 
 async def test_records_without_a_key_are_kept(conductor: Conductor) -> None:
     conductor.register(keyed_and_unkeyed)
+    h = await conductor.start(keyed_and_unkeyed)
+    await h.send("go", "done")  # before the worker: the run never waits, never replays
     async with worker(conductor, hot_wait=0):
-        h = await conductor.start(keyed_and_unkeyed)
-        await h.send("go", "done")
+        # (a replay would rebuild ``out`` from the kept values: 20 for each "k")
         assert await h.result(timeout=20) == [0, 0, 1, 10, 2, 20, "done"]
     assert effects == [f"{kind} {i}" for i in range(3) for kind in ("plain", "keyed")]
     saves = [r for r in await log_of(conductor, h.run_id) if r.get("p") == "save"]
@@ -152,4 +153,52 @@ async def test_a_sleeping_loop_with_keyed_calls_stays_bounded(
         assert await h.result(timeout=30) == 12
     assert effects == [f"poll {i}" for i in range(12)]
     records = await log_of(conductor, h.run_id)
-    assert len(records) <= 5, records  # start, last "state", last "pause" (+ the one before), end
+    # start, the last "state", the last "pause" and the one before it, the mark, the end
+    assert len(records) <= 6, records
+
+
+def month(st: dict[str, int]) -> dict[str, int]:
+    effects.append(f"month {st['left']}")
+    return {"left": st["left"] - 1}
+
+
+@workflow()
+async def payroll(c: Context, months: int) -> dict[str, Any]:
+    """The Metatype guide's pattern: keyed state drives the loop, which compacts
+    every round; ordinary unkeyed calls follow it."""
+    st = await c.save(lambda: {"left": months}, key="state")
+    while st["left"] > 0:
+        await c.save(lambda s=st: step(f"pay {s['left']}", s["left"]), key="payment")
+        await c.sleep(0.01, key="pause")
+        st = await c.save(lambda s=st: month(s), key="state")
+        await c.compact()
+    got = await c.receive("go")
+    c.log.info("paid", months=months)
+    final = await c.save(lambda: step("final", {"got": got}))
+    return {"final": final, "left": st["left"]}
+
+
+PAYROLL_EFFECTS = [*(e for m in range(6, 0, -1) for e in (f"pay {m}", f"month {m}")), "final"]
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_unkeyed_calls_after_a_compacted_loop_replay(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    """Evicted, every pause replays the compacted log inside the loop; then a
+    restart after the loop replays it all again, up to the receive."""
+    conductor.register(payroll)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(payroll, {"months": 6})
+        await eventually(lambda: "month 1" in effects)
+    async with worker(conductor, hot_wait=hot_wait):  # a fresh worker replays it all
+        await h.send("go", "now")
+        assert await h.result(timeout=20) == {"final": {"got": "now"}, "left": 0}
+    assert effects == PAYROLL_EFFECTS  # each round's effect once
+    records = await log_of(conductor, h.run_id)
+    assert [r["k"] for r in records].count("call") <= 6, records  # bounded
+    assert [r.get("p") for r in records if r["k"] in ("call", "log")][-3:] == [
+        "receive",
+        "log",
+        "save",
+    ]

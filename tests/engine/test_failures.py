@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from substantial import (
     SubstantialError,
     workflow,
 )
+from substantial._journal import decode_record
 
 from .helpers import eventually, worker
 
@@ -276,3 +280,40 @@ async def test_runs_of_unregistered_workflows_stay_pending(conductor: Conductor)
         assert await h.status() == RunStatus.PENDING
         [summary] = await conductor.search("nobody_knows_me")
         assert summary.status == RunStatus.PENDING and summary.error is None
+
+
+@workflow()
+async def looks_up_an_address(c: Context) -> str:
+    customer = await c.save(lambda: {"name": "Ada"})
+    return str(customer["address"])  # the failing line
+
+
+FAILING_LINE = next(
+    i
+    for i, line in enumerate(Path(__file__).read_text().splitlines(), start=1)
+    if line.endswith("# the failing line")
+)
+
+
+async def test_a_failed_run_keeps_its_error_type_and_the_workflow_traceback(
+    conductor: Conductor, caplog: pytest.LogCaptureFixture
+) -> None:
+    conductor.register(looks_up_an_address)
+    with caplog.at_level(logging.WARNING, logger="substantial"):
+        async with worker(conductor):
+            h = await conductor.start(looks_up_an_address)
+            with pytest.raises(RunFailed, match="address"):
+                await h.result(timeout=10)
+    snap = await conductor.backend.read(h.run_id)
+    assert snap is not None
+    end = decode_record(h.run_id, len(snap.log) - 1, snap.log[-1])
+    assert end["err"]["type"] == "KeyError" and end["err"]["msg"] == "'address'"
+    tb = end["err"]["tb"]
+    assert f'test_failures.py", line {FAILING_LINE}, in looks_up_an_address' in tb
+    assert tb.rstrip().endswith("KeyError: 'address'")
+    assert f"{os.sep}substantial{os.sep}" not in tb  # only the user's frames
+    [warning] = [r for r in caplog.records if h.run_id in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "KeyError" in warning.getMessage() and f"line {FAILING_LINE}" in warning.getMessage()
+    run = await conductor.backend.get_run(h.run_id)  # the run row has the type too
+    assert run is not None and run.error_type == "KeyError"

@@ -149,6 +149,11 @@ async def test_cancelling_a_parent_cancels_its_descendants(conductor: Conductor)
             await conductor.handle(kid.run_id).result(timeout=10)
 
 
+async def _released(backend: MemoryBackend, run_id: str) -> bool:
+    run = await backend.get_run(run_id)
+    return run is not None and run.status == RunStatus.SUSPENDED and run.lease_owner is None
+
+
 async def _count(c: Conductor, wf: str, status: RunStatus, n: int) -> bool:
     return len([s for s in await c.search(wf) if s.status == status]) == n
 
@@ -331,8 +336,9 @@ async def _idle_runs_cost_nothing(conductor: Conductor, backend: MemoryBackend) 
     async with worker(conductor, hot_wait=0.5):
         h = await conductor.start(long_sleeper)
         w = await conductor.start(waiter)
-        await eventually(lambda: _count(conductor, "long_sleeper", RunStatus.SUSPENDED, 1))
-        await eventually(lambda: _count(conductor, "waiter", RunStatus.SUSPENDED, 1))
+        # evicted (a waiting run reads SUSPENDED in place too): its lease is given back
+        await eventually(lambda: _released(backend, h.run_id))
+        await eventually(lambda: _released(backend, w.run_id))
         before = dict(backend.calls)
         await asyncio.sleep(3)  # an observation window: both runs idle, nothing may
         assert backend.calls == before  # touch the store (no poll, no renewal)

@@ -127,4 +127,4 @@ async def compacted_loop_survives_a_kill(store: Store, workers: Workers, effects
         effects, expected={"cmp": n}, killed=workers.killed_pids, context=workers.logs()
     )
     snap = await store.backend.read("cmp")
-    assert snap is not None and len(snap.log) <= 5  # start, last state, last pause(s), end
+    assert snap is not None and len(snap.log) <= 6  # start, last state, last pause(s), mark, end

@@ -98,7 +98,25 @@ async def compacting(c: Context, n: int, sleep: float = 0.0) -> int:
     return int(state["i"])
 
 
-WORKFLOWS = (steps, long_step, compacting)
+@workflow()
+async def payroll(c: Context, months: int, pause: float = 0.03) -> dict[str, object]:
+    """The payroll pattern: keyed state drives a compacted loop (one effect a
+    round, numbered 0..months-1), then unkeyed calls: a receive, a log line and
+    a last save (effect ``months``)."""
+    run_id = c.run_id
+    st = await c.save(lambda: {"left": months}, key="state")
+    while st["left"] > 0:
+        await c.save(functools.partial(effect, run_id, months - st["left"]), key="payment")
+        await c.sleep(pause, key="pause")
+        st = await c.save(lambda s=st: {"left": s["left"] - 1}, key="state")
+        await c.compact()
+    got = await c.receive("go")
+    c.log.info("paid", months=months)
+    final = await c.save(functools.partial(effect, run_id, months))
+    return {"got": got, "final": final}
+
+
+WORKFLOWS = (steps, long_step, compacting, payroll)
 
 
 async def serve(args: argparse.Namespace) -> None:

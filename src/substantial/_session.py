@@ -1,0 +1,245 @@
+"""A worker's hold on one run: the decoded log, fenced appends, the inbox transfer.
+
+The journal opens a session when a worker claims a run; the engine reads the
+log and writes through it, and only through it. The session owns its state
+(the lease it holds, whether it was lost or released): callers ask it to
+append, suspend, finish or hand back, never set its flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import _records as R
+from ._records import decode_record
+from ._types import RunStatus
+from .backends import Claim, RunRecord, RunUpdate, Snapshot
+from .errors import BackendError, CorruptRecord, LeaseLost, RunNotFound
+
+if TYPE_CHECKING:
+    from ._journal import Journal
+
+log = logging.getLogger("substantial._journal")
+
+
+class RunSession:
+    """One worker's hold on one run: decoded log, fenced appends, inbox transfer.
+
+    ``lost`` turns true when the store says another worker owns the run (or it
+    became unreachable); after that the session never writes again.
+    """
+
+    def __init__(self, journal: Journal, claim: Claim, run: RunRecord, lease: float) -> None:
+        self.journal = journal
+        self.run_id = claim.run_id
+        self.token = claim.token
+        self.run = run
+        self.lease = lease
+        self.records: list[R.Record] = []
+        self.corrupt: CorruptRecord | None = None
+        self.lost: BaseException | None = None
+        self.released = False  # ended or handed back: the lease is no longer ours
+        self._changed = asyncio.Event()
+        self._dirty = True  # the inbox may hold items: pull before acting
+        self._shown = RunStatus.RUNNING  # the status the store shows (a claim sets RUNNING)
+
+    @classmethod
+    def loaded(cls, journal: Journal, claim: Claim, snap: Snapshot, lease: float) -> RunSession:
+        """A session over ``snap``, the claimed run's first read."""
+        session = cls(journal, claim, snap.run, lease)
+        session.load(snap.log)
+        if not snap.inbox:
+            session._dirty = False  # this read saw the inbox empty: no need to read again
+        return session
+
+    # -- loading -------------------------------------------------------------
+
+    def load(self, raw: Sequence[bytes]) -> None:
+        for i, data in enumerate(raw):
+            try:
+                self.records.append(decode_record(self.run_id, i, data))
+            except CorruptRecord as exc:
+                self.corrupt = exc
+                self.records.append({"k": "corrupt"})
+
+    @property
+    def start(self) -> R.Record:
+        return self.records[0]
+
+    # -- writes -------------------------------------------------------------
+
+    async def append(
+        self, recs: Sequence[R.Record], update: RunUpdate | None = None, what: str = "record"
+    ) -> int:
+        """Append records; returns the log position of the first. Fenced."""
+        if self.lost is not None:
+            raise self.lost
+        encoded = [self.journal.encode(r, what) for r in recs]
+        pos = len(self.records)
+        try:
+            await self.journal.backend.append(
+                self.run_id,
+                token=self.token,
+                expected_len=pos,
+                records=encoded,
+                update=update,
+                now=self.journal.clock(),
+            )
+        except BackendError as exc:  # lease lost, or store unreachable: stop writing
+            self.lost = exc
+            raise
+        self.records.extend(recs)
+        if update is not None and update.status is not None:
+            self._shown = update.status
+        return pos
+
+    async def write(self, recs: Sequence[R.Record], *, what: str, waiting: bool = False) -> int:
+        """The engine's append of a durable call's records; returns the position of
+        the first.
+
+        The status rides along (guarantee 8), so it costs no round trip of its
+        own: ``waiting`` records start a wait (an armed timer, a failed attempt's
+        backoff), and the store shows SUSPENDED with them while this worker
+        keeps the lease; the first write after a wait shows RUNNING again."""
+        status = RunStatus.SUSPENDED if waiting else RunStatus.RUNNING
+        update = None if status == self._shown else RunUpdate(status=status)
+        return await self.append(recs, update, what)
+
+    async def show(self, status: RunStatus) -> None:
+        """Make the store show ``status`` (RUNNING or SUSPENDED) if it does not.
+
+        The rare case where no record carries it: user code (a save's effect)
+        about to run right after an in-place wait, or a wait that a replay
+        continues in place (its record was written before the restart)."""
+        if status != self._shown:
+            await self.append([], RunUpdate(status=status), "status")
+
+    async def rewrite(self, recs: Sequence[R.Record]) -> None:
+        """Replace the whole log (compaction). Fenced like ``append``."""
+        if self.lost is not None:
+            raise self.lost
+        encoded = [self.journal.encode(r, "compacted record") for r in recs]
+        try:
+            await self.journal.backend.rewrite_log(
+                self.run_id,
+                token=self.token,
+                expected_len=len(self.records),
+                records=encoded,
+                now=self.journal.clock(),
+            )
+        except BackendError as exc:
+            self.lost = exc
+            raise
+        self.records = list(recs)
+
+    async def pull(self) -> None:
+        """Move pending inbox items into the log (their position is now fixed)."""
+        self._dirty = False
+        self._changed.clear()
+        snap = await self.journal.backend.read(self.run_id, log_from=len(self.records))
+        if snap is None:
+            raise RunNotFound(self.run_id)
+        self.run = snap.run
+        if snap.log or snap.run.lease_token != self.token:
+            self.lost = LeaseLost(self.run_id)
+            raise self.lost
+        if not snap.inbox:
+            return
+        events = []
+        for item in snap.inbox:
+            try:
+                body = orjson.loads(item.data)
+                events.append(
+                    {"k": R.EVENT, "name": str(body["name"]), "v": body.get("v"), "id": item.id}
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.warning("run %s: dropping undecodable inbox item %d", self.run_id, item.id)
+        await self.append(events, RunUpdate(inbox_pos=snap.inbox[-1].id), "event")
+
+    async def pull_if_needed(self) -> None:
+        if self._dirty:
+            await self.pull()
+
+    def notify(self) -> None:
+        """A hint arrived for this run: an event or a cancel may be waiting."""
+        self._dirty = True
+        self._changed.set()
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait for a hint (or ``timeout`` seconds); True if something may have changed."""
+        if timeout <= 0:
+            return self._dirty
+        poll = self.journal.backend.poll_interval
+        if poll is not None:
+            timeout = min(timeout, poll)
+        try:
+            async with asyncio.timeout(timeout):  # not wait_for: it can eat a cancel
+                await self._changed.wait()
+        except TimeoutError:
+            if poll is not None:
+                self._dirty = True  # no hints across processes: look anyway
+                return True
+            return False
+        return True
+
+    async def finish(
+        self,
+        status: RunStatus,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        error_type: str | None = None,
+        traceback: str | None = None,
+        extra: Sequence[R.Record] = (),
+    ) -> None:
+        """Append the end record (after any ``extra`` records) and set the final
+        status in one write. A failure keeps its type and ``traceback`` (the
+        workflow code's frames) in the end record; the run row gets the type."""
+        now = self.journal.clock()
+        end: R.Record = {"k": R.END, "status": status.value}
+        if status == RunStatus.FAILED:
+            end["err"] = {"type": error_type, "msg": error}
+            if traceback is not None:
+                end["err"]["tb"] = traceback
+            update = RunUpdate(
+                status=status, error=error or "", error_type=error_type, ended_at=now
+            )
+        else:
+            end["v"] = result
+            update = RunUpdate(status=status, result=result, ended_at=now)
+        await self.append([*extra, end], update, "the run's result")
+        self.released = True
+
+    async def suspend(self, due: float | None, pending: Sequence[R.Record] = ()) -> None:
+        """Give the run back to the store until ``due`` (or its next event), with
+        the ``pending`` records (log lines) written in the same step."""
+        if self.lost is not None:
+            return
+        if pending:
+            update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=due)
+            await self.append(pending, update, "log record")
+            self.released = True
+            return
+        self.released = True
+        await self.journal.backend.release(
+            self.run_id,
+            token=self.token,
+            due_at=due,
+            status=RunStatus.SUSPENDED,
+            now=self.journal.clock(),
+        )
+
+    async def hand_back(self) -> None:
+        """Shutdown: make the run due now for any worker."""
+        if self.lost is not None:
+            return
+        self.released = True
+        now = self.journal.clock()
+        await self.journal.backend.release(
+            self.run_id, token=self.token, due_at=now, status=RunStatus.PENDING, now=now
+        )
