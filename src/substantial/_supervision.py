@@ -48,6 +48,15 @@ class Backoff:
         return self._next
 
 
+def reraise_if_cancelling() -> None:
+    """Drivers sometimes turn a cancellation into their own error (redis-py does when
+    it races a read timeout); if this task was asked to stop, stop. Every loop that
+    retries on errors calls this first, or a cancel could be retried for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 async def supervise(name: str, body: Callable[[], Awaitable[None]]) -> None:
     """Run ``body()`` until cancelled, restarting it with backoff whenever it raises
     (or returns, which a side task never should). Cancellation passes through."""
@@ -56,10 +65,12 @@ async def supervise(name: str, body: Callable[[], Awaitable[None]]) -> None:
         started = time.monotonic()
         try:
             await body()
+            reraise_if_cancelling()
             log.error("%s stopped unexpectedly; restarting in %.1fs", name, backoff.next_delay)
         except asyncio.CancelledError:
             raise
         except Exception:
+            reraise_if_cancelling()
             log.exception("%s failed; restarting in %.1fs", name, backoff.next_delay)
         if time.monotonic() - started > _HEALTHY_AFTER:
             backoff.reset()

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar, overload
 from ._hints import HintRelay
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
-from ._supervision import Backoff, Outage
+from ._supervision import Backoff, Outage, reraise_if_cancelling
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
 from .errors import (
@@ -237,6 +237,7 @@ class Conductor:
             try:
                 return await op()
             except BackendUnavailable as exc:
+                reraise_if_cancelling()
                 log.debug("store unreachable while waiting (%s); retrying", exc)
                 await backoff.sleep()
 
@@ -306,6 +307,7 @@ class Conductor:
             try:
                 await self._ensure_open()
             except BackendUnavailable as exc:
+                reraise_if_cancelling()
                 outage.failed(exc)
                 await backoff.sleep()
                 continue

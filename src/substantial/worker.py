@@ -23,7 +23,7 @@ from typing import Any
 
 from ._journal import Journal, RunSession
 from ._runner import drive
-from ._supervision import Backoff, Outage, supervise
+from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
 from .backends import Claim
 from .errors import BackendError, BackendUnavailable, LeaseLost
 from .workflow import Workflow
@@ -123,7 +123,7 @@ class Worker:
         poll = opts.idle_poll if opts.idle_poll is not None else self.journal.poll_interval
         backoff = Backoff()
         while True:
-            _reraise_pending_cancel()
+            reraise_if_cancelling()
             self._kick.clear()
             free = opts.concurrency - len(self._active)
             got = 0
@@ -143,7 +143,7 @@ class Worker:
                     backoff.reset()
                     self._outage.ok()
                 except Exception as exc:  # the loop must outlive any store hiccup
-                    _reraise_pending_cancel()
+                    reraise_if_cancelling()
                     if isinstance(exc, BackendUnavailable):
                         self._outage.failed(exc)
                     else:
@@ -154,6 +154,7 @@ class Worker:
                 continue  # there may be more due right now
             if opts.burst and not self._active and not got:
                 return
+            reraise_if_cancelling()  # a driver may have eaten a cancel during the claim
             await self._idle(poll)
 
     async def _idle(self, poll: float | None) -> None:
@@ -202,14 +203,14 @@ class Worker:
                     await asyncio.shield(session.hand_back())
             raise
         except BackendError as exc:
-            _reraise_pending_cancel()
+            reraise_if_cancelling()
             if isinstance(exc, BackendUnavailable):
                 self._outage.failed(exc)  # one line per outage, not one per run
                 log.debug("run %s abandoned: %s", claim.run_id, exc)
             else:
                 log.warning("run %s abandoned: %s", claim.run_id, exc)
         except Exception:
-            _reraise_pending_cancel()
+            reraise_if_cancelling()
             log.exception("run %s: unexpected engine error", claim.run_id)
         finally:
             entry = self._active.get(claim.run_id)
@@ -240,6 +241,7 @@ class Worker:
             }
             if held:
                 await self._renew(held)
+                reraise_if_cancelling()  # a driver may have eaten a cancel
 
     async def _renew(self, held: dict[str, tuple[RunSession | None, asyncio.Task[None]]]) -> None:
         try:
@@ -265,14 +267,6 @@ class Worker:
                 log.warning("run %s: lease lost to another worker; abandoning", run_id)
                 session.lost = LeaseLost(run_id)
                 task.cancel()
-
-
-def _reraise_pending_cancel() -> None:
-    """Drivers sometimes turn a cancellation into their own error (redis-py does when
-    it races a read timeout); if this task was asked to stop, stop."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 def install_sigterm(task: asyncio.Task[Any]) -> None:
