@@ -309,3 +309,28 @@ def test_returning_before_calls_the_log_recorded_after_the_loop_is_a_divergence(
 
     with pytest.raises(NonDeterminismError, match="return"):
         shorter(Sim(log.records))
+
+
+# -- a plain log: matched by sequence id -------------------------------------------------
+
+
+def test_a_plain_log_is_matched_by_sequence_id_and_checks_each_call() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 1, v=2)], print)
+    step = replay.begin("save", None, None, "wf.py:9")
+    assert (step.seq, step.done) == (0, True)
+    with pytest.raises(NonDeterminismError, match=r"sleep\(\) at wf.py:9.*save\(\)"):
+        replay.begin("sleep", None, None, "wf.py:9")
+
+
+def test_a_call_with_no_record_while_later_ones_exist_is_a_divergence() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 2, v=3)], print)
+    replay.begin("save", None, None, "wf.py:1")
+    with pytest.raises(NonDeterminismError, match="no record"):
+        replay.begin("save", None, None, "wf.py:2")
+
+
+def test_returning_before_the_recorded_calls_is_a_divergence() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 1, v=2)], print)
+    replay.begin("save", None, None, "wf.py:1")
+    with pytest.raises(NonDeterminismError, match="return"):
+        replay.check_complete()
