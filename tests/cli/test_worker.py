@@ -129,8 +129,7 @@ def test_processes_restart_a_killed_child_and_stop_cleanly(store: Store, workers
     first = live_children(sup.proc.pid)
     assert len(first) == 2
     waiting = [start(store, "approval") for _ in range(4)]
-    for run_id in waiting:
-        wait_until(lambda r=run_id: status(store, r) == "SUSPENDED", "runs waiting")  # type: ignore[misc]
+    wait_until(lambda: all(status(store, r) == "SUSPENDED" for r in waiting), "runs waiting")
 
     victim = min(first)
     os.kill(victim, signal.SIGKILL)

@@ -134,8 +134,8 @@ def runs(
         str | None, typer.Argument(help="Only runs of this workflow.", show_default=False)
     ] = None,
     status: Annotated[
-        list[RunStatus] | None,
-        typer.Option("--status", metavar="S", case_sensitive=False, help="Repeatable."),
+        list[str] | None,
+        typer.Option("--status", metavar="S", help="Repeatable, e.g. --status failed."),
     ] = None,
     filter_: Annotated[
         str | None, typer.Option("--filter", metavar="JSON", help="The filter grammar as JSON.")
@@ -147,7 +147,7 @@ def runs(
     json_: JsonFlag = False,
 ) -> None:
     """List runs, newest first."""
-    parts = [p for p in (status_filter([str(s) for s in status or []]),) if p is not None]
+    parts = [p for p in (status_filter([_status(s) for s in status or []]),) if p is not None]
     if filter_ is not None:
         parts.append(parse_filter_json(filter_))
     expr = None if not parts else parts[0] if len(parts) == 1 else {"and": parts}
@@ -162,6 +162,14 @@ def runs(
         _print_runs(page.runs, page.next_cursor)
 
     with_conductor(ctx, body)
+
+
+def _status(text: str) -> str:
+    try:
+        return str(RunStatus(text.upper()))
+    except ValueError:
+        names = ", ".join(RunStatus)
+        raise usage(f"unknown --status {text!r}; expected one of {names}") from None
 
 
 def _print_runs(found: list[RunSummary], next_cursor: str | None) -> None:

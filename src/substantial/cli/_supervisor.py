@@ -83,7 +83,9 @@ class Supervisor:
         self._stop.set()
 
     async def _spawn(self, slot: int) -> None:
-        proc = await asyncio.create_subprocess_exec(*self.argv)
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
+        # then stops every child itself (no child exits first and gets restarted).
+        proc = await asyncio.create_subprocess_exec(*self.argv, process_group=0)
         exited = asyncio.create_task(proc.wait(), name=f"substantial-child-{slot}")
         self._children[slot] = _Child(slot, proc, time.monotonic(), exited)
         log.info("worker process %d started (pid %d)", slot, proc.pid)
