@@ -152,3 +152,15 @@ def test_processes_restart_a_killed_child_and_stop_cleanly(store: Store, workers
     assert not any(alive(pid) for pid in second)
     assert "all worker processes stopped" in sup.stderr()
     assert "Traceback" not in sup.stderr()
+
+
+def test_a_worker_waits_out_an_unreachable_store_and_stops_with_0(
+    sqlite_store: Store,
+) -> None:
+    url = "postgresql://u:pw-42x@127.0.0.1:1/db"
+    ws = Workers(Store(kind="postgres", url=url, tmp=sqlite_store.tmp))
+    worker = ws.spawn(APP)
+    wait_until(lambda: "unreachable" in worker.stderr(), "the outage to be logged")
+    assert worker.proc.poll() is None  # a worker rides out an outage; it does not exit
+    assert worker.signal(signal.SIGTERM) == 0
+    assert "pw-42x" not in worker.stderr()

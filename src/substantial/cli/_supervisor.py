@@ -5,8 +5,9 @@ own: its own store connection, leases, signal handling). A child that dies
 while the supervisor runs is started again, after a pause that grows while
 children die young. SIGTERM or SIGINT to the supervisor sends SIGTERM to every
 child, waits for them to hand back their leases (SIGKILL after STOP_GRACE),
-and exits 0. A child that exits 2 (a usage error: it cannot start) stops the
-whole group with 2 rather than restarting forever.
+and exits 0; a second signal kills them at once. A child that exits 2 (a
+usage error: it cannot start) stops the whole group with 2 rather than
+restarting forever.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        """The first signal stops the children gracefully; a second one kills them."""
+        if self._stop.is_set():
+            log.warning("%s received again: killing the worker processes", sig.name)
+            for child in self._children.values():
+                if child.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.kill()
+            return
         log.info("%s received: stopping %d worker processes", sig.name, len(self._children))
         self._stop.set()
 

@@ -29,6 +29,7 @@ from ._supervisor import Supervisor, worker_argv
 log = logging.getLogger("substantial.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def register(app: typer.Typer) -> None:
@@ -79,12 +80,12 @@ async def serve(
     """Run one worker until a signal cancels it; leases are released on the way out."""
     loop = asyncio.get_running_loop()
     task = conductor.run(queues=queues, concurrency=concurrency, lease=lease, handle_sigterm=False)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stop, task, sig)
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, _stop, loop, task, sig)
     try:
         await asyncio.wait({task})
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             loop.remove_signal_handler(sig)
         await conductor.close()
     failure = None if task.cancelled() else task.exception()
@@ -92,8 +93,12 @@ async def serve(
         raise failure
 
 
-def _stop(task: asyncio.Task[None], sig: signal.Signals) -> None:
+def _stop(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], sig: signal.Signals) -> None:
+    """The first signal stops the worker gracefully; a second one acts as if this
+    process had no handler (SIGINT: KeyboardInterrupt, exit 130; SIGTERM: killed)."""
     log.info("%s received: stopping the worker (pid %d)", sig.name, os.getpid())
+    for s in SIGNALS:
+        loop.remove_signal_handler(s)
     task.cancel()
 
 
