@@ -230,3 +230,11 @@ def test_python_dash_m_substantial_lists_the_commands(sqlite_store: Store) -> No
     out = sqlite_store.ok("--help")
     for name in ("worker", "start", "send", "cancel", "result", "runs", "logs", "migrate"):
         assert name in out
+
+
+def test_the_table_prints_values_as_they_are_not_as_markup(store: Store, workers: Workers) -> None:
+    workers.start()
+    message = "[bold]bad[/bold] [/oops]"
+    proc = store.cli("start", "boom", "--kwargs", json.dumps({"message": message}), "--wait")
+    assert proc.returncode == 1
+    assert message in store.ok("runs")

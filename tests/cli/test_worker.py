@@ -49,6 +49,18 @@ def test_a_conductor_attribute_uses_its_own_store_without_backend(
     assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 4
 
 
+def test_worker_options_reach_the_worker(store: Store, workers: Workers) -> None:
+    worker = workers.start(APP, "--queue", "slow", "--queue", "bulk", "--concurrency", "3",
+                           "--lease", "7.5")  # fmt: skip
+    assert "queues slow, bulk" in worker.stderr()
+    assert "concurrency 3, lease 7.5s" in worker.stderr()
+    served = [start(store, "double", "--queue", q) for q in ("slow", "bulk")]
+    ignored = start(store, "double")  # the default queue: this worker does not serve it
+    for run_id in served:
+        assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 2
+    assert status(store, ignored) == "PENDING"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_worker_with_exit_0(
     store: Store, workers: Workers, sig: signal.Signals

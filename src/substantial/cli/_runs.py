@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .._types import LogRecord, RunStatus, RunSummary
 from ..conductor import Conductor, RunHandle
@@ -177,13 +178,13 @@ def _print_runs(found: list[RunSummary], next_cursor: str | None) -> None:
     table.columns[0].no_wrap = True
     now = datetime.now(UTC)
     for s in found:
-        table.add_row(
-            s.run_id, s.workflow, str(s.status), _when(s.started_at), _duration(s, now), _outcome(s)
-        )
+        cells = (s.run_id, s.workflow, str(s.status), _when(s.started_at), _duration(s, now))
+        # Text, not str: values from the store are never read as rich markup.
+        table.add_row(*(Text(c) for c in (*cells, _outcome(s))))
     out = console()
     out.print(table)
     if next_cursor is not None:
-        out.print(f"more: --cursor {next_cursor}", highlight=False)
+        out.print(f"more: --cursor {next_cursor}", highlight=False, markup=False)
 
 
 def _when(t: datetime | None) -> str:
