@@ -176,3 +176,31 @@ def test_a_worker_waits_out_an_unreachable_store_and_stops_with_0(
     assert worker.proc.poll() is None  # a worker rides out an outage; it does not exit
     assert worker.signal(signal.SIGTERM) == 0
     assert "pw-42x" not in worker.stderr()
+
+
+@pytest.mark.crash
+def test_a_child_that_cannot_start_stops_the_supervisor_with_2(
+    sqlite_store: Store,
+) -> None:
+    """As gunicorn halts on a worker that fails to boot: a broken deploy is not
+    restarted forever; the healthy children are stopped and the supervisor exits 2."""
+    Path(sqlite_store.tmp, "deployed_app.py").write_text(
+        "import os\n"
+        "from tests.cli.app import approval, boom, double\n"
+        "if os.path.exists('broken-deploy'):\n"
+        "    raise RuntimeError('broken deploy')\n"
+    )
+    ws = Workers(sqlite_store)
+    sup = ws.spawn("deployed_app", "--processes", "2")
+    try:
+        wait_until(lambda: sup.stderr().count(" started: ") == 2, "two worker processes")
+        first = live_children(sup.proc.pid)
+        Path(sqlite_store.tmp, "broken-deploy").touch()
+        os.kill(min(first), signal.SIGKILL)
+        assert sup.proc.wait(timeout=60) == 2
+    finally:
+        ws.stop_all()
+    last = sup.stderr().splitlines()[-1]
+    assert last.startswith("error: worker process") and "could not start (exit 2)" in last
+    assert "importing 'deployed_app' failed: RuntimeError: broken deploy" in sup.stderr()
+    assert not any(alive(pid) for pid in first)
