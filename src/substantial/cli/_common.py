@@ -19,7 +19,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from .._types import LogRecord, RunSummary
+from .. import LogRecord, RunSummary
 from ..conductor import Conductor
 from ..errors import RunError, RunFailed, SubstantialError
 

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .._types import LogRecord, RunStatus, RunSummary
+from .. import LogRecord, RunStatus, RunSummary
 from ..conductor import Conductor, RunHandle
 from ..errors import RunError
 from ..filters import parse_filter_json
