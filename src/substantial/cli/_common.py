@@ -12,14 +12,12 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 
-from .. import LogRecord, RunSummary
 from ..conductor import Conductor
 from ..errors import RunError, RunFailed, SubstantialError
 
@@ -108,30 +106,6 @@ def emit_json(value: Any) -> None:
     option = orjson.OPT_INDENT_2 if sys.stdout.isatty() else 0
     sys.stdout.write(orjson.dumps(value, option=option).decode() + "\n")
     sys.stdout.flush()
-
-
-def iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat()
-
-
-def summary_doc(s: RunSummary) -> dict[str, Any]:
-    """The summary shape of DESIGN.md section 6 (shared with the HTTP API)."""
-    return {
-        "run_id": s.run_id,
-        "workflow": s.workflow,
-        "status": str(s.status),
-        "queue": s.queue,
-        "parent_id": s.parent_id,
-        "started_at": iso(s.started_at),
-        "ended_at": iso(s.ended_at),
-        "result": s.result,
-        "error": s.error,
-        "error_type": s.error_type,
-    }
-
-
-def log_doc(line: LogRecord) -> dict[str, Any]:
-    return {"level": line.level, "message": line.message, "fields": line.fields, "at": iso(line.at)}
 
 
 def one_line(text: str) -> str:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import LogRecord, RunStatus, RunSummary
+from .._shapes import iso, log_doc, summary_doc
 from ..conductor import Conductor, RunHandle
 from ..errors import RunError
 from ..filters import parse_filter_json
@@ -23,13 +24,10 @@ from ._common import (
     console,
     cut,
     emit_json,
-    iso,
-    log_doc,
     one_line,
     parse_json,
     parse_object,
     status_filter,
-    summary_doc,
     usage,
     wants_json,
     with_conductor,

@@ -1,0 +1,38 @@
+"""The JSON documents operators see: one shape for the CLI's ``--json`` and the
+HTTP API (DESIGN.md section 6, "Shapes"), written once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ._types import LogRecord, RunSummary
+
+__all__ = ["iso", "log_doc", "summary_doc"]
+
+
+def iso(t: datetime | None) -> str | None:
+    """ISO 8601 in UTC, or None."""
+    return None if t is None else t.astimezone(UTC).isoformat()
+
+
+def summary_doc(s: RunSummary) -> dict[str, Any]:
+    """A run summary: ``run_id, workflow, status, queue, parent_id, started_at,
+    ended_at, result, error, error_type``."""
+    return {
+        "run_id": s.run_id,
+        "workflow": s.workflow,
+        "status": str(s.status),
+        "queue": s.queue,
+        "parent_id": s.parent_id,
+        "started_at": iso(s.started_at),
+        "ended_at": iso(s.ended_at),
+        "result": s.result,
+        "error": s.error,
+        "error_type": s.error_type,
+    }
+
+
+def log_doc(line: LogRecord) -> dict[str, Any]:
+    """A run's log line: ``level, message, fields, at``."""
+    return {"level": line.level, "message": line.message, "fields": line.fields, "at": iso(line.at)}
