@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
+from . import telemetry
 from ._compaction import compact as compact_log
 from ._interrupts import CancelRun, StopRun, Suspend
 from ._replay import Replay, Step
@@ -337,7 +338,9 @@ class Context:
             attempt += 1
             await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
             try:
-                value = await _invoke(f, limit)
+                value = await telemetry.step(
+                    _invoke(f, limit), self.run_id, self.workflow, f, at, attempt
+                )
                 final = self._rec(
                     R.CALL,
                     seq,
@@ -362,6 +365,7 @@ class Context:
                     final = self._rec(R.CALL, seq, p, at, err={**err, "n": attempt}, **keyed)
                 else:
                     retry_at = self._clock() + policy.delay_after(attempt)
+                    telemetry.step_retried(self.workflow)
                     await self._write(
                         self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at, **keyed),
                         what=what,
@@ -369,6 +373,7 @@ class Context:
                     )
                     await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
+            telemetry.step_ended(self.workflow, final)
             await self._write(final, what=what)
             return final
 
