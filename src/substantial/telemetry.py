@@ -230,20 +230,26 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
     return MetricsServer(host=host, port=int(server.server_address[1]), _server=server)
 
 
+_KEEP: Any = object()
+
+
 def configure(
     *,
-    registry: CollectorRegistry | None = None,
-    tracer_provider: TracerProvider | None = None,
+    registry: CollectorRegistry | None = _KEEP,
+    tracer_provider: TracerProvider | None = _KEEP,
 ) -> None:
     """Count metrics on ``registry`` instead of prometheus_client's default one,
     and make spans with ``tracer_provider`` instead of OpenTelemetry's global
-    provider. ``None`` restores the default. Meant for tests and for
-    applications that keep their own registry; call it before work starts."""
-    _state.registry = registry
-    _state.metrics = None
-    _state.metrics_missing = False
-    _state.provider = tracer_provider
-    _state.tracer = None
+    provider; ``None`` restores the default, an omitted argument is left as it
+    is. Meant for tests and for applications that keep their own registry;
+    call it before work starts (metrics counted so far stay where they were)."""
+    if registry is not _KEEP:
+        _state.registry = registry
+        _state.metrics = None
+        _state.metrics_missing = False
+    if tracer_provider is not _KEEP:
+        _state.provider = tracer_provider
+        _state.tracer = None
 
 
 # -- tracing ----------------------------------------------------------------------
