@@ -379,13 +379,15 @@ async def _traced_stretch(
     )
     attrs = {"substantial.run_id": session.run_id, "substantial.workflow": workflow}
     span = tracer.start_span(f"substantial.run {workflow}", context=parent, attributes=attrs)
-    # (a cancelled stretch is a shutdown handing the run back, not an error)
+    # a cancel is a shutdown handing the run back (no error) unless the lease was lost
     with trace.use_span(span, end_on_exit=True, record_exception=False):
         try:
             result = await aw
-        except Exception as exc:  # the store failed or the lease was lost
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        except BaseException as exc:  # the store failed, or the lease was lost
+            lost = session.lost if session.lost is not None else exc
+            if isinstance(lost, Exception):
+                span.record_exception(lost)
+                span.set_status(Status(StatusCode.ERROR, f"{type(lost).__name__}: {lost}"))
             raise
         end = _end_record(session)
         if end is not None:
