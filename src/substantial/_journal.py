@@ -131,7 +131,7 @@ class Journal:
         start: R.Record = {"k": R.START, "wf": workflow, "kw": kwargs, "t": now}
         if origin is not None:
             start["origin"] = origin
-        telemetry.inject_context(start)  # the caller's trace, so the run's spans join it
+        telemetry.inject_context(start, run_id)  # the caller's trace, so the run's spans join it
         first = self.encode(start, f"start({workflow!r}) kwargs")
         new = NewRun(
             run_id=run_id,

@@ -314,12 +314,25 @@ def step_name(f: Callable[..., Any] | str, at: str) -> str:
 # -- hooks the engine calls (one line each at the call site) ------------------------
 
 
-def inject_context(start: R.Record) -> None:
-    """Journal.create: store the caller's W3C trace context in the start record."""
-    if _otel() is None:
+def inject_context(start: R.Record, run_id: str) -> None:
+    """Journal.create: store the caller's W3C trace context in the start record.
+
+    Called outside any span in a process that traces, the run gets a trace of
+    its own: a ``substantial.start <workflow>`` span (ended at once) whose
+    context every stretch then joins, rather than one trace per stretch."""
+    trace = _otel()
+    if trace is None:
         return
     carrier: dict[str, str] = {}
-    _propagator().inject(carrier)
+    if trace.get_current_span().get_span_context().is_valid:
+        _propagator().inject(carrier)
+    else:
+        tracer = _tracer()
+        if tracer is None:
+            return
+        attrs = {"substantial.run_id": run_id, "substantial.workflow": str(start.get("wf"))}
+        with tracer.start_as_current_span(f"substantial.start {start.get('wf')}", attributes=attrs):
+            _propagator().inject(carrier)
     for key in _W3C_FIELDS:
         if key in carrier:
             start[key] = carrier[key]

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from substantial import Conductor, Context, Retry, RunFailed, telemetry, workflow
 
-from ..engine.helpers import worker
+from .helpers import serving
 
 FAST = Retry(max_attempts=3, backoff=timedelta(milliseconds=10))
 calls: dict[str, int] = {}
@@ -82,7 +82,7 @@ async def test_runs_and_steps_are_counted_by_workflow_status_and_outcome(
     conductor: Conductor, registry: CollectorRegistry
 ) -> None:
     conductor.register(two_steps, flaky, broken)
-    async with worker(conductor):
+    async with serving(conductor, registry):
         h1 = await conductor.start(two_steps)
         h2 = await conductor.start(flaky)
         h3 = await conductor.start(broken)
@@ -124,7 +124,7 @@ async def test_an_evicted_run_resumes_by_a_replay_that_counts_no_step_again(
     conductor: Conductor, registry: CollectorRegistry
 ) -> None:
     conductor.register(sleeper)
-    async with worker(conductor, hot_wait=0):  # the sleep evicts the run
+    async with serving(conductor, registry, hot_wait=0):  # the sleep evicts the run
         h = await conductor.start(sleeper)
         assert await h.result(timeout=20) == "ok"
     assert value(registry, "substantial_runs_started_total", workflow="tm.sleeper") == 1
@@ -156,7 +156,7 @@ async def test_the_active_gauge_counts_runs_being_driven(
 ) -> None:
     gate[:] = [asyncio.Event()]
     conductor.register(holds)
-    async with worker(conductor):
+    async with serving(conductor, registry):
         handles = [await conductor.start(holds) for _ in range(3)]
         deadline = asyncio.get_running_loop().time() + 20
         while value(registry, "substantial_active_runs") < 3:
@@ -172,7 +172,7 @@ async def test_the_exposition_names_every_metric_and_is_served_on_a_port(
     conductor: Conductor, registry: CollectorRegistry
 ) -> None:
     conductor.register(two_steps)
-    async with worker(conductor):
+    async with serving(conductor, registry):
         await (await conductor.start(two_steps)).result(timeout=20)
     body, content_type = telemetry.render_metrics()
     assert content_type.startswith("text/plain")

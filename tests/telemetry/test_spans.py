@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import NoOpTracerProvider, StatusCode
+from prometheus_client import CollectorRegistry
 
-from substantial import Conductor, Context, Retry, RunFailed, workflow
+from substantial import Conductor, Context, Retry, RunFailed, telemetry, workflow
 
-from ..engine.helpers import worker
+from .helpers import serving
 
 Tracing = tuple[TracerProvider, InMemorySpanExporter]
 calls: dict[str, int] = {}
@@ -56,12 +57,12 @@ def ctx(span: ReadableSpan) -> Any:
 
 
 async def test_one_step_span_per_executed_attempt_none_on_replay_under_the_callers_trace(
-    conductor: Conductor, provider: Tracing
+    conductor: Conductor, provider: Tracing, registry: CollectorRegistry
 ) -> None:
     tp, exporter = provider
     calls.clear()
     conductor.register(booking)
-    async with worker(conductor, hot_wait=0):
+    async with serving(conductor, registry, hot_wait=0):
         with tp.get_tracer("test").start_as_current_span("caller"):
             h = await conductor.start(booking)
         result = await h.result(timeout=20)
@@ -109,34 +110,49 @@ async def fails(c: Context) -> None:
     raise RuntimeError("bug in the workflow")
 
 
-async def test_a_failed_run_marks_its_run_span_as_an_error(
-    conductor: Conductor, provider: Tracing
+async def test_a_failed_run_started_outside_any_span_has_a_trace_of_its_own(
+    conductor: Conductor, provider: Tracing, registry: CollectorRegistry
 ) -> None:
     _, exporter = provider
     conductor.register(fails)
-    async with worker(conductor):
-        h = await conductor.start(fails)  # no caller span: the run starts a trace
+    async with serving(conductor, registry):
+        h = await conductor.start(fails)  # no current span
         with pytest.raises(RunFailed, match="bug in the workflow"):
             await h.result(timeout=20)
-    (run,) = [s for s in exporter.get_finished_spans() if s.name == "substantial.run ts.fails"]
-    assert run.parent is None
+    spans = exporter.get_finished_spans()
+    (start,) = [s for s in spans if s.name == "substantial.start ts.fails"]
+    (run,) = [s for s in spans if s.name == "substantial.run ts.fails"]
+    assert start.parent is None
+    assert attrs(start)["substantial.run_id"] == h.run_id
+    assert run.parent is not None and run.parent.span_id == ctx(start).span_id
     assert attrs(run)["substantial.status"] == "FAILED"
     assert run.status.status_code == StatusCode.ERROR
     assert "RuntimeError" in (run.status.description or "")
 
 
-async def test_a_run_started_outside_any_span_stores_no_trace_context(
+async def test_the_callers_trace_context_is_stored_in_the_start_record(
     conductor: Conductor, provider: Tracing
 ) -> None:
     tp, _ = provider
     conductor.register(fails)
-    plain = await conductor.start(fails)
     with tp.get_tracer("test").start_as_current_span("caller") as caller:
-        traced = await conductor.start(fails)
-    assert "traceparent" not in (await first_record(conductor, plain.run_id))
-    start = await first_record(conductor, traced.run_id)
-    trace_id = f"{caller.get_span_context().trace_id:032x}"
-    assert start["traceparent"].split("-")[1] == trace_id
+        h = await conductor.start(fails)
+    start = await first_record(conductor, h.run_id)
+    _version, trace_id, span_id, _flags = start["traceparent"].split("-")
+    assert trace_id == f"{caller.get_span_context().trace_id:032x}"
+    assert span_id == f"{caller.get_span_context().span_id:016x}"
+
+
+async def test_without_tracing_the_start_record_holds_no_trace_context(
+    conductor: Conductor,
+) -> None:
+    telemetry.configure(tracer_provider=NoOpTracerProvider())
+    try:
+        conductor.register(fails)
+        h = await conductor.start(fails)
+    finally:
+        telemetry.configure(tracer_provider=None)
+    assert "traceparent" not in await first_record(conductor, h.run_id)
 
 
 async def first_record(conductor: Conductor, run_id: str) -> dict[str, Any]:
