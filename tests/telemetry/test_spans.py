@@ -163,3 +163,33 @@ async def first_record(conductor: Conductor, run_id: str) -> dict[str, Any]:
     rec = orjson.loads(snap.log[0])
     assert isinstance(rec, dict)
     return rec
+
+
+@workflow(name="ts.nested")
+async def nested(c: Context) -> str:
+    return await c.save(plain_step_with_a_span)
+
+
+def plain_step_with_a_span() -> str:
+    """A plain function (it runs in a thread) that makes a span of its own."""
+    tracer = user_tracer[0]
+    with tracer.start_as_current_span("inside the step"):
+        return "done"
+
+
+user_tracer: list[Any] = []
+
+
+async def test_spans_made_inside_a_plain_step_nest_under_its_step_span(
+    conductor: Conductor, provider: Tracing, registry: CollectorRegistry
+) -> None:
+    tp, exporter = provider
+    user_tracer[:] = [tp.get_tracer("user code")]
+    conductor.register(nested)
+    async with serving(conductor, registry):
+        assert await (await conductor.start(nested)).result(timeout=20) == "done"
+    spans = exporter.get_finished_spans()
+    (step,) = [s for s in spans if s.name.startswith("substantial.step ")]
+    (inner,) = [s for s in spans if s.name == "inside the step"]
+    assert step.name == "substantial.step plain_step_with_a_span"
+    assert inner.parent is not None and inner.parent.span_id == ctx(step).span_id
