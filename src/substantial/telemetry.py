@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +69,9 @@ T = TypeVar("T")
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 _W3C_FIELDS = ("traceparent", "tracestate")
+# The tracer of the stretch being driven in this task (None: not tracing). Steps
+# read it instead of asking OpenTelemetry for its provider each time.
+_stretch_tracer: ContextVar[Tracer | None] = ContextVar("substantial_tracer", default=None)
 
 # -- metrics ---------------------------------------------------------------------
 
@@ -394,6 +398,7 @@ async def _traced_stretch(
     span = tracer.start_span(f"substantial.run {workflow}", context=parent, attributes=attrs)
     # a cancel is a shutdown handing the run back (no error) unless the lease was lost
     with trace.use_span(span, end_on_exit=True, record_exception=False):
+        token = _stretch_tracer.set(tracer)
         try:
             result = await aw
         except BaseException as exc:  # the store failed, or the lease was lost
@@ -402,6 +407,8 @@ async def _traced_stretch(
                 span.record_exception(lost)
                 span.set_status(Status(StatusCode.ERROR, f"{type(lost).__name__}: {lost}"))
             raise
+        finally:
+            _stretch_tracer.reset(token)
         end = _end_record(session)
         if end is not None:
             span.set_attribute("substantial.status", str(end.get("status")))
@@ -425,7 +432,7 @@ async def step(
     m = _metrics()
     t0 = time.perf_counter()
     try:
-        tracer = _tracer()
+        tracer = _stretch_tracer.get()
         if tracer is None:
             return await aw
         label = step_name(name, at)
