@@ -40,11 +40,13 @@ its call site.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+from weakref import WeakKeyDictionary
 
 from . import _records as R
 from .errors import ConfigurationError, LeaseLost
@@ -65,6 +67,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
@@ -93,10 +96,9 @@ class _Metrics:
     _per_wf: dict[str, tuple[Any, Any, Any, Any]] = field(default_factory=dict)
 
     @classmethod
-    def on(cls, registry: CollectorRegistry | None) -> _Metrics:
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    def on(cls, reg: CollectorRegistry) -> _Metrics:
+        from prometheus_client import Counter, Gauge, Histogram
 
-        reg = REGISTRY if registry is None else registry
         wf = ("workflow",)
         return cls(
             started=Counter(
@@ -162,6 +164,7 @@ class _State:
 
     metrics: _Metrics | None = None
     metrics_missing: bool = False
+    made: WeakKeyDictionary[Any, _Metrics] = field(default_factory=WeakKeyDictionary)
     registry: CollectorRegistry | None = None
     otel: Any = None  # the opentelemetry.trace module, once imported
     otel_missing: bool = False
@@ -173,14 +176,25 @@ _state = _State()
 
 
 def _metrics() -> _Metrics | None:
+    """The metrics being counted, made on first use (None without prometheus-client)."""
     m = _state.metrics
     if m is not None or _state.metrics_missing:
         return m
     try:
-        m = _Metrics.on(_state.registry)
+        from prometheus_client import REGISTRY
     except ImportError:
         _state.metrics_missing = True
         return None
+    reg = REGISTRY if _state.registry is None else _state.registry
+    m = _state.made.get(reg)  # a registry configured again keeps its families
+    if m is None:
+        try:
+            m = _Metrics.on(reg)
+        except ValueError as exc:  # the names are taken on that registry: never break a run
+            log.warning("substantial's metrics are off: %s", exc)
+            _state.metrics_missing = True
+            return None
+        _state.made[reg] = m
     _state.metrics = m
     return m
 
