@@ -193,3 +193,32 @@ async def test_spans_made_inside_a_plain_step_nest_under_its_step_span(
     (inner,) = [s for s in spans if s.name == "inside the step"]
     assert step.name == "substantial.step plain_step_with_a_span"
     assert inner.parent is not None and inner.parent.span_id == ctx(step).span_id
+
+
+@workflow(name="ts.child")
+async def child(c: Context) -> str:
+    return await c.save(reserve)
+
+
+@workflow(name="ts.parent")
+async def parent(c: Context) -> str:
+    h = await c.start_child(child, {})
+    return str(await h.result())
+
+
+async def test_a_child_run_joins_its_parents_trace(
+    conductor: Conductor, provider: Tracing, registry: CollectorRegistry
+) -> None:
+    tp, exporter = provider
+    conductor.register(parent, child)
+    async with serving(conductor, registry):
+        with tp.get_tracer("test").start_as_current_span("caller"):
+            h = await conductor.start(parent)
+        assert await h.result(timeout=20) == "seat"
+    spans = exporter.get_finished_spans()
+    (caller,) = [s for s in spans if s.name == "caller"]
+    parent_runs = [s for s in spans if s.name == "substantial.run ts.parent"]
+    (child_run,) = [s for s in spans if s.name == "substantial.run ts.child"]
+    assert {ctx(s).trace_id for s in spans} == {ctx(caller).trace_id}
+    assert child_run.parent is not None
+    assert child_run.parent.span_id in {ctx(s).span_id for s in parent_runs}
