@@ -291,8 +291,9 @@ def _tracer() -> Tracer | None:
     """Substantial's tracer, or None while no SDK is configured.
 
     A real provider, once seen, stays (OpenTelemetry sets the global one only
-    once), so it is cached; until then each call costs a global lookup and an
-    isinstance check, and no span is made."""
+    once), so it is cached; until then each call asks OpenTelemetry again
+    (an environment lookup and an isinstance check), which is why it is asked
+    once per stretch and per start, and steps read :data:`_stretch_tracer`."""
     tracer = _state.tracer
     if tracer is not None:
         return tracer
@@ -313,6 +314,8 @@ def tracing_enabled() -> bool:
 
 
 def _propagator() -> Any:
+    """W3C trace context, whatever propagator the application set globally: the
+    start record's fields are ours and keep one format."""
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     return TraceContextTextMapPropagator()
