@@ -338,9 +338,8 @@ class Context:
             attempt += 1
             await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
             try:
-                value = await telemetry.step(
-                    _invoke(f, limit), self.run_id, self.workflow, f, at, attempt
-                )
+                wf = self._session.run.workflow
+                value = await telemetry.step(_invoke(f, limit), self.run_id, wf, f, at, attempt)
                 final = self._rec(
                     R.CALL,
                     seq,
@@ -365,7 +364,7 @@ class Context:
                     final = self._rec(R.CALL, seq, p, at, err={**err, "n": attempt}, **keyed)
                 else:
                     retry_at = self._clock() + policy.delay_after(attempt)
-                    telemetry.step_retried(self.workflow)
+                    telemetry.step_retried(self._session.run.workflow)
                     await self._write(
                         self._rec(R.TRY, seq, p, at, n=attempt, err=err, retry=retry_at, **keyed),
                         what=what,
@@ -373,7 +372,7 @@ class Context:
                     )
                     await self._wait(retry_at, events=False, budget_end=self._budget())
                     continue
-            telemetry.step_ended(self.workflow, final)
+            telemetry.step_ended(self._session.run.workflow, final)
             await self._write(final, what=what)
             return final
 
