@@ -13,10 +13,10 @@ start      wf, kw (kwargs), t (epoch seconds)
 event      name, v (payload), id (inbox id)
 call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed out)
 try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]
-arm        s, p, at, due (epoch seconds)                                  [sleep, timeouts]
+arm        s, p, at, due (epoch seconds, or None)    [sleep; receive, ensure that wait]
 log        s, p, at, level, msg, fields, t
-mark       p ("compact"), next (the sequence id the run had reached)   [compact]
-end        status, v | err
+mark       p ("compact"), next (sequence id reached), n (compactions), from (first keyed)
+end        status, v | err {type, msg, tb (the workflow code's traceback)}
 =========  ==========================================================
 """
 

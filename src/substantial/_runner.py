@@ -81,13 +81,7 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         return None
     except StopRun as stop:
         _raise_if_lost(session)
-        await _end(session, RunStatus(stop.status), result=stop.result, extra=ctx.flush_records())
-        if stop.status == RunStatus.CONTINUED and isinstance(stop.result, dict):
-            # Events the run never saw, then those still in its inbox (none can land
-            # now that it is terminal: send follows the chain instead): the successor's.
-            await session.journal.forward_events(
-                session.run_id, str(stop.result["continued_to"]), stop.unobserved
-            )
+        await _stopped(session, stop, ctx.flush_records())
         return None
     except asyncio.CancelledError:
         raise
@@ -95,28 +89,46 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         _raise_if_lost(session)
         if isinstance(exc, BackendError):
             raise
-        tb = user_traceback(exc)
-        log.warning(
-            "run %s (%s) failed: %s: %s\n%s",
-            session.run_id,
-            wf.name,
-            type(exc).__name__,
-            exc,
-            tb.rstrip(),
-            extra={"run_id": session.run_id, "error_type": type(exc).__name__},
-        )
-        await _end(
-            session,
-            RunStatus.FAILED,
-            error=error_message(exc),
-            error_type=type(exc).__name__,
-            traceback=tb,
-            extra=ctx.flush_records(),
-        )
+        await _failed(session, wf, exc, ctx.flush_records())
         return None
     _raise_if_lost(session)
     await _end(session, RunStatus.COMPLETED, result=value, extra=ctx.flush_records())
     return None
+
+
+async def _stopped(session: RunSession, stop: StopRun, pending: list[Any]) -> None:
+    """A primitive ended the run (revert, continue_using)."""
+    await _end(session, RunStatus(stop.status), result=stop.result, extra=pending)
+    if stop.status == RunStatus.CONTINUED and isinstance(stop.result, dict):
+        # Events the run never saw, then those still in its inbox (none can land
+        # now that it is terminal: send follows the chain instead): the successor's.
+        await session.journal.forward_events(
+            session.run_id, str(stop.result["continued_to"]), stop.unobserved
+        )
+
+
+async def _failed(
+    session: RunSession, wf: Workflow[Any], exc: Exception, pending: list[Any]
+) -> None:
+    """The workflow raised: the run ends FAILED with what its author needs to see."""
+    tb = user_traceback(exc)
+    log.warning(
+        "run %s (%s) failed: %s: %s\n%s",
+        session.run_id,
+        wf.name,
+        type(exc).__name__,
+        exc,
+        tb.rstrip(),
+        extra={"run_id": session.run_id, "error_type": type(exc).__name__},
+    )
+    await _end(
+        session,
+        RunStatus.FAILED,
+        error=error_message(exc),
+        error_type=type(exc).__name__,
+        traceback=tb,
+        extra=pending,
+    )
 
 
 def _raise_if_lost(session: RunSession) -> None:

@@ -57,6 +57,12 @@ class RunSession:
             session._dirty = False  # this read saw the inbox empty: no need to read again
         return session
 
+    def lease_lost(self) -> None:
+        """The worker learnt (from a renewal) that another worker owns the run:
+        never write again."""
+        if self.lost is None:
+            self.lost = LeaseLost(self.run_id)
+
     # -- loading -------------------------------------------------------------
 
     def load(self, raw: Sequence[bytes]) -> None:

@@ -26,7 +26,7 @@ from ._journal import Journal, RunSession
 from ._runner import drive
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
 from .backends import Claim
-from .errors import BackendError, BackendUnavailable, LeaseLost
+from .errors import BackendError, BackendUnavailable
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class Worker:
                 task.cancel()
             elif not session.released and session.lost is None:
                 log.warning("run %s: lease lost to another worker; abandoning", run_id)
-                session.lost = LeaseLost(run_id)
+                session.lease_lost()
                 task.cancel()
 
 

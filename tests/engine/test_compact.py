@@ -202,3 +202,30 @@ async def test_unkeyed_calls_after_a_compacted_loop_replay(
         "log",
         "save",
     ]
+
+
+@workflow()
+async def logs_each_round(c: Context, rounds: int) -> int:
+    st = await c.save(lambda: 0, key="round")
+    while st < rounds:
+        c.log.info("round", n=st)  # buffered: compact() must write it, not drop it
+        st = await c.save(lambda s=st: s + 1, key="round")
+        c.log.info("saved", n=st)
+        await c.compact()
+    await c.receive("go")
+    return int(st)
+
+
+@pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
+async def test_log_lines_in_a_compacted_loop_are_kept_once_each(
+    conductor: Conductor, hot_wait: float
+) -> None:
+    conductor.register(logs_each_round)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(logs_each_round, {"rounds": 4})
+        await eventually(lambda: _is(h.status(), RunStatus.SUSPENDED))  # in the receive
+    async with worker(conductor, hot_wait=hot_wait):  # replays the compacted log
+        await h.send("go")
+        assert await h.result(timeout=20) == 4
+    lines = [(r.message, r.fields["n"]) for r in await h.logs()]
+    assert lines == [(m, n + d) for n in range(4) for m, d in (("round", 0), ("saved", 1))]

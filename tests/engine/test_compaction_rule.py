@@ -8,10 +8,14 @@ records, each continued by a fresh replay of the log left behind: the result
 must be the same, each effect must run once, the log must stay bounded.
 """
 
+# Sim calls each function before save() returns, so loop variables in lambdas
+# are bound in time (and default arguments would defeat mypy's inference).
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -19,6 +23,8 @@ from substantial import NonDeterminismError
 from substantial import _records as R
 from substantial._compaction import compact
 from substantial._replay import Replay
+
+T = TypeVar("T")
 
 
 class Crash(Exception):
@@ -42,11 +48,13 @@ class Sim:
         self.replay.index_new()
         self.longest = max(self.longest, len(self.records))
 
-    def save(self, make: Callable[[], Any], key: str | None = None, at: str = "wf.py:1") -> Any:
+    def save(self, make: Callable[[], T], key: str | None = None, at: str = "wf.py:1") -> T:
+        """(``make`` is called before this returns, if at all: closures need no
+        default arguments to pin their values.)"""
         step = self.replay.begin("save", None, key, at)
         final = self.replay.final(step)
         if final is not None:
-            return final["v"]
+            return cast(T, final["v"])
         value = make()
         rec = {"k": R.CALL, "s": step.seq, "p": "save", "at": at, "v": value}
         self._append({**rec, "key": key} if key else rec)
@@ -85,9 +93,9 @@ def payroll(c: Sim) -> Any:
     """Keyed state drives the loop; compact() is the last call of each round."""
     st = c.save(lambda: 4, key="state")
     while st > 0:
-        c.save(lambda s=st: f"pay {s}", key="payment")
+        c.save(lambda: f"pay {st}", key="payment")
         c.sleep(key="pause")
-        st = c.save(lambda s=st: s - 1, key="state")
+        st = c.save(lambda: st - 1, key="state")
         c.compact()
     got = c.save(lambda: "after the loop")
     c.log("paid")
@@ -98,7 +106,7 @@ def poller(c: Sim) -> Any:
     """A keyed sleep after compact(): the round goes on past the compaction."""
     st = c.save(lambda: 0, key="state")
     while st < 4:
-        st = c.save(lambda s=st: s + 1, key="state")
+        st = c.save(lambda: st + 1, key="state")
         c.compact()
         c.sleep(key="pause")
     return c.finish([st, c.save(lambda: "done")])
@@ -109,7 +117,7 @@ def counter(c: Sim) -> Any:
     before = c.save(lambda: "before")
     total = 0
     for i in range(5):
-        total = c.save(lambda t=total, i=i: t + i, key="total")
+        total = c.save(lambda: total + i, key="total")
         c.compact()
         c.sleep(key="pause")
     return c.finish([before, total, c.save(lambda: "after")])
@@ -120,7 +128,7 @@ def logging_loop(c: Sim) -> Any:
     st = c.save(lambda: 3, key="state")
     while st > 0:
         c.log(f"round {st}")
-        st = c.save(lambda s=st: s - 1, key="state")
+        st = c.save(lambda: st - 1, key="state")
         c.compact()
     return c.finish([st, c.save(lambda: "after")])
 
@@ -175,9 +183,9 @@ def test_the_log_stays_bounded_whatever_the_number_of_rounds() -> None:
     def loop(c: Sim, n: int) -> Any:
         st = c.save(lambda: n, key="state")
         while st > 0:
-            c.save(lambda s=st: s, key="payment")
+            c.save(lambda: st, key="payment")
             c.sleep(key="pause")
-            st = c.save(lambda s=st: s - 1, key="state")
+            st = c.save(lambda: st - 1, key="state")
             c.compact()
         return c.finish(st)
 
@@ -267,9 +275,9 @@ def test_a_changed_call_after_the_loop_is_a_divergence() -> None:
     def changed(c: Sim) -> Any:
         st = c.save(lambda: 4, key="state")
         while st > 0:
-            c.save(lambda s=st: f"pay {s}", key="payment")
+            c.save(lambda: f"pay {st}", key="payment")
             c.sleep(key="pause")
-            st = c.save(lambda s=st: s - 1, key="state")
+            st = c.save(lambda: st - 1, key="state")
             c.compact()
         c.sleep()  # where the run made a save
         return c.finish(None)
@@ -285,7 +293,7 @@ def test_a_renamed_key_is_a_divergence() -> None:
     def renamed(c: Sim) -> Any:
         st = c.save(lambda: 0, key="renamed")
         while st < 4:
-            st = c.save(lambda s=st: s + 1, key="renamed")
+            st = c.save(lambda: st + 1, key="renamed")
             c.compact()
             c.sleep(key="pause")
         return c.finish(st)
@@ -301,11 +309,36 @@ def test_returning_before_calls_the_log_recorded_after_the_loop_is_a_divergence(
     def shorter(c: Sim) -> Any:
         st = c.save(lambda: 4, key="state")
         while st > 0:
-            c.save(lambda s=st: f"pay {s}", key="payment")
+            c.save(lambda: f"pay {st}", key="payment")
             c.sleep(key="pause")
-            st = c.save(lambda s=st: s - 1, key="state")
+            st = c.save(lambda: st - 1, key="state")
             c.compact()
         return c.finish(None)  # the run went on to two saves and a log line
 
     with pytest.raises(NonDeterminismError, match="return"):
         shorter(Sim(log.records))
+
+
+# -- a plain log: matched by sequence id -------------------------------------------------
+
+
+def test_a_plain_log_is_matched_by_sequence_id_and_checks_each_call() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 1, v=2)], print)
+    step = replay.begin("save", None, None, "wf.py:9")
+    assert (step.seq, step.done) == (0, True)
+    with pytest.raises(NonDeterminismError, match=r"sleep\(\) at wf.py:9.*save\(\)"):
+        replay.begin("sleep", None, None, "wf.py:9")
+
+
+def test_a_call_with_no_record_while_later_ones_exist_is_a_divergence() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 2, v=3)], print)
+    replay.begin("save", None, None, "wf.py:1")
+    with pytest.raises(NonDeterminismError, match="no record"):
+        replay.begin("save", None, None, "wf.py:2")
+
+
+def test_returning_before_the_recorded_calls_is_a_divergence() -> None:
+    replay = Replay("run", [{"k": R.START}, rec(R.CALL, 0, v=1), rec(R.CALL, 1, v=2)], print)
+    replay.begin("save", None, None, "wf.py:1")
+    with pytest.raises(NonDeterminismError, match="return"):
+        replay.check_complete()

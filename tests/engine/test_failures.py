@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import logging
 import os
 import time
@@ -41,24 +41,24 @@ def _reset() -> None:
 
 
 def flaky() -> str:
-    attempts.append(time.monotonic())
+    attempts.append(time.time())  # the worker's clock
     raise ConnectionError(f"attempt {len(attempts)} failed")
+
+
+POLICY = Retry(max_attempts=4, backoff=timedelta(milliseconds=50), factor=2.0)
 
 
 @workflow()
 async def retrying(c: Context, max_attempts: int) -> str:
     try:
-        await c.save(
-            flaky,
-            retry=Retry(max_attempts=max_attempts, backoff=timedelta(milliseconds=50), factor=2.0),
-        )
+        await c.save(flaky, retry=dataclasses.replace(POLICY, max_attempts=max_attempts))
     except SaveFailed as exc:
         return f"{exc.error_type}: {exc} after {exc.attempts}"
     return "unreachable"
 
 
 @pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
-async def test_retries_run_exactly_max_attempts_with_growing_delays(
+async def test_retries_run_exactly_max_attempts_after_their_recorded_backoffs(
     conductor: Conductor, hot_wait: float
 ) -> None:
     conductor.register(retrying)
@@ -66,9 +66,18 @@ async def test_retries_run_exactly_max_attempts_with_growing_delays(
         h = await conductor.start(retrying, {"max_attempts": 4})
         assert await h.result(timeout=20) == "ConnectionError: attempt 4 failed after 4"
     assert len(attempts) == 4
-    gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2
-    assert gaps[0] < gaps[1] < gaps[2]
+    snap = await conductor.backend.read(h.run_id)
+    assert snap is not None
+    log = [decode_record(h.run_id, i, data) for i, data in enumerate(snap.log)]
+    tries = [r for r in log if r["k"] == "try"]
+    assert [r["n"] for r in tries] == [1, 2, 3]  # one record per failed attempt
+    assert [r["err"]["msg"] for r in tries] == [f"attempt {n} failed" for n in (1, 2, 3)]
+    for n, (tried, rec) in enumerate(zip(attempts, tries, strict=False), start=1):
+        # each retry is due at least the policy's growing delay after its attempt...
+        assert rec["retry"] - tried >= POLICY.delay_after(n)
+        # ...and the next attempt waited for that recorded time
+        assert attempts[n] >= rec["retry"]
+    assert POLICY.delay_after(1) < POLICY.delay_after(2) < POLICY.delay_after(3)
 
 
 @workflow()

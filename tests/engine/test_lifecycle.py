@@ -261,9 +261,8 @@ async def _hold() -> str:
 async def gated_relay(c: Context, round: int) -> Any:
     got = await c.receive("next")
     if got == "again":
-        # round 0 is still running here, past its last receive. (The ignore: save's
-        # signature rejects async step functions under mypy; see the report.)
-        await c.save(_hold)  # type: ignore[arg-type]
+        # round 0 is still running here, past its last receive
+        await c.save(_hold)
         await c.continue_using(gated_relay, {"round": round + 1})
     return {"round": round, "got": got}
 

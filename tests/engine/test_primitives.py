@@ -6,13 +6,15 @@ import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import orjson
 import pydantic
 import pytest
 
 from substantial import Conductor, Context, RunFailed, RunStatus, workflow
 
-from .helpers import worker
+from .helpers import eventually, worker
 
 calls: dict[str, int] = {}
 
@@ -181,9 +183,12 @@ async def test_events_sent_before_the_worker_starts_are_kept(conductor: Conducto
 
 @workflow()
 async def sleep_then_receive(c: Context) -> list[object]:
+    seen: list[object] = []
+    c.handle("go", seen.append)
     await c.sleep(0.5)
+    right_after = list(seen)  # an event that came during the sleep is not seen yet
     got = await c.receive("go")
-    return [got]
+    return [right_after, got, list(seen)]
 
 
 @pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
@@ -193,9 +198,17 @@ async def test_event_sent_during_a_sleep_is_received_after_it(
     conductor.register(sleep_then_receive)
     async with worker(conductor, hot_wait=hot_wait):
         h = await conductor.start(sleep_then_receive)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: _status_is(h, RunStatus.SUSPENDED))  # in the sleep
         await h.send("go", "during-sleep")
-        assert await h.result(timeout=10) == ["during-sleep"]
+        assert await h.result(timeout=10) == [[], "during-sleep", ["during-sleep"]]
+    snap = await conductor.backend.read(h.run_id)
+    assert snap is not None
+    kinds = [orjson.loads(data)["k"] for data in snap.log]
+    assert kinds[1:3] == ["arm", "event"]  # it arrived during the sleep, after its arm
+
+
+async def _status_is(h: Any, status: RunStatus) -> bool:
+    return bool(await h.status() == status)
 
 
 @workflow()

@@ -8,8 +8,9 @@ import contextlib
 import pytest
 
 from substantial import Conductor, Context, RunFailed, RunReverted, workflow
+from substantial._journal import decode_record
 
-from .helpers import worker
+from .helpers import eventually, worker
 
 effects: list[str] = []
 
@@ -23,11 +24,11 @@ def _reset() -> None:
 async def sees_after_sleep(c: Context) -> list[list[object]]:
     seen: list[object] = []
     c.handle("note", seen.append)
-    await c.sleep(0.3)
+    await c.sleep(0.5)
     right_after = list(seen)  # what plain code observes right after the sleep
-    await c.sleep(0.01)
-    recorded = await c.save(lambda: right_after)
-    return [recorded, right_after]
+    recorded = await c.save(lambda: right_after)  # the first execution's view
+    await c.receive("replay")  # a fresh worker replays the run from the start
+    return [recorded, right_after]  # right_after: as the replay computed it
 
 
 @pytest.mark.parametrize("hot_wait", [0.0, 5.0], ids=["evicted", "in-place"])
@@ -37,10 +38,28 @@ async def test_code_after_a_sleep_sees_the_same_events_on_replay(
     conductor.register(sees_after_sleep)
     async with worker(conductor, hot_wait=hot_wait):
         h = await conductor.start(sees_after_sleep)
-        await asyncio.sleep(0.1)
-        await h.send("note", 1)
+        await eventually(lambda: _has(conductor, h.run_id, "sleep"))
+        await h.send("note", 1)  # during the sleep
+        await eventually(lambda: _has(conductor, h.run_id, "receive"))
+    async with worker(conductor, hot_wait=hot_wait):  # replays the whole log
+        await h.send("replay")
         recorded, replayed = await h.result(timeout=10)
     assert recorded == replayed
+    log = await _log(conductor, h.run_id)
+    kinds = [(r["k"], r.get("p") or r.get("name")) for r in log]
+    # the note landed during the sleep: after its arm, before the save
+    assert kinds.index(("event", "note")) > kinds.index(("arm", "sleep"))
+    assert kinds.index(("event", "note")) < kinds.index(("call", "save"))
+
+
+async def _log(conductor: Conductor, run_id: str) -> list[dict[str, object]]:
+    snap = await conductor.backend.read(run_id)
+    assert snap is not None
+    return [decode_record(run_id, i, data) for i, data in enumerate(snap.log)]
+
+
+async def _has(conductor: Conductor, run_id: str, p: str) -> bool:
+    return any(r["k"] == "arm" and r.get("p") == p for r in await _log(conductor, run_id))
 
 
 @workflow()

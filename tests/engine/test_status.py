@@ -211,3 +211,22 @@ async def test_saves_that_follow_no_wait_cost_one_append_each(
         assert await h.result(timeout=10) == 3
     assert updates[:2] == [None, None]  # two saves: two plain appends, no status
     assert len(updates) == 3  # and the end
+
+
+@workflow()
+async def sleeps_four_seconds(c: Context) -> str:
+    await c.sleep(4)
+    return "woke"
+
+
+async def test_a_wait_a_replay_continues_in_place_reads_suspended_status(
+    conductor: Conductor,
+) -> None:
+    conductor.register(sleeps_four_seconds)
+    async with worker(conductor):
+        h = await conductor.start(sleeps_four_seconds)
+        await eventually(reads(h, RunStatus.SUSPENDED))
+    assert await h.status() == RunStatus.PENDING  # handed back at shutdown
+    async with worker(conductor):  # claims it (RUNNING), replays, sleeps on in place
+        await eventually(reads(h, RunStatus.SUSPENDED), timeout=3)
+        assert await h.result(timeout=10) == "woke"

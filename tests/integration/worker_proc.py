@@ -98,6 +98,10 @@ async def compacting(c: Context, n: int, sleep: float = 0.0) -> int:
     return int(state["i"])
 
 
+def next_month(st: dict[str, int]) -> dict[str, int]:
+    return {"left": st["left"] - 1}
+
+
 @workflow()
 async def payroll(c: Context, months: int, pause: float = 0.03) -> dict[str, object]:
     """The payroll pattern: keyed state drives a compacted loop (one effect a
@@ -108,7 +112,7 @@ async def payroll(c: Context, months: int, pause: float = 0.03) -> dict[str, obj
     while st["left"] > 0:
         await c.save(functools.partial(effect, run_id, months - st["left"]), key="payment")
         await c.sleep(pause, key="pause")
-        st = await c.save(lambda s=st: {"left": s["left"] - 1}, key="state")
+        st = await c.save(functools.partial(next_month, st), key="state")
         await c.compact()
     got = await c.receive("go")
     c.log.info("paid", months=months)

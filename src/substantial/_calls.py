@@ -1,0 +1,153 @@
+"""What every durable call shares: its place in the replay, the write buffer,
+the live edge, and the rule that calls of one run are made one at a time.
+
+:class:`CallCore` is the base of :class:`~substantial.Context`; the mixins in
+``_waits``, ``_steps`` and ``_composition`` build the primitives on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+
+from . import _records as R
+from ._interrupts import CancelRun
+from ._replay import Replay, Step
+from .errors import WorkflowError
+
+if TYPE_CHECKING:
+    from ._session import RunSession
+
+T = TypeVar("T")
+P = ParamSpec("P")
+CoreT = TypeVar("CoreT", bound="CallCore")
+_PKG_DIR = os.path.dirname(__file__)
+
+
+def caller() -> str:
+    """``file.py:line`` of the user code that made the current durable call."""
+    f: Any = sys._getframe(2)
+    while f is not None:
+        short = _short_name(f.f_code.co_filename)
+        if short is not None:
+            return f"{short}:{f.f_lineno}"
+        f = f.f_back
+    return "?"
+
+
+@functools.lru_cache(maxsize=1024)
+def _short_name(filename: str) -> str | None:
+    """The base name of a user file, None for ours. Cached: every durable call
+    walks a few frames."""
+    return None if os.path.dirname(filename) == _PKG_DIR else os.path.basename(filename)
+
+
+def one_at_a_time(
+    fn: Callable[Concatenate[CoreT, P], Awaitable[T]],
+) -> Callable[Concatenate[CoreT, P], Coroutine[Any, Any, T]]:
+    """Durable calls of one run are sequential: their sequence ids are their order.
+
+    ``asyncio.gather(c.save(a), c.save(b))`` would make that order depend on
+    scheduling, so it is refused with a clear error instead of corrupting replay.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: CoreT, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self._sole_call(fn.__name__):
+            return await fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CallCore:
+    """The replay index, the write buffer and the live edge of one run."""
+
+    def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
+        self._session = session
+        self._hot_wait = hot_wait
+        self._clock = session.journal.clock
+        self.run_id: str = session.run_id
+        self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
+        self._replay = Replay(self.run_id, session.records, self._feed_handlers)
+        self._pending: list[R.Record] = []  # log records waiting for the next write
+        self._in_call: str | None = None
+        self._poisoned = False
+
+    @contextlib.contextmanager
+    def _sole_call(self, name: str) -> Iterator[None]:
+        """The durable call ``name`` is in flight; a second one at once is refused
+        (see ``one_at_a_time``)."""
+        if self._in_call is not None:
+            self._poisoned = True  # the call already in flight must not write either
+            raise WorkflowError(
+                f"run {self.run_id}: {name}() was called while {self._in_call}() "
+                "was still running; await durable calls one at a time (asyncio.gather "
+                "over Context calls is not supported)"
+            )
+        self._in_call = name
+        try:
+            yield
+        finally:
+            self._in_call = None
+
+    def _feed_handlers(self, event: R.Record) -> None:
+        for name, cb in self._handlers:
+            if name == event["name"]:
+                cb(event.get("v"))
+
+    def _begin(
+        self, p: str, name: str | None = None, *, key: str | None = None
+    ) -> tuple[Step, str]:
+        """The next durable call: the records that answer it, and where it is made."""
+        at = caller()
+        return self._replay.begin(p, name, key, at), at
+
+    def _final(self, step: Step) -> R.Record | None:
+        return self._replay.final(step)
+
+    def _rec(
+        self, k: str, seq: int, p: str, at: str, name: str | None = None, **fields: Any
+    ) -> R.Record:
+        rec: R.Record = {"k": k, "s": seq, "p": p, "at": at}
+        if name is not None:
+            rec["name"] = name
+        rec.update(fields)
+        return rec
+
+    async def _sync(self) -> None:
+        """Live edge: take in pending events, check for cancellation."""
+        await self._session.pull_if_needed()
+        if self._session.run.cancel_requested:
+            raise CancelRun()
+        self._replay.index_new()
+        self._replay.advance(len(self._session.records))
+
+    def _check_writable(self) -> None:
+        if self._poisoned:
+            raise WorkflowError(f"run {self.run_id}: stopped after overlapping durable calls")
+
+    async def _write(self, *recs: R.Record, what: str, waiting: bool = False) -> int:
+        """Append records (after any buffered log lines); returns position of the last.
+        ``waiting``: they start a wait, and the store shows the run SUSPENDED."""
+        self._check_writable()
+        batch = [*self._pending, *recs]
+        self._pending.clear()
+        first = await self._session.write(batch, what=what, waiting=waiting)
+        self._replay.index_new()
+        last = first + len(batch) - 1
+        self._replay.advance(last + 1)
+        return last
+
+    def flush_records(self) -> list[R.Record]:
+        """The buffered log lines, for the write that ends or suspends the run."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
+    def check_complete(self) -> None:
+        """The workflow returned: it must have made every call the log recorded."""
+        self._replay.check_complete()

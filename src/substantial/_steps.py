@@ -1,0 +1,185 @@
+"""Steps: ``save`` (its attempts, retries and their backoff), recorded values
+(``now``, ``random``, ``uuid4``) and log lines.
+
+A save's effect runs once per attempt at the live edge; its outcome (the JSON
+value, or the final error) is recorded before the workflow continues, so a
+replay returns it without calling ``f`` again. A failed attempt that will be
+retried records a ``try`` with the time of the next one and waits it out like
+a timer (in place if short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _records as R
+from . import telemetry
+from ._threads import run_in_thread
+from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
+from ._waits import Waits
+from .codec import coerce, to_json
+from .errors import PayloadTooLarge, SaveFailed, SerializationError
+
+if TYPE_CHECKING:
+    from ._session import RunSession
+
+run_log = logging.getLogger("substantial.run")
+
+
+class Done:
+    """Awaitable no-op: ``c.log.info(...)`` works with or without ``await``."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempts:
+    """What one save's attempts need to know."""
+
+    seq: int
+    p: str
+    at: str
+    what: str
+    keyed: dict[str, str]
+    policy: Retry
+    limit: float | None
+
+
+class Steps(Waits):
+    def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
+        super().__init__(session, hot_wait=hot_wait)
+        self._compensations: list[tuple[int, Callable[[], Any]]] = []
+
+    async def _save(
+        self,
+        p: str,
+        f: Callable[[], Any],
+        compensate_with: Callable[[], Any] | None,
+        retry: Retry | None,
+        timeout: Seconds | None,
+        tp: Any,
+        key: str | None = None,
+    ) -> Any:
+        step, at = self._begin(p, key=key)
+        what = f"{p}() at {at} (step {step.seq})"
+        final = self._final(step)
+        if final is None:
+            run = _Attempts(
+                seq=step.seq,
+                p=p,
+                at=at,
+                what=what,
+                keyed={} if key is None else {"key": key},
+                policy=retry or DEFAULT_RETRY,
+                limit=None if timeout is None else to_seconds(timeout),
+            )
+            final = await self._execute(run, f, step.records)
+        err = final.get("err")
+        if err is None and compensate_with is not None:
+            self._compensations.append((step.seq, compensate_with))
+        if err is not None:
+            if err["type"] in ("SerializationError", "PayloadTooLarge"):
+                cls = PayloadTooLarge if err["type"] == "PayloadTooLarge" else SerializationError
+                raise cls(err["msg"])
+            raise SaveFailed(err["msg"], error_type=err["type"], attempts=err["n"], step=step.seq)
+        return coerce(final.get("v"), tp, what=what)
+
+    async def _execute(
+        self, run: _Attempts, f: Callable[[], Any], recs: list[R.Record]
+    ) -> R.Record:
+        """Attempts until one succeeds or the policy gives up; returns the final
+        record (written). Resumes after the attempts a replay found recorded."""
+        await self._sync()
+        tries = [r for r in recs if r["k"] == R.TRY]
+        attempt = len(tries)
+        if tries:
+            await self._wait(tries[-1]["retry"], events=False, budget_end=self._budget())
+        while True:
+            attempt += 1
+            final = await self._attempt(run, f, attempt)
+            if final is not None:
+                telemetry.step_ended(self._session.run.workflow, final)
+                await self._write(final, what=run.what)
+                return final
+
+    async def _attempt(self, run: _Attempts, f: Callable[[], Any], n: int) -> R.Record | None:
+        """One call of ``f``: its final record, or None after recording a failure
+        that will be retried and waiting out its backoff."""
+        await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
+        limit = self._session.journal.max_payload
+        try:
+            wf = self._session.run.workflow
+            out = await telemetry.step(_invoke(f, run.limit), self.run_id, wf, f, run.at, n)
+            value = to_json(out, what=run.what, limit=limit)
+            return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **run.keyed)
+        except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
+            err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
+            return self._rec(R.CALL, run.seq, run.p, run.at, err=err, **run.keyed)
+        except Exception as exc:
+            err = {"type": type(exc).__name__, "msg": str(exc) or type(exc).__name__}
+            if n >= run.policy.max_attempts or isinstance(exc, run.policy.non_retryable):
+                return self._rec(R.CALL, run.seq, run.p, run.at, err={**err, "n": n}, **run.keyed)
+        retry_at = self._clock() + run.policy.delay_after(n)
+        telemetry.step_retried(self._session.run.workflow)
+        attempt = self._rec(
+            R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **run.keyed
+        )
+        await self._write(attempt, what=run.what, waiting=True)
+        await self._wait(retry_at, events=False, budget_end=self._budget())
+        return None
+
+    async def _value(self, p: str, make: Callable[[], Any]) -> Any:
+        step, at = self._begin(p)
+        final = self._final(step)
+        if final is None:
+            await self._sync()
+            final = self._rec(R.CALL, step.seq, p, at, v=make())
+            await self._write(final, what=f"{p}()")
+        return final["v"]
+
+    def _log(self, level: str, message: str, fields: dict[str, Any]) -> Done:
+        step, at = self._begin("log")
+        if step.records:
+            return Done()
+        rec = self._rec(
+            R.LOG,
+            step.seq,
+            "log",
+            at,
+            level=level,
+            msg=str(message),
+            fields=to_json(fields, what=f"log.{level}() fields"),
+            t=self._clock(),
+        )
+        self._pending.append(rec)  # written with the next record
+        py_level = {"info": logging.INFO, "warn": logging.WARNING}.get(level, logging.ERROR)
+        extra = {"run_id": self.run_id, "fields": fields}
+        run_log.log(py_level, "[%s] %s", self.run_id, message, extra=extra)
+        return Done()
+
+
+async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:
+    """Call ``f``: coroutine functions on the loop, plain callables in a thread
+    (so a long blocking step cannot starve lease heartbeats; see ``_threads``)."""
+    if inspect.iscoroutinefunction(f):
+        aw: Awaitable[Any] = f()
+    else:
+        aw = run_in_thread(f)
+    if timeout is None:
+        result = await aw
+        return (await result) if inspect.isawaitable(result) else result
+    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+    async with asyncio.timeout(timeout):
+        result = await aw
+        if inspect.isawaitable(result):
+            result = await result
+    return result
