@@ -40,7 +40,7 @@ async def test_a_lease_taken_over_is_counted_and_fails_the_stretch_span(
     _, exporter = provider
     started[:] = [asyncio.Event()]
     conductor.register(stalls)
-    async with worker(conductor, lease=0.6):
+    async with worker(conductor, lease=3):  # renewed every second
         h = await conductor.start(stalls)
         await asyncio.wait_for(started[0].wait(), 20)
         stolen = await conductor.journal.backend.claim_due(

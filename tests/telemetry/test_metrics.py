@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from substantial import Conductor, Context, Retry, RunFailed, telemetry, workflow
 
+from ..engine.helpers import eventually
 from .helpers import serving
 
 FAST = Retry(max_attempts=3, backoff=timedelta(milliseconds=10))
@@ -158,10 +159,7 @@ async def test_the_active_gauge_counts_runs_being_driven(
     conductor.register(holds)
     async with serving(conductor, registry):
         handles = [await conductor.start(holds) for _ in range(3)]
-        deadline = asyncio.get_running_loop().time() + 20
-        while value(registry, "substantial_active_runs") < 3:
-            assert asyncio.get_running_loop().time() < deadline, "runs never became active"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: value(registry, "substantial_active_runs") == 3)
         gate[0].set()
         for h in handles:
             assert await h.result(timeout=20) == "opened"
