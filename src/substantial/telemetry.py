@@ -169,7 +169,8 @@ class _State:
     otel: Any = None  # the opentelemetry.trace module, once imported
     otel_missing: bool = False
     provider: TracerProvider | None = None  # configure()'s, else the global one
-    tracer: Tracer | None = None  # set once a real SDK provider is seen
+    tracer: Tracer | None = None  # made by traced_by, the last real provider seen
+    traced_by: Any = None
 
 
 _state = _State()
@@ -267,7 +268,7 @@ def configure(
         _state.metrics_missing = False
     if tracer_provider is not _KEEP:
         _state.provider = tracer_provider
-        _state.tracer = None
+        _state.tracer = _state.traced_by = None
 
 
 # -- tracing ----------------------------------------------------------------------
@@ -290,22 +291,21 @@ def _otel() -> Any:
 def _tracer() -> Tracer | None:
     """Substantial's tracer, or None while no SDK is configured.
 
-    A real provider, once seen, stays (OpenTelemetry sets the global one only
-    once), so it is cached; until then each call asks OpenTelemetry again
-    (an environment lookup and an isinstance check), which is why it is asked
-    once per stretch and per start, and steps read :data:`_stretch_tracer`."""
-    tracer = _state.tracer
-    if tracer is not None:
-        return tracer
+    Asked once per stretch and per start (steps read :data:`_stretch_tracer`):
+    finding the provider costs an environment lookup. The tracer is kept while
+    the provider stays the same one; a provider replaced (test suites reset
+    OpenTelemetry's global between tests) gets a tracer of its own."""
     trace = _otel()
     if trace is None:
         return None
     provider = _state.provider or trace.get_tracer_provider()
+    if provider is _state.traced_by:
+        return _state.tracer
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
-    tracer = provider.get_tracer("substantial")
-    _state.tracer = tracer
-    return tracer
+    _state.tracer = provider.get_tracer("substantial")
+    _state.traced_by = provider
+    return _state.tracer
 
 
 def tracing_enabled() -> bool:

@@ -170,3 +170,38 @@ def test_an_sdk_set_as_the_global_provider_receives_the_spans() -> None:
     assert got["names"] == ["caller", "substantial.run", "substantial.step", "substantial.step"]
     assert got["one_trace"] is True
     assert got["run_parent_is_caller"] == [True]
+
+
+def test_a_global_provider_replaced_between_runs_gets_the_later_spans() -> None:
+    """Test suites reset OpenTelemetry's global provider between tests (as its
+    own test utilities do); the next run's spans go to the new provider."""
+    got = python(
+        RUN_ONE,
+        """
+        import json
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.util._once import Once
+
+        def fresh_global() -> InMemorySpanExporter:
+            trace._TRACER_PROVIDER_SET_ONCE = Once()
+            trace._TRACER_PROVIDER = None
+            exporter = InMemorySpanExporter()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            trace.set_tracer_provider(provider)
+            return exporter
+
+        first = fresh_global()
+        asyncio.run(run_one())
+        second = fresh_global()
+        asyncio.run(run_one())
+        print(json.dumps([
+            sorted(s.name.split(" ")[0] for s in e.get_finished_spans()) for e in (first, second)
+        ]))
+        """,
+    )
+    names = ["substantial.run", "substantial.start", "substantial.step", "substantial.step"]
+    assert got == [names, names]
