@@ -12,8 +12,7 @@ Metrics (one set per process, on prometheus_client's default registry unless
 
 ==========================================  =======================================
 ``substantial_runs_started_total``          {workflow}: runs a worker began to drive
-                                            (the first stretch, whose log held only
-                                            the start record)
+                                            (the run's first claim, lease token 1)
 ``substantial_runs_ended_total``            {workflow, status}: runs a worker ended
 ``substantial_steps_total``                 {workflow, outcome}: executed attempts of
                                             a save: ok, error (final), retry
@@ -369,11 +368,15 @@ def claimed() -> None:
 async def run_stretch(session: RunSession, workflow: str, aw: Awaitable[T]) -> T:
     """Worker: drive one stretch of a run (``aw``, the engine's drive) under a
     ``substantial.run`` span parented to the trace context stored at start, and
-    count it: started (first stretch) or replay, active while it lasts, ended
-    with its status if it wrote the end record, lease lost if fenced out."""
+    count it: started (the run's first claim), replay (its log holds more than
+    the start record), active while it lasts, ended with its status if it wrote
+    the end record, lease lost if fenced out."""
     m = _metrics()
     if m is not None:
-        (m.started.labels(workflow) if len(session.records) == 1 else m.replays).inc()
+        if session.token == 1:  # tokens grow by one per claim: this is the run's first
+            m.started.labels(workflow).inc()
+        if len(session.records) > 1:  # the workflow re-runs over what it recorded
+            m.replays.inc()
         m.active.inc()
     try:
         tracer = _tracer()

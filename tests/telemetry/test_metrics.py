@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from substantial import Conductor, Context, Retry, RunFailed, telemetry, workflow
 
-from ..engine.helpers import eventually
+from ..engine.helpers import eventually, worker
 from .helpers import serving
 
 FAST = Retry(max_attempts=3, backoff=timedelta(milliseconds=10))
@@ -200,3 +200,27 @@ async def test_the_exposition_names_every_metric_and_is_served_on_a_port(
         server.close()
     key = ("substantial_runs_started_total", (("workflow", "tm.two_steps"),))
     assert exposed(served)[key] == 1
+
+
+@workflow(name="tm.handed_back")
+async def handed_back(c: Context) -> str:
+    return await c.save(wait_for_gate)
+
+
+async def test_a_run_handed_back_and_claimed_again_is_started_once(
+    conductor: Conductor, registry: CollectorRegistry
+) -> None:
+    gate[:] = [asyncio.Event()]
+    conductor.register(handed_back)
+    async with worker(conductor):  # stopped with the run mid-step: handed back
+        h = await conductor.start(handed_back)
+        await eventually(lambda: value(registry, "substantial_active_runs") == 1)
+    assert value(registry, "substantial_active_runs") == 0
+    gate[0].set()
+    async with serving(conductor, registry):  # another worker takes it over
+        assert await h.result(timeout=20) == "opened"
+    assert value(registry, "substantial_claims_total") == 2
+    assert value(registry, "substantial_runs_started_total", workflow="tm.handed_back") == 1
+    assert value(registry, "substantial_replays_total") == 0  # nothing was recorded to replay
+    ended = "substantial_runs_ended_total"
+    assert value(registry, ended, workflow="tm.handed_back", status="COMPLETED") == 1
