@@ -36,10 +36,18 @@ def unavailable(what: str, exc: BaseException) -> None:
 
 
 @asynccontextmanager
-async def make_backend(kind: str, tmp_path: Path) -> AsyncIterator[Backend]:
-    """A fresh, opened backend of ``kind``; removes what it created afterwards."""
+async def make_backend(
+    kind: str, tmp_path: Path, *, url: str | None = None
+) -> AsyncIterator[Backend]:
+    """A fresh, opened backend of ``kind`` (or opened from ``url``, one of
+    :func:`url_for`'s, to share it with another process); removes what it
+    created afterwards."""
     backend: Backend
-    if kind == "memory":
+    if url is not None:
+        from substantial.backends import open_backend
+
+        backend = open_backend(url)
+    elif kind == "memory":
         from substantial.backends.memory import MemoryBackend
 
         backend = MemoryBackend()

@@ -26,6 +26,7 @@ from .backends import (
     Backend,
     Claim,
     JoinsTransactions,
+    Migrates,
     NewRun,
     RunQuery,
     RunRecord,
@@ -101,6 +102,12 @@ class Journal:
 
     async def close(self) -> None:
         await self.backend.close()
+
+    async def migrate(self) -> int | None:
+        """Apply the store's schema migrations; its schema version (None: it has none)."""
+        if isinstance(self.backend, Migrates):
+            return await self.backend.migrate()
+        return None
 
     def hints(self) -> AsyncIterator[str]:
         """The store's change hints; the first, ``""``, once the subscription is live."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -47,6 +48,12 @@ class RunSession:
         self._changed = asyncio.Event()
         self._dirty = True  # the inbox may hold items: pull before acting
         self._shown = RunStatus.RUNNING  # the status the store shows (a claim sets RUNNING)
+        # Events moved from the inbox but not yet in the store: the last ``_staged``
+        # of ``records``. Their positions are fixed already; they are written with
+        # the next append (with ``inbox_pos = _staged_inbox``), so taking an event
+        # in costs no round trip of its own (see ``pull``).
+        self._staged = 0
+        self._staged_inbox: int | None = None
 
     @classmethod
     def loaded(cls, journal: Journal, claim: Claim, snap: Snapshot, lease: float) -> RunSession:
@@ -82,16 +89,22 @@ class RunSession:
     async def append(
         self, recs: Sequence[R.Record], update: RunUpdate | None = None, what: str = "record"
     ) -> int:
-        """Append records; returns the log position of the first. Fenced."""
+        """Append records (after any staged events); returns the log position of
+        the first of ``recs``. Fenced."""
         if self.lost is not None:
             raise self.lost
-        encoded = [self.journal.encode(r, what) for r in recs]
-        pos = len(self.records)
+        staged = self.records[len(self.records) - self._staged :] if self._staged else []
+        encoded = [self.journal.encode(r, "event") for r in staged]
+        encoded += [self.journal.encode(r, what) for r in recs]
+        if self._staged_inbox is not None:
+            moved = RunUpdate(inbox_pos=self._staged_inbox)
+            update = moved if update is None else replace(update, inbox_pos=self._staged_inbox)
+        first = len(self.records)
         try:
             await self.journal.backend.append(
                 self.run_id,
                 token=self.token,
-                expected_len=pos,
+                expected_len=self.durable_len,
                 records=encoded,
                 update=update,
                 now=self.journal.clock(),
@@ -100,9 +113,19 @@ class RunSession:
             self.lost = exc
             raise
         self.records.extend(recs)
+        self._staged, self._staged_inbox = 0, None
         if update is not None and update.status is not None:
             self._shown = update.status
-        return pos
+        return first
+
+    @property
+    def durable_len(self) -> int:
+        """How many of ``records`` the store holds (the rest are staged events)."""
+        return len(self.records) - self._staged
+
+    async def _write_staged(self) -> None:
+        if self._staged or self._staged_inbox is not None:
+            await self.append([], None, "event")
 
     async def write(self, recs: Sequence[R.Record], *, what: str, waiting: bool = False) -> int:
         """The engine's append of a durable call's records; returns the position of
@@ -129,6 +152,7 @@ class RunSession:
         """Replace the whole log (compaction). Fenced like ``append``."""
         if self.lost is not None:
             raise self.lost
+        await self._write_staged()  # the rewrite carries no inbox position of its own
         encoded = [self.journal.encode(r, "compacted record") for r in recs]
         try:
             await self.journal.backend.rewrite_log(
@@ -144,20 +168,25 @@ class RunSession:
         self.records = list(recs)
 
     async def pull(self) -> None:
-        """Move pending inbox items into the log (their position is now fixed)."""
+        """Move pending inbox items into the log: their positions are fixed now,
+        and they are written with the next append (any write the run makes next:
+        the call that consumes them, the end, a suspension). Should the worker die
+        first, the items are still in the inbox and land at the same positions."""
         self._dirty = False
         self._changed.clear()
-        snap = await self.journal.backend.read(self.run_id, log_from=len(self.records))
+        snap = await self.journal.backend.read(self.run_id, log_from=self.durable_len)
         if snap is None:
             raise RunNotFound(self.run_id)
         self.run = snap.run
         if snap.log or snap.run.lease_token != self.token:
             self.lost = LeaseLost(self.run_id)
             raise self.lost
-        if not snap.inbox:
+        seen = self._staged_inbox
+        items = [i for i in snap.inbox if seen is None or i.id > seen]
+        if not items:
             return
         events = []
-        for item in snap.inbox:
+        for item in items:
             try:
                 body = orjson.loads(item.data)
                 events.append(
@@ -165,7 +194,9 @@ class RunSession:
                 )
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 log.warning("run %s: dropping undecodable inbox item %d", self.run_id, item.id)
-        await self.append(events, RunUpdate(inbox_pos=snap.inbox[-1].id), "event")
+        self.records.extend(events)
+        self._staged += len(events)
+        self._staged_inbox = items[-1].id
 
     async def pull_if_needed(self) -> None:
         if self._dirty:
@@ -226,7 +257,7 @@ class RunSession:
         the ``pending`` records (log lines) written in the same step."""
         if self.lost is not None:
             return
-        if pending:
+        if pending or self._staged or self._staged_inbox is not None:
             update = RunUpdate(status=RunStatus.SUSPENDED, release=True, due_at=due)
             await self.append(pending, update, "log record")
             self.released = True

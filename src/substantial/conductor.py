@@ -223,6 +223,12 @@ class Conductor:
                 await self.journal.close()
             self._opened = False
 
+    async def migrate(self) -> int | None:
+        """Apply the store's schema migrations (opening it does too); returns its
+        schema version, or None for a store without one (memory, files, Redis)."""
+        await self._ensure_open()
+        return await self.journal.migrate()
+
     def _wake_waiters(self, run_id: str) -> None:
         targets = self._waiters.values() if not run_id else [self._waiters.get(run_id, set())]
         for events in targets:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import Backend, NewRun, RunQuery, RunRecord, RunUpdate
+from substantial.backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate
 from substantial.errors import LeaseLost, RunFinished, RunNotFound
 
 T0 = 1_700_000_000.0
@@ -35,7 +35,9 @@ def new_run(
     )
 
 
-async def claim_one(b: Backend, *, now: float = T0, owner: str = "w1", lease: float = 10.0):
+async def claim_one(
+    b: Backend, *, now: float = T0, owner: str = "w1", lease: float = 10.0
+) -> Claim | None:
     claims = await b.claim_due(
         queue="default", workflows=WF, limit=1, owner=owner, lease_seconds=lease, now=now
     )

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import orjson
@@ -24,6 +25,11 @@ def bump(key: str) -> int:
     return calls[key]
 
 
+def _bump_then(key: str, value: int) -> int:
+    bump(key)
+    return value
+
+
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     calls.clear()
@@ -33,7 +39,7 @@ def _reset() -> None:
 async def steps(c: Context, n: int = 3) -> list[int]:
     out = []
     for i in range(n):
-        out.append(await c.save(lambda i=i: (bump(f"step{i}"), i * 10)[1]))
+        out.append(await c.save(partial(_bump_then, f"step{i}", i * 10)))
         await c.sleep(0.01)
     return out
 
@@ -122,7 +128,7 @@ async def test_now_random_uuid_are_identical_on_replay(conductor: Conductor) -> 
         h = await conductor.start(recorded_values)
         t, r, u, again = await h.result(timeout=10)
     assert again == [t, r, u]
-    assert abs(datetime.fromisoformat(t) - datetime.now(UTC)) < timedelta(seconds=30)
+    assert abs(datetime.fromisoformat(str(t)) - datetime.now(UTC)) < timedelta(seconds=30)
 
 
 @workflow()

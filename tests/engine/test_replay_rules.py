@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from substantial import Conductor, Context, RunFailed, RunReverted, workflow
+from substantial import Conductor, Context, Retry, RunFailed, RunReverted, workflow
 from substantial._journal import decode_record
 
 from .helpers import eventually, worker
@@ -98,9 +98,7 @@ def _boom() -> None:
     raise RuntimeError("b failed")
 
 
-def _one_try():  # type: ignore[no-untyped-def]
-    from substantial import Retry
-
+def _one_try() -> Retry:
     return Retry(max_attempts=1)
 
 

@@ -157,7 +157,7 @@ async def test_a_client_in_another_process(kind: str, tmp_path: Path) -> None:
     """Redis and PostgreSQL signal other processes (polling is off here, so the
     hint alone must wake the worker); SQLite and files poll, their only channel."""
     url, _ = url_for(kind, tmp_path)
-    async with make_backend_from_url(kind, url, tmp_path) as backend:
+    async with make_backend(kind, tmp_path, url=url) as backend:
         served = Conductor(NoPoll(backend) if kind in SERVERS else backend)
         served.register(hello)
         async with worker(served):
@@ -172,27 +172,6 @@ async def test_a_client_in_another_process(kind: str, tmp_path: Path) -> None:
             h = served.handle(done.stdout.strip())
             assert await h.result(timeout=20) == "hello process"
         await served.close()
-
-
-def make_backend_from_url(kind: str, url: str, tmp_path: Path) -> Any:
-    """The same store the subprocess opens by URL, opened and cleaned up here."""
-    from contextlib import asynccontextmanager
-
-    from substantial.backends import open_backend
-
-    @asynccontextmanager
-    async def opened() -> AsyncIterator[Backend]:
-        backend = open_backend(url)
-        await backend.open()
-        try:
-            yield backend
-        finally:
-            drop = getattr(backend, "drop_everything", None)
-            if drop is not None:
-                await drop()
-            await backend.close()
-
-    return opened()
 
 
 async def test_a_failing_hint_listener_is_logged_and_restarted(

@@ -278,3 +278,12 @@ class JoinsTransactions(Protocol):
     async def create_run_in(self, new: NewRun, connection: Any) -> bool:
         """``create_run`` through ``connection`` (a driver connection of the caller's)."""
         ...
+
+
+@runtime_checkable
+class Migrates(Protocol):
+    """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""
+
+    async def migrate(self) -> int:
+        """Apply pending schema migrations (idempotent); returns the schema version."""
+        ...

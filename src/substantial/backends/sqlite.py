@@ -262,6 +262,11 @@ class SQLiteBackend:
 
     # -- lifecycle ------------------------------------------------------------
 
+    async def migrate(self) -> int:
+        """Opening applies pending upgrades; returns the schema version."""
+        await self.open()
+        return SCHEMA_VERSION
+
     async def open(self) -> None:
         if self._executor is not None:
             return

@@ -1,0 +1,206 @@
+"""``substantial worker``: what APP may name, clean stops, and ``--processes``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from substantial import Conductor, RunStatus
+
+from .app import approval, boom, double
+from .conftest import APP, Store, Workers, one_error_line, wait_until
+
+
+def status(store: Store, run_id: str) -> str:
+    [row] = json.loads(
+        store.ok("runs", "--json", "--filter", json.dumps({"run_id": {"eq": run_id}}))
+    )["runs"]
+    return str(row["status"])
+
+
+def start(store: Store, *args: str) -> str:
+    return store.ok("start", *args).strip()
+
+
+def test_a_module_serves_every_workflow_in_it(store: Store, workers: Workers) -> None:
+    worker = workers.start("tests.cli.app")
+    assert "workflows approval, boom, double" in worker.stderr()
+    run_id = start(store, "double", "--kwargs", '{"n": 7}')
+    assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 14
+
+
+def test_a_workflow_attribute_serves_that_workflow(store: Store, workers: Workers) -> None:
+    worker = workers.start("tests.cli.app:double")
+    assert "workflows double," in worker.stderr()
+    run_id = start(store, "double")
+    assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 2
+
+
+def test_a_conductor_attribute_uses_its_own_store_without_backend(
+    store: Store, workers: Workers
+) -> None:
+    workers.start(APP, backend=False)  # the app's Conductor() reads SUBSTANTIAL_BACKEND
+    run_id = start(store, "double", "--kwargs", '{"n": 2}')
+    assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 4
+
+
+def test_worker_options_reach_the_worker(store: Store, workers: Workers) -> None:
+    worker = workers.start(APP, "--queue", "slow", "--queue", "bulk", "--concurrency", "3",
+                           "--lease", "7.5")  # fmt: skip
+    assert "queues slow, bulk" in worker.stderr()
+    assert "concurrency 3, lease 7.5s" in worker.stderr()
+    served = [start(store, "double", "--queue", q) for q in ("slow", "bulk")]
+    ignored = start(store, "double")  # the default queue: this worker does not serve it
+    for run_id in served:
+        assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 2
+    assert status(store, ignored) == "PENDING"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_worker_with_exit_0(
+    store: Store, workers: Workers, sig: signal.Signals
+) -> None:
+    worker = workers.start()
+    assert worker.signal(sig) == 0
+    assert f"{sig.name} received" in worker.stderr()
+    assert "stopped" in worker.stderr()
+    assert "Traceback" not in worker.stderr()
+
+
+def test_a_stopped_worker_hands_back_its_runs(store: Store, workers: Workers) -> None:
+    """With a long lease, only a released lease lets another worker take the run at once."""
+    worker = workers.start(APP, "--lease", "120")
+    run_id = start(store, "approval")
+    wait_until(lambda: status(store, run_id) == "SUSPENDED", "the run to wait for its event")
+    assert worker.signal(signal.SIGTERM) == 0
+    assert "handing back 1 runs" in worker.stderr()
+
+    async def finish_here() -> RunStatus:
+        async with Conductor(store.url) as c:
+            c.register(double, boom, approval)
+            await c.handle(run_id).send("decision", "late")
+            await c.run_until_idle()  # claims only what is due and not leased
+            return await c.handle(run_id).status()
+
+    assert asyncio.run(finish_here()) == RunStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("app", "says"),
+    [
+        ("no_such_module", "cannot import 'no_such_module': no module named 'no_such_module'"),
+        ("tests.cli.app:nope", "module 'tests.cli.app' has no attribute 'nope'"),
+        ("tests.cli.app:Any", "expected a Conductor or a @workflow"),
+        ("substantial.errors", "defines no @workflow"),
+        ("tests.cli.app:", "APP must be 'module' or 'module:attr'"),
+        ("broken_app", "importing 'broken_app' failed: RuntimeError: no config"),
+    ],
+)
+def test_a_bad_app_is_exit_2(sqlite_store: Store, app: str, says: str) -> None:
+    Path(sqlite_store.tmp, "broken_app.py").write_text("raise RuntimeError('no config')\n")
+    proc = sqlite_store.cli("worker", app)
+    assert proc.returncode == 2
+    assert says in one_error_line(proc)
+
+
+# -- --processes -------------------------------------------------------------------------
+
+
+def live_children(pid: int) -> set[int]:
+    """Pids of the running (not zombie) children of ``pid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.crash
+def test_processes_restart_a_killed_child_and_stop_cleanly(store: Store, workers: Workers) -> None:
+    sup = workers.spawn(APP, "--processes", "2", "--lease", "2")
+    wait_until(lambda: sup.stderr().count(" started: ") == 2, "two worker processes")
+    first = live_children(sup.proc.pid)
+    assert len(first) == 2
+    waiting = [start(store, "approval") for _ in range(4)]
+    wait_until(lambda: all(status(store, r) == "SUSPENDED" for r in waiting), "runs waiting")
+
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: sup.stderr().count(" started: ") == 3, "the replacement process")
+    second = live_children(sup.proc.pid)
+    assert len(second) == 2 and victim not in second and len(second & first) == 1
+    assert f"(pid {victim}) exited with SIGKILL; starting it again" in sup.stderr()
+
+    for run_id in waiting:
+        store.ok("send", run_id, "decision", json.dumps(run_id))
+    more = [start(store, "double", "--kwargs", json.dumps({"n": n})) for n in range(4)]
+    for run_id in waiting:
+        assert json.loads(store.ok("result", run_id, "--timeout", "60")) == {"decision": run_id}
+    assert [json.loads(store.ok("result", r, "--timeout", "60")) for r in more] == [0, 2, 4, 6]
+    listed = json.loads(store.ok("runs", "--json"))["runs"]
+    assert sorted(r["run_id"] for r in listed) == sorted(waiting + more)
+    assert {r["status"] for r in listed} == {"COMPLETED"}
+
+    assert sup.signal(signal.SIGTERM) == 0
+    assert not any(alive(pid) for pid in second)
+    assert "all worker processes stopped" in sup.stderr()
+    assert "Traceback" not in sup.stderr()
+
+
+def test_a_worker_waits_out_an_unreachable_store_and_stops_with_0(
+    sqlite_store: Store,
+) -> None:
+    url = "postgresql://u:pw-42x@127.0.0.1:1/db"
+    ws = Workers(Store(kind="postgres", url=url, tmp=sqlite_store.tmp))
+    worker = ws.spawn(APP)
+    wait_until(lambda: "unreachable" in worker.stderr(), "the outage to be logged")
+    assert worker.proc.poll() is None  # a worker rides out an outage; it does not exit
+    assert worker.signal(signal.SIGTERM) == 0
+    assert "pw-42x" not in worker.stderr()
+
+
+@pytest.mark.crash
+def test_a_child_that_cannot_start_stops_the_supervisor_with_2(
+    sqlite_store: Store,
+) -> None:
+    """As gunicorn halts on a worker that fails to boot: a broken deploy is not
+    restarted forever; the healthy children are stopped and the supervisor exits 2."""
+    Path(sqlite_store.tmp, "deployed_app.py").write_text(
+        "import os\n"
+        "from tests.cli.app import approval, boom, double\n"
+        "if os.path.exists('broken-deploy'):\n"
+        "    raise RuntimeError('broken deploy')\n"
+    )
+    ws = Workers(sqlite_store)
+    sup = ws.spawn("deployed_app", "--processes", "2")
+    try:
+        wait_until(lambda: sup.stderr().count(" started: ") == 2, "two worker processes")
+        first = live_children(sup.proc.pid)
+        Path(sqlite_store.tmp, "broken-deploy").touch()
+        os.kill(min(first), signal.SIGKILL)
+        assert sup.proc.wait(timeout=60) == 2
+    finally:
+        ws.stop_all()
+    last = sup.stderr().splitlines()[-1]
+    assert last.startswith("error: worker process") and "could not start (exit 2)" in last
+    assert "importing 'deployed_app' failed: RuntimeError: broken deploy" in sup.stderr()
+    assert not any(alive(pid) for pid in first)
