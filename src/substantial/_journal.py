@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import _records as R
+from . import telemetry
 from ._records import decode_record
 from ._session import RunSession
 from ._types import LogRecord, RunSummary
@@ -137,6 +138,7 @@ class Journal:
         start: R.Record = {"k": R.START, "wf": workflow, "kw": kwargs, "t": now}
         if origin is not None:
             start["origin"] = origin
+        telemetry.inject_context(start, run_id)  # the caller's trace, so the run's spans join it
         first = self.encode(start, f"start({workflow!r}) kwargs")
         new = NewRun(
             run_id=run_id,

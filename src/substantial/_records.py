@@ -9,7 +9,7 @@ final one.
 =========  ==========================================================
 k          fields
 =========  ==========================================================
-start      wf, kw (kwargs), t (epoch seconds)
+start      wf, kw (kwargs), t (epoch seconds); origin, traceparent, tracestate if any
 event      name, v (payload), id (inbox id)
 call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed out)
 try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _records as R
+from . import telemetry
 from ._threads import run_in_thread
 from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
 from ._waits import Waits
@@ -106,6 +107,7 @@ class Steps(Waits):
             attempt += 1
             final = await self._attempt(run, f, attempt)
             if final is not None:
+                telemetry.step_ended(self._session.run.workflow, final)
                 await self._write(final, what=run.what)
                 return final
 
@@ -115,7 +117,9 @@ class Steps(Waits):
         await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
         limit = self._session.journal.max_payload
         try:
-            value = to_json(await _invoke(f, run.limit), what=run.what, limit=limit)
+            wf = self._session.run.workflow
+            out = await telemetry.step(_invoke(f, run.limit), self.run_id, wf, f, run.at, n)
+            value = to_json(out, what=run.what, limit=limit)
             return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **run.keyed)
         except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
             err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
@@ -125,6 +129,7 @@ class Steps(Waits):
             if n >= run.policy.max_attempts or isinstance(exc, run.policy.non_retryable):
                 return self._rec(R.CALL, run.seq, run.p, run.at, err={**err, "n": n}, **run.keyed)
         retry_at = self._clock() + run.policy.delay_after(n)
+        telemetry.step_retried(self._session.run.workflow)
         attempt = self._rec(
             R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **run.keyed
         )

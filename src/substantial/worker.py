@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import telemetry
 from ._journal import Journal, RunSession
 from ._runner import drive
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
@@ -180,6 +181,7 @@ class Worker:
         task = asyncio.create_task(self._drive(claim), name=f"substantial-run-{claim.run_id}")
         self._active[claim.run_id] = (None, task)
         self._tokens[claim.run_id] = claim.token
+        telemetry.claimed()
 
     async def _drive(self, claim: Claim) -> None:
         session: RunSession | None = None
@@ -194,7 +196,9 @@ class Worker:
                 self._early.discard(claim.run_id)
                 session.notify()
             wf = self.workflows[session.run.workflow]
-            due = await drive(session, wf, hot_wait=self.options.hot_wait)
+            due = await telemetry.run_stretch(
+                session, wf.name, drive(session, wf, hot_wait=self.options.hot_wait)
+            )
             if due is not None:
                 heapq.heappush(self._timers, due)
         except asyncio.CancelledError:
