@@ -204,3 +204,22 @@ def test_a_child_that_cannot_start_stops_the_supervisor_with_2(
     assert last.startswith("error: worker process") and "could not start (exit 2)" in last
     assert "importing 'deployed_app' failed: RuntimeError: broken deploy" in sup.stderr()
     assert not any(alive(pid) for pid in first)
+
+
+def test_metrics_port_serves_the_workers_counters(store: Store, workers: Workers) -> None:
+    from urllib.request import urlopen
+
+    from ..integration.servers import free_port
+
+    port = free_port()
+    worker = workers.start(APP, "--metrics-port", str(port))
+    run_id = start(store, "double", "--kwargs", '{"n": 4}')
+    assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 8
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.stderr()
+
+    def scraped() -> str:
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    wanted = 'substantial_runs_ended_total{status="COMPLETED",workflow="double"} 1.0'
+    wait_until(lambda: wanted in scraped(), "the ended run to be counted")

@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._common import USAGE, CliFailure
@@ -37,8 +38,10 @@ def worker_argv(
     concurrency: int,
     lease: float | None,
     log_level: str,
+    metrics_port: int | None = None,
 ) -> list[str]:
-    """The command line of one child: a single-process worker with the same options."""
+    """The command line of one child: a single-process worker with the same options
+    (and its own metrics port: each process has its own counters)."""
     argv = [sys.executable, "-m", "substantial"]
     if backend is not None:
         argv += ["--backend", backend]
@@ -47,6 +50,8 @@ def worker_argv(
         argv += ["--queue", q]
     if lease is not None:
         argv += ["--lease", repr(lease)]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
     return argv
 
 
@@ -59,7 +64,9 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], processes: int) -> None:
+    """Runs ``processes`` children; ``argv(slot)`` is the command line of slot's child."""
+
+    def __init__(self, argv: Callable[[int], list[str]], processes: int) -> None:
         self.argv = argv
         self.processes = processes
         self._children: dict[int, _Child] = {}
@@ -94,7 +101,7 @@ class Supervisor:
     async def _spawn(self, slot: int) -> None:
         # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
         # then stops every child itself (no child exits first and gets restarted).
-        proc = await asyncio.create_subprocess_exec(*self.argv, process_group=0)
+        proc = await asyncio.create_subprocess_exec(*self.argv(slot), process_group=0)
         exited = asyncio.create_task(proc.wait(), name=f"substantial-child-{slot}")
         self._children[slot] = _Child(slot, proc, time.monotonic(), exited)
         log.info("worker process %d started (pid %d)", slot, proc.pid)

@@ -55,6 +55,16 @@ def worker(
         int, typer.Option("--processes", metavar="N", min=1, help="Worker processes to supervise.")
     ] = 1,
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL")] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            metavar="P",
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on 127.0.0.1:P (with --processes N: P .. P+N-1).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the workflows of APP until SIGTERM or SIGINT (then exit 0)."""
     level = logging.getLevelName(log_level.upper())
@@ -65,13 +75,33 @@ def worker(
     conductor = load_app(app_spec, backend)  # in the supervisor too: fail fast, exit 2
     queues = tuple(queue or ["default"])
     if processes > 1:
-        argv = worker_argv(
-            app_spec, backend=backend, queues=queues, concurrency=concurrency, lease=lease,
-            log_level=log_level,
-        )  # fmt: skip
+
+        def argv(slot: int) -> list[str]:
+            port = None if metrics_port is None else metrics_port + slot
+            return worker_argv(
+                app_spec, backend=backend, queues=queues, concurrency=concurrency, lease=lease,
+                log_level=log_level, metrics_port=port,
+            )  # fmt: skip
+
         asyncio.run(Supervisor(argv, processes).run())
         return
+    if metrics_port is not None:
+        serve_metrics_or_fail(metrics_port)
     asyncio.run(serve(conductor, queues=queues, concurrency=concurrency, lease=lease))
+
+
+def serve_metrics_or_fail(port: int) -> None:
+    """Metrics for this process on 127.0.0.1:port, or one clear line (exit 2)."""
+    from .. import telemetry
+    from ..errors import ConfigurationError
+
+    try:
+        server = telemetry.serve_metrics(port)
+    except ConfigurationError as exc:  # prometheus-client is not installed
+        raise usage(str(exc)) from None
+    except OSError as exc:
+        raise usage(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from None
+    log.info("metrics on http://127.0.0.1:%d/metrics", server.port)
 
 
 async def serve(
