@@ -55,8 +55,10 @@ _KIND_OF: Final = {"start_child": "child", "continue_using": "continue", "compen
 class HistoryEntry:
     """One line of the timeline (see the module docstring for each kind).
 
-    ``error`` is the last error's message; ``error_type`` and ``traceback``
-    (the end of a failed run) are there for display."""
+    ``error`` is the last error's message (for a save that succeeded on a
+    retry, the last failed attempt's); ``failed`` says whether the call ended
+    in it. ``error_type``, ``failed`` and ``traceback`` (the end of a failed
+    run) are for display: the JSON shape keeps to the contract's keys."""
 
     seq: int | None
     kind: str
@@ -68,6 +70,7 @@ class HistoryEntry:
     error: str | None = None
     value: Any = None
     error_type: str | None = None
+    failed: bool = False
     traceback: str | None = None
 
 
@@ -157,6 +160,7 @@ def _save(base: dict[str, Any], recs: list[R.Record], final: R.Record | None) ->
         attempts=len(attempts),
         error=None if err is None else str(err.get("msg")),
         error_type=None if err is None else err.get("type"),
+        failed=final is not None and "err" in final,
         value=final.get("v") if final is not None and "err" not in final else None,
     )
 
@@ -190,6 +194,7 @@ def _wait(
         duration_ms=_ms(t0, end),
         error="timed out" if timed_out else None,
         error_type="TimeoutError" if timed_out else None,
+        failed=timed_out,
         value=value,
     )
 
@@ -217,6 +222,7 @@ def _other(rec: R.Record, taken_by: R.Record | None) -> HistoryEntry:
             name=rec.get("status"),
             error=None if err.get("msg") is None else str(err.get("msg")),
             error_type=err.get("type"),
+            failed=True,
             traceback=tb,
             value={"error_type": err.get("type"), "traceback": tb},
         )

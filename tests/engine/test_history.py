@@ -145,9 +145,14 @@ async def test_a_replay_does_not_change_recorded_timings(conductor: Conductor) -
     assert after[0] == before[0]
 
 
+def first_step() -> int:
+    calls.append("first")
+    return 1
+
+
 @workflow()
 async def upgraded(c: Context) -> int:
-    a = await c.save(lambda: calls.append("a") or 1)
+    a = await c.save(first_step)
     await c.sleep(0.01)
     b = await c.save(fetch_price, name="renamed since")
     return int(a + b)

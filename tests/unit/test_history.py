@@ -82,7 +82,7 @@ def test_a_retried_save_counts_its_attempts_and_keeps_the_last_error() -> None:
     [save] = timeline(records, run="r")
     assert save.attempts == 3
     assert (save.error, save.error_type) == ("second", "OSError")
-    assert save.value == "done"
+    assert save.value == "done" and not save.failed  # it succeeded in the end
     assert save.started_at == when(T)
     assert save.duration_ms == 3000.0  # first start to the end of the last attempt
 
@@ -97,6 +97,7 @@ def test_a_save_that_gave_up_has_no_value_and_its_final_error() -> None:
     assert (save.attempts, save.error, save.error_type, save.value) == (
         1, "declined", "ValueError", None,
     )  # fmt: skip
+    assert save.failed
 
 
 def test_a_sleep_shows_its_due_time_and_planned_duration() -> None:
