@@ -15,12 +15,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import RunStatus
+from .._composition import child_event
 from .._history import History, HistoryEntry
 from .._shapes import history_doc, summary_doc
 from ..conductor import Conductor
 from ._common import console, cut, emit_json, wants_json, with_conductor
 
 BAR = 12  # the widest duration bar, in characters
+CHILD_EVENT = child_event("")  # the prefix of the event carrying a child's outcome
 
 
 def register(app: typer.Typer) -> None:
@@ -91,9 +93,9 @@ def _table(entries: list[HistoryEntry]) -> Table:
     for e in entries:
         style = "red" if e.failed else ""
         cells = (
-            "" if e.seq is None else str(e.seq),
+            "" if e.seq is None or e.kind == "event" else str(e.seq),  # (its receive's)
             e.kind,
-            e.name or "",
+            _name(e.name),
             e.at or "",
             ""
             if e.started_at is None
@@ -105,6 +107,15 @@ def _table(entries: list[HistoryEntry]) -> Table:
         )
         table.add_row(*(Text(c) for c in cells), style=style)
     return table
+
+
+def _name(name: str | None) -> str:
+    """Names as written, but a child's outcome (an internal event) reads as such."""
+    if name is None:
+        return ""
+    if name.startswith(CHILD_EVENT):
+        return f"child {name[len(CHILD_EVENT) :]}"
+    return name
 
 
 def _detail(e: HistoryEntry) -> str:
