@@ -42,7 +42,7 @@ from . import _records as R
 from ._types import RunSummary
 from .errors import ClientError
 
-__all__ = ["KINDS", "History", "HistoryEntry", "page", "timeline"]
+__all__ = ["KINDS", "History", "HistoryEntry", "history_page", "page", "timeline"]
 
 KINDS: Final = frozenset(
     {"save", "sleep", "receive", "ensure", "now", "random", "uuid4", "log", "child"}
@@ -96,28 +96,56 @@ def _ms(t0: Any, t1: Any) -> float | None:
 
 def timeline(records: Sequence[R.Record], *, run: str) -> list[HistoryEntry]:
     """The entries of run ``run``'s log ``records`` (decoded, in log order)."""
-    calls: dict[int, list[R.Record]] = {}
-    order: list[tuple[int | None, int]] = []  # (seq of a call | None, position)
-    consumer: dict[int, R.Record] = {}  # event position -> the receive that took it
-    for pos, rec in enumerate(records):
-        k = rec.get("k")
-        seq = rec.get("s")
-        if k in (R.CALL, R.TRY, R.ARM, R.LOG) and isinstance(seq, int):
-            if seq not in calls:
-                calls[seq] = []
-                order.append((seq, pos))
-            calls[seq].append(rec)
-            if k == R.CALL and isinstance(rec.get("ev"), int):
-                consumer[rec["ev"]] = rec
-        elif k in (R.EVENT, R.MARK, R.END):
-            order.append((None, pos))
-    out = []
-    for seq, pos in order:
-        if seq is not None:
-            out.append(_call(seq, calls[seq], records))
-        else:
-            out.append(_other(records[pos], consumer.get(pos)))
-    return out
+    return _Index(records).entries(0, None)
+
+
+def history_page(
+    records: Sequence[R.Record], *, run: str, limit: int | None, cursor: str | None
+) -> tuple[list[HistoryEntry], str | None]:
+    """One page of ``timeline(records)`` (see :func:`page`), building only the
+    entries on it: a page of a 10,000-record log costs an index, not 10,000
+    entries."""
+    index = _Index(records)
+    start, end, next_cursor = _bounds(index.size, limit, cursor)
+    return index.entries(start, end), next_cursor
+
+
+class _Index:
+    """Where each entry of a log starts, and what it needs to be built."""
+
+    def __init__(self, records: Sequence[R.Record]) -> None:
+        self.records = records
+        self.calls: dict[int, list[R.Record]] = {}
+        self.order: list[tuple[int | None, int]] = []  # (seq of a call | None, position)
+        self.consumer: dict[int, R.Record] = {}  # event position -> the receive that took it
+        for pos, rec in enumerate(records):
+            k = rec.get("k")
+            seq = rec.get("s")
+            if k in _CALL_KINDS and isinstance(seq, int):
+                recs = self.calls.get(seq)
+                if recs is None:
+                    self.calls[seq] = [rec]
+                    self.order.append((seq, pos))
+                else:
+                    recs.append(rec)
+                if k == R.CALL and isinstance(rec.get("ev"), int):
+                    self.consumer[rec["ev"]] = rec
+            elif k in _OTHER_KINDS:
+                self.order.append((None, pos))
+        self.size = len(self.order)
+
+    def entries(self, start: int, end: int | None) -> list[HistoryEntry]:
+        out = []
+        for seq, pos in self.order[start:end]:
+            if seq is not None:
+                out.append(_call(seq, self.calls[seq], self.records))
+            else:
+                out.append(_other(self.records[pos], self.consumer.get(pos)))
+        return out
+
+
+_CALL_KINDS: Final = frozenset({R.CALL, R.TRY, R.ARM, R.LOG})
+_OTHER_KINDS: Final = frozenset({R.EVENT, R.MARK, R.END})
 
 
 def _call(seq: int, recs: list[R.Record], records: Sequence[R.Record]) -> HistoryEntry:
@@ -234,6 +262,11 @@ def page(
 ) -> tuple[list[HistoryEntry], str | None]:
     """Entries from ``cursor`` (opaque: the position after the previous page), at
     most ``limit``; and the cursor of the next page (None: this is the last)."""
+    start, end, next_cursor = _bounds(len(entries), limit, cursor)
+    return entries[start:end], next_cursor
+
+
+def _bounds(size: int, limit: int | None, cursor: str | None) -> tuple[int, int, str | None]:
     if limit is not None and limit < 1:
         raise ClientError(f"limit must be at least 1, got {limit}")
     start = 0
@@ -241,5 +274,5 @@ def page(
         if not cursor.startswith("h") or not cursor[1:].isdigit():
             raise ClientError(f"{cursor!r} is not a history cursor")
         start = int(cursor[1:])
-    end = len(entries) if limit is None else min(len(entries), start + limit)
-    return entries[start:end], (f"h{end}" if end < len(entries) else None)
+    end = size if limit is None else min(size, start + limit)
+    return start, end, (f"h{end}" if end < size else None)

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
-from ._history import History, page, timeline
+from ._history import History, history_page
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -461,7 +461,7 @@ class Conductor:
         This run only, not the runs it continued into. Raises RunNotFound."""
         await self._ensure_open()
         run, records = await self.journal.read_log(run_id)
-        entries, next_cursor = page(timeline(records, run=run_id), limit=limit, cursor=cursor)
+        entries, next_cursor = history_page(records, run=run_id, limit=limit, cursor=cursor)
         return History(
             run_id=run_id, entries=entries, next_cursor=next_cursor, summary=summarize(run)
         )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from substantial import ClientError
-from substantial._history import KINDS, History, HistoryEntry, page, timeline
+from substantial._history import KINDS, History, HistoryEntry, history_page, page, timeline
 from substantial._shapes import entry_doc, history_doc
 
 T = 1_700_000_000.0
@@ -214,6 +214,25 @@ def test_pages_cover_every_entry_once_in_order() -> None:
             break
     assert seen == list(range(25))
     assert page(entries, limit=None, cursor=None) == (entries, None)
+
+
+@pytest.mark.parametrize(("limit", "cursor"), [(None, None), (7, None), (7, "h7"), (7, "h21"),
+                                              (100, "h3"), (3, "h99")])  # fmt: skip
+def test_a_page_built_from_records_is_the_same_page_of_the_whole_timeline(
+    limit: int | None, cursor: str | None
+) -> None:
+    records = [start()]
+    for i in range(12):
+        records.append({"k": "arm", "s": i, "p": "receive", "at": "a.py:1", "name": "e", "t0": T})
+        records.append({"k": "event", "name": "e", "v": i, "id": i + 1, "t": T})
+        records.append({"k": "call", "s": i, "p": "receive", "at": "a.py:1", "name": "e",
+                        "t0": T + 1, "ev": len(records) - 1})  # fmt: skip
+    records.append({"k": "end", "status": "COMPLETED", "v": None})
+    whole = timeline(records, run="r")
+    assert len(whole) == 25
+    assert history_page(records, run="r", limit=limit, cursor=cursor) == page(
+        whole, limit=limit, cursor=cursor
+    )
 
 
 @pytest.mark.parametrize("cursor", ["", "x12", "h", "h-1", "12"])
