@@ -37,7 +37,10 @@ def test_show_json_is_the_history_document_with_the_summary(store: Store, worker
     assert all(set(e) == ENTRY_KEYS for e in entries)
     kinds = [e["kind"] for e in entries]
     assert kinds[:6] == ["save", "save", "log", "sleep", "child", "receive"]
-    assert kinds[-1] == "end" and kinds.count("event") == 2  # "ship", the child's outcome
+    assert kinds[-1] == "end"
+    # "ship", and the child's outcome (once, or twice if the parent re-sent its notice)
+    events = [e["name"] for e in entries if e["kind"] == "event"]
+    assert events.count("ship") == 1 and len(events) in (2, 3)
     fetch, charge = entries[0], entries[1]
     assert (fetch["name"], fetch["value"], fetch["attempts"]) == ("fetch_price", 7, 1)
     assert (charge["name"], charge["attempts"], charge["error"]) == (
