@@ -8,6 +8,7 @@ for what a workflow may do (and the determinism rules).
 from __future__ import annotations
 
 from ._context import ChildHandle, Context
+from ._history import History, HistoryEntry
 from ._types import LogRecord, Retry, RunStatus, RunSummary
 from .conductor import Conductor, RunHandle
 from .errors import (
@@ -38,6 +39,8 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "FilterError",
+    "History",
+    "HistoryEntry",
     "LogRecord",
     "NonDeterminismError",
     "PayloadTooLarge",

@@ -112,10 +112,14 @@ class CallCore:
     def _rec(
         self, k: str, seq: int, p: str, at: str, name: str | None = None, **fields: Any
     ) -> R.Record:
+        """A durable call's record; every one but a log line (which has ``t``) carries
+        ``t0``, when it was made (a save passes the start of its effect)."""
         rec: R.Record = {"k": k, "s": seq, "p": p, "at": at}
         if name is not None:
             rec["name"] = name
         rec.update(fields)
+        if k != R.LOG and "t0" not in rec:
+            rec["t0"] = self._clock()
         return rec
 
     async def _sync(self) -> None:

@@ -19,7 +19,7 @@ from . import _records as R
 from ._calls import one_at_a_time
 from ._compaction import compact as compact_log
 from ._interrupts import StopRun
-from ._steps import Steps
+from ._steps import Steps, step_name
 from ._types import RunStatus
 from .codec import to_json
 from .errors import RunCancelled, RunFailed, RunReverted
@@ -104,7 +104,7 @@ class Composition(Steps):
 
     async def _revert(self) -> None:
         for _, comp in reversed(self._compensations):
-            await self._save("compensate", comp, None, None, None, None)
+            await self._save("compensate", comp, None, None, None, None, name=step_name(comp))
         self._compensations.clear()
         raise StopRun(RunStatus.REVERTED)
 

@@ -90,6 +90,7 @@ class Context(Composition):
         retry: Retry | None = None,
         timeout: Seconds | None = None,
         key: str | None = None,
+        name: str | None = None,
         type: None = None,
     ) -> T: ...
 
@@ -102,6 +103,7 @@ class Context(Composition):
         retry: Retry | None = None,
         timeout: Seconds | None = None,
         key: str | None = None,
+        name: str | None = None,
         type: None = None,
     ) -> T: ...
 
@@ -114,6 +116,7 @@ class Context(Composition):
         retry: Retry | None = None,
         timeout: Seconds | None = None,
         key: str | None = None,
+        name: str | None = None,
         type: builtins.type[M],
     ) -> M: ...
 
@@ -125,6 +128,7 @@ class Context(Composition):
         retry: Retry | None = None,
         timeout: Seconds | None = None,
         key: str | None = None,
+        name: str | None = None,
         type: Any = None,
     ) -> Any:
         """Run ``f`` (sync or async, no arguments) once and persist its JSON result;
@@ -136,9 +140,11 @@ class Context(Composition):
         A failed attempt is retried per ``retry`` (a durable backoff); the last
         failure raises :class:`~substantial.SaveFailed`. ``compensate_with`` is
         what :meth:`revert` runs if the save succeeded. ``timeout`` bounds one
-        attempt. ``key`` names the value for :meth:`compact`."""
+        attempt. ``key`` names the value for :meth:`compact`. ``name`` is how the
+        run's history shows the step (default: ``f``'s qualified name, a lambda
+        by its code location); it is display only, not checked on replay."""
         with self._sole_call("save"):
-            return await self._save("save", f, compensate_with, retry, timeout, type, key)
+            return await self._save("save", f, compensate_with, retry, timeout, type, key, name)
 
     @one_at_a_time
     async def now(self) -> datetime:

@@ -224,6 +224,14 @@ class Journal:
                 )
         return out
 
+    async def read_log(self, run_id: str) -> tuple[RunRecord, list[R.Record]]:
+        """The run and its whole decoded log, in one store read (the history pages
+        it in memory for now; a paged store read can come later)."""
+        snap = await self.backend.read(run_id)
+        if snap is None:
+            raise RunNotFound(run_id)
+        return snap.run, [decode_record(run_id, i, data) for i, data in enumerate(snap.log)]
+
     async def open_session(self, claim: Claim, lease: float) -> RunSession | None:
         snap = await self.backend.read(claim.run_id)
         if snap is None:

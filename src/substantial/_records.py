@@ -6,14 +6,21 @@ that made it (checked on replay), plus ``at``, the code location. A call may
 leave intermediate records (a failed attempt, an armed timeout) before its
 final one.
 
+Fields for the history only (never checked on replay, absent from older logs,
+which replay and display without them): ``t0`` (epoch seconds) when the call
+was made, for a save when its attempt's effect started; ``ms`` how long a
+save's effect took; ``step`` a save's display name; an event's ``t``, when the
+run took it in.
+
 =========  ==========================================================
 k          fields
 =========  ==========================================================
 start      wf, kw (kwargs), t (epoch seconds); origin, traceparent, tracestate if any
-event      name, v (payload), id (inbox id)
-call       s, p, at, and the outcome: v (value) | err {type,msg,n} | to (timed out)
-try        s, p, at, n (attempt), err {type,msg}, retry (epoch seconds)   [save]
-arm        s, p, at, due (epoch seconds, or None)    [sleep; receive, ensure that wait]
+event      name, v (payload), id (inbox id), t
+call       s, p, at, t0, and the outcome: v (value) | err {type,msg,n} | to (timed out)
+           | ev (receive: the event's log position); save: step, ms
+try        s, p, at, t0, n (attempt), err {type,msg}, retry (epoch seconds); step, ms [save]
+arm        s, p, at, t0, due (epoch seconds, or None)  [sleep; receive, ensure that wait]
 log        s, p, at, level, msg, fields, t
 mark       p ("compact"), next (sequence id reached), n (compactions), from (first keyed)
 end        status, v | err {type, msg, tb (the workflow code's traceback)}

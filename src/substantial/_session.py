@@ -186,11 +186,13 @@ class RunSession:
         if not items:
             return
         events = []
+        now = self.journal.clock()  # when the run took them in (the history shows it)
         for item in items:
             try:
                 body = orjson.loads(item.data)
+                name = str(body["name"])
                 events.append(
-                    {"k": R.EVENT, "name": str(body["name"]), "v": body.get("v"), "id": item.id}
+                    {"k": R.EVENT, "name": name, "v": body.get("v"), "id": item.id, "t": now}
                 )
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 log.warning("run %s: dropping undecodable inbox item %d", self.run_id, item.id)

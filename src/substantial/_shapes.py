@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from ._history import History, HistoryEntry
 from ._types import LogRecord, RunSummary
 
-__all__ = ["iso", "log_doc", "summary_doc"]
+__all__ = ["entry_doc", "history_doc", "iso", "log_doc", "summary_doc"]
 
 
 def iso(t: datetime | None) -> str | None:
@@ -36,3 +37,28 @@ def summary_doc(s: RunSummary) -> dict[str, Any]:
 def log_doc(line: LogRecord) -> dict[str, Any]:
     """A run's log line: ``level, message, fields, at``."""
     return {"level": line.level, "message": line.message, "fields": line.fields, "at": iso(line.at)}
+
+
+def entry_doc(e: HistoryEntry) -> dict[str, Any]:
+    """A timeline entry: ``seq, kind, name, at, started_at, duration_ms, attempts,
+    error, value`` (see ``_history`` for what each kind puts there)."""
+    return {
+        "seq": e.seq,
+        "kind": e.kind,
+        "name": e.name,
+        "at": e.at,
+        "started_at": iso(e.started_at),
+        "duration_ms": e.duration_ms,
+        "attempts": e.attempts,
+        "error": e.error,
+        "value": e.value,
+    }
+
+
+def history_doc(h: History) -> dict[str, Any]:
+    """One page of a run's timeline: ``run_id, entries, next_cursor``."""
+    return {
+        "run_id": h.run_id,
+        "entries": [entry_doc(e) for e in h.entries],
+        "next_cursor": h.next_cursor,
+    }

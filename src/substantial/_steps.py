@@ -11,8 +11,10 @@ a timer (in place if short).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,7 @@ class _Attempts:
     seq: int
     p: str
     at: str
+    name: str  # the step's display name (not checked on replay; see step_name)
     what: str
     keyed: dict[str, str]
     policy: Retry
@@ -68,6 +71,7 @@ class Steps(Waits):
         timeout: Seconds | None,
         tp: Any,
         key: str | None = None,
+        name: str | None = None,
     ) -> Any:
         step, at = self._begin(p, key=key)
         what = f"{p}() at {at} (step {step.seq})"
@@ -77,6 +81,7 @@ class Steps(Waits):
                 seq=step.seq,
                 p=p,
                 at=at,
+                name=name or step_name(f),
                 what=what,
                 keyed={} if key is None else {"key": key},
                 policy=retry or DEFAULT_RETRY,
@@ -113,25 +118,34 @@ class Steps(Waits):
 
     async def _attempt(self, run: _Attempts, f: Callable[[], Any], n: int) -> R.Record | None:
         """One call of ``f``: its final record, or None after recording a failure
-        that will be retried and waiting out its backoff."""
+        that will be retried and waiting out its backoff. Each record says when
+        the effect started (``t0``) and how long it took (``ms``)."""
         await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
         limit = self._session.journal.max_payload
+        t0 = self._clock()
+        timing: dict[str, Any] = {"step": run.name, "t0": t0}
         try:
             wf = self._session.run.workflow
-            out = await telemetry.step(_invoke(f, run.limit), self.run_id, wf, f, run.at, n)
+            out = await telemetry.step(_invoke(f, run.limit), self.run_id, wf, run.name, run.at, n)
+            timing["ms"] = _ms_since(t0, self._clock())
             value = to_json(out, what=run.what, limit=limit)
-            return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **run.keyed)
+            return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **timing, **run.keyed)
         except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
+            timing.setdefault("ms", _ms_since(t0, self._clock()))
             err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
-            return self._rec(R.CALL, run.seq, run.p, run.at, err=err, **run.keyed)
+            return self._rec(R.CALL, run.seq, run.p, run.at, err=err, **timing, **run.keyed)
         except Exception as exc:
+            timing.setdefault("ms", _ms_since(t0, self._clock()))
             err = {"type": type(exc).__name__, "msg": str(exc) or type(exc).__name__}
             if n >= run.policy.max_attempts or isinstance(exc, run.policy.non_retryable):
-                return self._rec(R.CALL, run.seq, run.p, run.at, err={**err, "n": n}, **run.keyed)
+                final_err = {**err, "n": n}
+                return self._rec(
+                    R.CALL, run.seq, run.p, run.at, err=final_err, **timing, **run.keyed
+                )
         retry_at = self._clock() + run.policy.delay_after(n)
         telemetry.step_retried(self._session.run.workflow)
         attempt = self._rec(
-            R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **run.keyed
+            R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **timing, **run.keyed
         )
         await self._write(attempt, what=run.what, waiting=True)
         await self._wait(retry_at, events=False, budget_end=self._budget())
@@ -165,6 +179,27 @@ class Steps(Waits):
         extra = {"run_id": self.run_id, "fields": fields}
         run_log.log(py_level, "[%s] %s", self.run_id, message, extra=extra)
         return Done()
+
+
+def step_name(f: Callable[[], Any]) -> str:
+    """How the timeline names a save of ``f``: its qualified name; a lambda by its
+    code location (``<lambda> at file.py:12``), as its qualified name says little.
+    Display only: stored as ``step``, never compared on replay, so renaming a
+    function (or moving a lambda) keeps old logs replaying."""
+    target: Any = f
+    while isinstance(target, functools.partial):
+        target = target.func
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return type(target).__qualname__
+    code = getattr(target, "__code__", None)
+    if qualname.endswith("<lambda>") and code is not None:
+        return f"<lambda> at {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    return qualname
+
+
+def _ms_since(t0: float, t1: float) -> float:
+    return round(max(0.0, t1 - t0) * 1000.0, 3)
 
 
 async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:

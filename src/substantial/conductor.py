@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
+from ._history import History, history_page
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -109,6 +110,10 @@ class RunHandle(Generic[R]):
             if successor is None:
                 return out
             run_id = successor
+
+    async def history(self, *, limit: int | None = None, cursor: str | None = None) -> History:
+        """This run's timeline (see :meth:`Conductor.history`)."""
+        return await self._conductor.history(self.run_id, limit=limit, cursor=cursor)
 
     async def result(self, timeout: Seconds | None = None) -> R:
         """Wait for the run to end and return its value, following continue_using.
@@ -447,6 +452,19 @@ class Conductor:
                         )
             if last_batch:
                 return RunPage(runs=found, next_cursor=None)
+
+    async def history(
+        self, run_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> History:
+        """Run ``run_id``'s timeline (see ``_history``): at most ``limit`` entries
+        from ``cursor`` (a previous page's ``next_cursor``), with the run's summary.
+        This run only, not the runs it continued into. Raises RunNotFound."""
+        await self._ensure_open()
+        run, records = await self.journal.read_log(run_id)
+        entries, next_cursor = history_page(records, run=run_id, limit=limit, cursor=cursor)
+        return History(
+            run_id=run_id, entries=entries, next_cursor=next_cursor, summary=summarize(run)
+        )
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
         """The run's record once it ended. Subscribed before each look (no lost
