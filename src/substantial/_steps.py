@@ -183,7 +183,7 @@ class Steps(Waits):
 
 def step_name(f: Callable[[], Any]) -> str:
     """How the timeline names a save of ``f``: its qualified name; a lambda by its
-    code location (``<lambda> at file.py:12``), as its qualified name says little.
+    code location (``file.py:12``), as its qualified name says little.
     Display only: stored as ``step``, never compared on replay, so renaming a
     function (or moving a lambda) keeps old logs replaying."""
     target: Any = f
@@ -194,7 +194,7 @@ def step_name(f: Callable[[], Any]) -> str:
         return type(target).__qualname__
     code = getattr(target, "__code__", None)
     if qualname.endswith("<lambda>") and code is not None:
-        return f"<lambda> at {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+        return f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
     return qualname
 
 
