@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,7 +24,10 @@ from ..errors import ConfigurationError
 from ._api import Api
 from ._errors import exception_handlers
 
-__all__ = ["create_app", "serve"]
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = ["create_app", "serve", "server_config"]
 
 access_log = logging.getLogger("substantial.http.access")
 
@@ -86,6 +89,14 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def server_config(app: Any, *, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the API: its access log off (ours replaces it: no
+    query strings in the log), anything else as given."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, **{"access_log": False, **options})
+
+
 def serve(
     conductor: Conductor,
     host: str = "127.0.0.1",
@@ -93,10 +104,11 @@ def serve(
     token: str | None = None,
     **uvicorn_options: Any,
 ) -> None:
-    """Serve the API with uvicorn until interrupted (blocking: it runs its own loop)."""
+    """Serve the API with uvicorn until interrupted (blocking: it runs its own loop).
+
+    Refuses (ConfigurationError) a non-loopback ``host`` without a ``token``."""
     import uvicorn
 
     check_bind(host, token)
     app = create_app(conductor, token=token)
-    options: dict[str, Any] = {"access_log": False, "log_level": "info", **uvicorn_options}
-    uvicorn.run(app, host=host, port=port, **options)
+    uvicorn.Server(server_config(app, host=host, port=port, **uvicorn_options)).run()
