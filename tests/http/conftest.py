@@ -79,8 +79,12 @@ async def api(tmp_path: Path) -> AsyncIterator[Served]:
         yield served
 
 
-@pytest.fixture
-async def pg_conductor() -> AsyncIterator[Conductor]:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def any_conductor(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Conductor]:
+    """A Conductor on SQLite, then on a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield Conductor(f"sqlite:///{tmp_path}/state.db")
+        return
     from substantial.backends.postgres import PostgresBackend
 
     backend = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}")
