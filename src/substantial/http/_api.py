@@ -95,7 +95,9 @@ class Api:
         return JSONResponse({"status": "ok"})
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(document(root_path=request.scope.get("root_path", "")))
+        return JSONResponse(
+            document(root_path=request.scope.get("root_path", ""), secured=self._token is not None)
+        )
 
     async def workflows(self, request: Request) -> Response:
         found = await _reads.counts(self.conductor)

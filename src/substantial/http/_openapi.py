@@ -172,7 +172,7 @@ def _json(schema: str, description: str) -> dict[str, Any]:
 
 def _op(summary: str, ok: dict[str, Any], errors: str, **extra: Any) -> dict[str, Any]:
     responses = dict(ok)
-    for code in ["401", *errors.split()]:
+    for code in errors.split():
         responses[code] = _json("Error", _WHY[code])
     return {"summary": summary, "responses": responses, **extra}
 
@@ -208,8 +208,9 @@ _BODY_ANY = {
 }
 
 
-def _paths() -> dict[str, Any]:
-    return {
+def _paths(secured: bool) -> dict[str, Any]:
+    auth = " 401" if secured else ""
+    paths: dict[str, Any] = {
         "/healthz": {
             "get": {
                 "summary": "200 while the store answers",
@@ -221,20 +222,20 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/api/openapi.json": {
-            "get": _op("this document", {"200": {"description": "OpenAPI 3.0"}}, "")
+            "get": _op("this document", {"200": {"description": "OpenAPI 3.0"}}, auth)
         },
         "/api/workflows": {
             "get": _op(
                 "workflow names with run counts by status",
                 {"200": _json("Workflows", "every registered or stored workflow")},
-                "503",
+                "503" + auth,
             )
         },
         "/api/runs": {
             "get": _op(
                 "run summaries, newest first, one page",
                 {"200": _json("RunsPage", "a page of runs")},
-                "400 503",
+                "400 503" + auth,
                 parameters=_LIST,
             ),
             "post": _op(
@@ -243,7 +244,7 @@ def _paths() -> dict[str, Any]:
                     "201": _json("RunId", "started"),
                     "200": _json("RunId", "a run with this run_id exists; nothing changed"),
                 },
-                "400 413 503",
+                "400 413 503" + auth,
                 requestBody={
                     "required": True,
                     "content": {
@@ -258,7 +259,7 @@ def _paths() -> dict[str, Any]:
             "get": _op(
                 "the run's summary, kwargs and children",
                 {"200": _json("RunDetail", "the run")},
-                "400 404 503",
+                "400 404 503" + auth,
                 parameters=[_RUN_ID],
             )
         },
@@ -266,7 +267,7 @@ def _paths() -> dict[str, Any]:
             "get": _op(
                 "the run's log lines (and those of the runs it continued into)",
                 {"200": _json("Logs", "log lines in order")},
-                "400 404 503",
+                "400 404 503" + auth,
                 parameters=[_RUN_ID],
             )
         },
@@ -274,7 +275,7 @@ def _paths() -> dict[str, Any]:
             "post": _op(
                 "send an event; once answered it is never lost",
                 {"202": _json("Accepted", "delivered")},
-                "400 404 409 413 503",
+                "400 404 409 413 503" + auth,
                 parameters=[
                     _RUN_ID,
                     _param("name", "path", {"type": "string"}, "the event's name", required=True),
@@ -286,7 +287,7 @@ def _paths() -> dict[str, Any]:
             "post": _op(
                 "ask for cancellation (a finished run: no-op)",
                 {"202": _json("Accepted", "cancellation requested")},
-                "400 404 413 501 503",
+                "400 404 413 501 503" + auth,
                 parameters=[_RUN_ID],
                 requestBody={
                     "required": False,
@@ -299,11 +300,13 @@ def _paths() -> dict[str, Any]:
             )
         },
     }
+    return paths
 
 
-def document(*, root_path: str = "") -> dict[str, Any]:
-    """The document; ``root_path`` (where the app is mounted) becomes its server."""
-    return {
+def document(*, root_path: str = "", secured: bool = False) -> dict[str, Any]:
+    """The document; ``root_path`` (where the app is mounted) becomes its server;
+    ``secured``: the app wants a bearer token on every ``/api`` route."""
+    doc: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
             "title": "Substantial",
@@ -311,10 +314,10 @@ def document(*, root_path: str = "") -> dict[str, Any]:
             "description": "Operate Substantial runs: list, start, inspect, send, cancel.",
         },
         "servers": [{"url": root_path or "/"}],
-        "paths": _paths(),
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}],
+        "paths": _paths(secured),
+        "components": {"schemas": _SCHEMAS},
     }
+    if secured:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    return doc
