@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from substantial import Conductor
+from substantial.http import create_app
 
-from .conftest import serving
+from .conftest import running, serving
 from .test_routes import error_of
 
 
@@ -73,3 +75,14 @@ async def test_payloads_kwargs_and_results_stay_out_of_the_log(
         for r in caplog.records
         if r.name.startswith("uvicorn") and secret in r.getMessage()
     ]
+
+
+async def test_an_unreachable_store_is_503_on_healthz_and_the_api() -> None:
+    conductor = Conductor("postgresql://postgres@127.0.0.1:1/test")  # nothing listens there
+    async with running(create_app(conductor)) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/healthz")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "Unavailable"
+        r = await client.get("/api/runs")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "BackendUnavailable"
+        assert "***" in r.json()["error"]["message"]  # no credentials in it
+    await conductor.close()
