@@ -27,7 +27,7 @@ from ._errors import exception_handlers
 if TYPE_CHECKING:
     import uvicorn
 
-__all__ = ["create_app", "serve", "server_config"]
+__all__ = ["check_bind", "create_app", "serve", "server_config"]
 
 access_log = logging.getLogger("substantial.http.access")
 
@@ -107,8 +107,8 @@ def serve(
     """Serve the API with uvicorn until interrupted (blocking: it runs its own loop).
 
     Refuses (ConfigurationError) a non-loopback ``host`` without a ``token``."""
+    check_bind(host, token)
     import uvicorn
 
-    check_bind(host, token)
     app = create_app(conductor, token=token)
     uvicorn.Server(server_config(app, host=host, port=port, **uvicorn_options)).run()
