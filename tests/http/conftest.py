@@ -97,3 +97,10 @@ async def any_conductor(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     finally:
         await backend.drop_everything()
         await backend.close()
+
+
+@pytest.fixture
+async def any_api(any_conductor: Conductor) -> AsyncIterator[Served]:
+    """The server over SQLite, then over PostgreSQL."""
+    async with serving(any_conductor) as served:
+        yield served

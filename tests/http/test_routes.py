@@ -244,3 +244,25 @@ async def test_healthz_is_open_and_ok(api: Served) -> None:
 async def test_unknown_routes_and_methods_answer_in_the_error_shape(api: Served) -> None:
     error_of(await api.client.get("/api/nothing"), 404, "NotFound")
     error_of(await api.client.delete("/api/runs"), 405, "MethodNotAllowed")
+
+
+async def test_input_a_store_cannot_hold_is_400_not_500(any_api: Served) -> None:
+    api = any_api
+    long_id = "x" * 513
+    cases = [
+        api.client.post("/api/runs", json={"workflow": "double", "run_id": long_id}),
+        api.client.post("/api/runs", json={"workflow": "double", "kwargs": {"k": "a\x00b"}}),
+        api.client.post("/api/runs", json={"workflow": "double", "queue": "q\x00"}),
+        api.client.get("/api/runs/a%00b"),
+        api.client.get(f"/api/runs/{long_id}/logs"),
+        api.client.post("/api/runs/a%00b/cancel"),
+        api.client.post("/api/runs/r/events/e%00"),
+        api.client.get("/api/runs", params={"filter": '{"run_id": {"eq": "a\\u0000"}}'}),
+        api.client.get("/api/runs", params={"workflow": "w\x00"}),
+        api.client.get("/api/runs", params={"filter": '{"eq": NaN}'}),
+        api.client.get("/api/runs", params={"filter": "[" * 5000}),
+        api.client.post("/api/runs", json={"workflow": "double", "kwargs": {"n": 2**70}}),
+    ]
+    for request in cases:
+        error_of(await request, 400)
+    assert (await api.client.get("/api/runs")).json()["runs"] == []

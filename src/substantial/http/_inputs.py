@@ -4,16 +4,18 @@ Everything a client sends is checked here before the Conductor sees it, so a
 malformed request is a 400 naming the problem. Two checks guard the stores
 rather than the grammar: strings may not hold NUL (PostgreSQL text refuses it)
 and names are at most ``MAX_NAME`` characters (a PostgreSQL index row is
-bounded). JSON is parsed by orjson, which refuses lone surrogates and NaN,
-neither of which a store could hold.
+bounded). JSON is decoded strictly: no NaN or infinity, no lone surrogate, no
+integer outside 64 bits. The store's codec could not hold those as sent (it
+would write null, or fail), so they are refused here rather than altered.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from .._pushdown import decode_cursor
@@ -58,11 +60,37 @@ async def json_body(request: Request, cap: int, *, empty: Any = None) -> Any:
     data = b"".join(chunks)
     if not data.strip():
         return empty
+    return decode(data, "the body")
+
+
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what the store's codec (orjson) can write
+
+
+def _int(text: str) -> int:
+    value = int(text)
+    if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        raise ValueError(f"integer {text[:24]}... is outside 64 bits")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def decode(data: bytes | str, where: str) -> Any:
+    """Strict JSON (see the module docstring); 400 naming ``where`` otherwise."""
     try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise bad_input(f"the body is not valid JSON: {exc}") from None
-    _no_nul(value, "the body")
+        value = json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeError too
+        raise bad_input(f"{where} is not valid JSON: {exc}") from None
+    _strings_storable(value, where)
     return value
 
 
@@ -70,14 +98,16 @@ def _too_large(cap: int) -> ApiError:
     return ApiError(413, "PayloadTooLarge", f"the request body is over the limit of {cap} bytes")
 
 
-def _no_nul(value: Any, where: str) -> None:
-    """Refuse NUL characters in any string of a JSON value (keys included)."""
+def _strings_storable(value: Any, where: str) -> None:
+    """Refuse NUL characters and lone surrogates in any string (keys included)."""
     stack = [value]
     while stack:
         v = stack.pop()
         if isinstance(v, str):
             if "\x00" in v:
                 raise bad_input(f"{where} holds a NUL character, which cannot be stored")
+            if not _utf8(v):
+                raise bad_input(f"{where} holds a lone surrogate, which is not Unicode text")
         elif isinstance(v, dict):
             stack.extend(v.keys())
             stack.extend(v.values())
@@ -91,9 +121,17 @@ def check_name(value: Any, what: str) -> str:
         raise bad_input(f"{what} must be a non-empty string")
     if len(value) > MAX_NAME:
         raise bad_input(f"{what} is longer than {MAX_NAME} characters")
-    if "\x00" in value:
-        raise bad_input(f"{what} holds a NUL character")
+    if "\x00" in value or not _utf8(value):
+        raise bad_input(f"{what} holds a NUL character or a lone surrogate")
     return value
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def limit_param(raw: str | None) -> int:
@@ -140,11 +178,10 @@ def _status(text: str) -> str:
 
 def _filter_json(raw: str) -> Mapping[str, Any]:
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "FilterError", f"invalid filter: not valid JSON: {exc}") from None
+        value = decode(raw, "the filter")
+    except ApiError as exc:
+        raise ApiError(400, "FilterError", f"invalid filter: {exc.message}") from None
     if not isinstance(value, dict):
         raise ApiError(400, "FilterError", "invalid filter at <root>: expected a JSON object")
-    _no_nul(value, "the filter")
     compile_filter(value)  # FilterError (400) naming the path
     return value
