@@ -49,6 +49,8 @@ def test_it_serves_the_api_with_the_token_from_the_environment(tmp_path: Path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
+        rest = "" if proc.stderr is None else proc.stderr.read()
         if proc.stderr is not None:
             proc.stderr.close()
     assert code == 0
+    assert "substantial.http.access: POST /api/runs 201" in rest  # the access log, on stderr

@@ -8,6 +8,7 @@ again for the handler it found, which here exits 0 (as a worker does).
 
 from __future__ import annotations
 
+import logging
 import signal
 from types import FrameType
 from typing import Annotated
@@ -44,6 +45,10 @@ def dashboard(
             f"the dashboard needs the http extra: pip install 'substantial[http]' ({exc})"
         ) from None
     check_bind(host, token or None)
+    # The API's access log (method, path, status; never a query or a body) on stderr.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     serve(Conductor(settings(ctx).backend), host=host, port=port, token=token or None)
