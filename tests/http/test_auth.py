@@ -15,6 +15,7 @@ from substantial.errors import ConfigurationError
 from substantial.http import check_bind, create_app, serve
 
 from .conftest import running, serving
+from .flows import ALL
 
 TOKEN = "s3cret-token"
 API_ROUTES = [
@@ -65,7 +66,7 @@ def test_an_empty_token_is_refused() -> None:
 
 async def test_mounted_in_a_users_app(tmp_path: Path) -> None:
     conductor = Conductor(f"sqlite:///{tmp_path}/state.db")
-    conductor.register(*__import__("tests.http.flows", fromlist=["ALL"]).ALL)
+    conductor.register(*ALL)
     home = Route("/", lambda request: PlainTextResponse("the user's app"))
     app = Starlette(routes=[home, Mount("/substantial", create_app(conductor, token=TOKEN))])
     worker = conductor.run(handle_sigterm=False)

@@ -44,8 +44,8 @@ async def json_body(request: Request, cap: int, *, empty: Any = None) -> Any:
 
     The body is read in chunks and refused as soon as it passes the cap, so a
     client cannot make the server hold more than ``cap`` bytes of it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > cap):
         raise _too_large(cap)
     chunks: list[bytes] = []
     size = 0
