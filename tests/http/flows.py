@@ -28,4 +28,12 @@ async def family(c: Context, n: int = 1) -> Any:
     return [await first.result(), await second.result()]
 
 
-ALL = (double, approval, family)
+@workflow()
+async def chain(c: Context, n: int = 1) -> Any:
+    c.log.info("link", n=n)
+    if n > 0:
+        await c.continue_using(chain, {"n": n - 1})
+    return "end"
+
+
+ALL = (double, approval, family, chain)

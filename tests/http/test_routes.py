@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from substantial import RunStatus
+from substantial.errors import RunFailed
 
 from .conftest import Served
 
@@ -182,7 +185,7 @@ async def test_workflows_counts_by_status(api: Served) -> None:
     r = await api.client.get("/api/workflows")
     assert r.status_code == 200
     found = {w["name"]: w["counts"] for w in r.json()["workflows"]}
-    assert set(found) == {"double", "approval", "family", "unregistered"}
+    assert set(found) == {"double", "approval", "family", "chain", "unregistered"}
     assert found["double"]["COMPLETED"] == 3
     assert sum(found["family"].values()) == 0
     assert found["unregistered"]["PENDING"] == 1
@@ -266,3 +269,33 @@ async def test_input_a_store_cannot_hold_is_400_not_500(any_api: Served) -> None
     for request in cases:
         error_of(await request, 400)
     assert (await api.client.get("/api/runs")).json()["runs"] == []
+
+
+async def test_racing_starts_of_one_run_id_make_one_run(api: Served) -> None:
+    bodies = [{"workflow": "approval", "run_id": "race", "kwargs": {"i": i}} for i in range(8)]
+    answers = await asyncio.gather(*(api.client.post("/api/runs", json=b) for b in bodies))
+    assert {r.status_code for r in answers} <= {200, 201}
+    assert 201 in {r.status_code for r in answers}
+    assert all(r.json() == {"run_id": "race"} for r in answers)
+    runs = (await api.client.get("/api/runs")).json()["runs"]
+    assert [s["run_id"] for s in runs] == ["race"]
+
+
+async def test_a_failed_run_shows_its_error_and_type(api: Served) -> None:
+    run_id = await start(api, "double", kwargs={"unexpected": 1})
+    with contextlib.suppress(RunFailed):
+        await api.conductor.handle(run_id).result(timeout=30)
+    doc = (await api.client.get(f"/api/runs/{run_id}")).json()
+    assert doc["status"] == "FAILED" and doc["error_type"] == "TypeError"
+    assert "unexpected" in doc["error"] and doc["result"] is None
+
+
+async def test_a_continued_run_is_shown_as_itself_and_its_logs_follow(api: Served) -> None:
+    run_id = await start(api, "chain", kwargs={"n": 1})
+    assert await api.conductor.handle(run_id).result(timeout=30) == "end"
+    doc = (await api.client.get(f"/api/runs/{run_id}")).json()
+    assert doc["run_id"] == run_id and doc["status"] == "CONTINUED"
+    successor = doc["result"]["continued_to"]
+    assert (await api.client.get(f"/api/runs/{successor}")).json()["kwargs"] == {"n": 0}
+    lines = (await api.client.get(f"/api/runs/{run_id}/logs")).json()["logs"]
+    assert [line["fields"] for line in lines] == [{"n": 1}, {"n": 0}]
