@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -54,3 +55,23 @@ def test_it_serves_the_api_with_the_token_from_the_environment(tmp_path: Path) -
             proc.stderr.close()
     assert code == 0
     assert "substantial.http.access: POST /api/runs 201" in rest  # the access log, on stderr
+
+
+def test_without_the_http_extra_it_says_which_to_install(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['starlette'] = None\n"  # as if starlette were not installed
+        "from substantial.cli import run; sys.exit(run(['dashboard']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: substantial.http needs the optional dependency 'starlette': "
+        "pip install 'substantial[http]'"
+    )

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from ..conductor import Conductor
-from ._common import settings, usage
+from ._common import settings
 
 
 def register(app: typer.Typer) -> None:
@@ -38,12 +38,8 @@ def dashboard(
     ] = None,
 ) -> None:
     """Serve the HTTP API (docs/reference/http.md) until SIGTERM or SIGINT."""
-    try:
-        from ..http import check_bind, serve
-    except ImportError as exc:
-        raise usage(
-            f"the dashboard needs the http extra: pip install 'substantial[http]' ({exc})"
-        ) from None
+    from ..http import check_bind, serve  # ConfigurationError (exit 2) without the extra
+
     check_bind(host, token or None)
     # The API's access log (method, path, status; never a query or a body) on stderr.
     logging.basicConfig(

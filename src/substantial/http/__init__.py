@@ -16,11 +16,19 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from ..conductor import Conductor
 from ..errors import ConfigurationError
+
+try:
+    from starlette.applications import Starlette
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as exc:  # the http extra is not installed
+    missing = (exc.name or "starlette").partition(".")[0]
+    raise ConfigurationError(
+        f"substantial.http needs the optional dependency '{missing}': "
+        "pip install 'substantial[http]'"
+    ) from exc
+
 from ._api import Api
 from ._errors import exception_handlers
 
