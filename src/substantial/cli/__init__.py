@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from . import _runs, _show, _store, _worker
+from . import _dashboard, _runs, _show, _store, _worker
 from ._common import INTERNAL, OK, Settings, click_style, describe
 
 __all__ = ["app", "main"]
@@ -55,6 +55,7 @@ _runs.register(app)
 _show.register(app)
 _worker.register(app)
 _store.register(app)
+_dashboard.register(app)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
