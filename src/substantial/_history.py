@@ -84,6 +84,30 @@ class History:
     summary: RunSummary | None = None
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunDetails:
+    """What an operator's run page shows besides the timeline."""
+
+    summary: RunSummary
+    kwargs: dict[str, Any]
+    children: list[str]  # run ids, in the order the run started them
+
+
+def run_details(summary: RunSummary, records: Sequence[R.Record]) -> RunDetails:
+    """The run's start kwargs and its children's ids, read from its log (the start
+    record holds ``kw``; each ``start_child`` call's record holds the child's id).
+    A child started under a ``key`` in a loop the run compacted keeps only its last
+    call's record, so such a run lists only its latest child of that key."""
+    kwargs: dict[str, Any] = {}
+    children: list[str] = []
+    for rec in records:
+        if rec["k"] == R.START and isinstance(rec.get("kw"), dict):
+            kwargs = rec["kw"]
+        elif rec["k"] == R.CALL and rec.get("p") == "start_child" and isinstance(rec.get("v"), str):
+            children.append(rec["v"])
+    return RunDetails(summary=summary, kwargs=kwargs, children=children)
+
+
 def _time(t: Any) -> datetime | None:
     return datetime.fromtimestamp(t, UTC) if isinstance(t, int | float) else None
 

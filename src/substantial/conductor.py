@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
-from ._history import History, history_page
+from ._history import History, RunDetails, history_page, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -452,6 +452,13 @@ class Conductor:
                         )
             if last_batch:
                 return RunPage(runs=found, next_cursor=None)
+
+    async def details(self, run_id: str) -> RunDetails:
+        """Run ``run_id``'s summary, start kwargs and children (one store read).
+        Raises RunNotFound."""
+        await self._ensure_open()
+        run, records = await self.journal.read_log(run_id)
+        return run_details(summarize(run), records)
 
     async def history(
         self, run_id: str, *, limit: int | None = None, cursor: str | None = None

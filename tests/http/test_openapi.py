@@ -56,6 +56,7 @@ ROUTES = {
     ("GET", "/api/runs"),
     ("POST", "/api/runs"),
     ("GET", "/api/runs/{run_id}"),
+    ("GET", "/api/runs/{run_id}/history"),
     ("GET", "/api/runs/{run_id}/logs"),
     ("POST", "/api/runs/{run_id}/events/{name}"),
     ("POST", "/api/runs/{run_id}/cancel"),

@@ -107,6 +107,7 @@ async def test_start_refuses_bad_bodies_with_400(api: Served) -> None:
 async def test_unknown_run_is_404_on_every_run_route(api: Served) -> None:
     for method, path in [
         ("GET", "/api/runs/nope"),
+        ("GET", "/api/runs/nope/history"),
         ("GET", "/api/runs/nope/logs"),
         ("POST", "/api/runs/nope/events/decision"),
         ("POST", "/api/runs/nope/cancel"),
@@ -299,3 +300,32 @@ async def test_a_continued_run_is_shown_as_itself_and_its_logs_follow(api: Serve
     assert (await api.client.get(f"/api/runs/{successor}")).json()["kwargs"] == {"n": 0}
     lines = (await api.client.get(f"/api/runs/{run_id}/logs")).json()["logs"]
     assert [line["fields"] for line in lines] == [{"n": 1}, {"n": 0}]
+
+
+HISTORY_KEYS = {
+    "seq", "kind", "name", "at", "started_at", "duration_ms", "attempts", "error", "value",
+}  # fmt: skip
+
+
+async def test_history_pages_the_timeline_of_a_run(api: Served) -> None:
+    run_id = await start(api, "double", kwargs={"n": 2})
+    assert await api.conductor.handle(run_id).result(timeout=30) == 4
+    r = await api.client.get(f"/api/runs/{run_id}/history")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert set(doc) == {"run_id", "entries", "next_cursor"} and doc["run_id"] == run_id
+    assert all(set(e) == HISTORY_KEYS for e in doc["entries"])
+    kinds = [e["kind"] for e in doc["entries"]]
+    assert "save" in kinds and kinds[-1] == "end"
+    entries, cursor = [], None
+    while True:
+        params = {"limit": "1", **({"cursor": cursor} if cursor else {})}
+        page = (await api.client.get(f"/api/runs/{run_id}/history", params=params)).json()
+        entries += page["entries"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert entries == doc["entries"]
+    bad = await api.client.get(f"/api/runs/{run_id}/history", params={"cursor": "nope"})
+    error_of(bad, 400)
+    error_of(await api.client.get("/api/runs/nobody/history"), 404, "RunNotFound")

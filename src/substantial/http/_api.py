@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._shapes import log_doc, summary_doc
+from .._shapes import history_doc, log_doc, summary_doc
 from ..conductor import Conductor
 from ..errors import RunNotFound
 from . import _reads
@@ -52,6 +52,7 @@ class Api:
             Route("/api/runs", api(self.list_runs), methods=["GET"]),
             Route("/api/runs", api(self.start), methods=["POST"]),
             Route("/api/runs/{run_id}", api(self.run), methods=["GET"]),
+            Route("/api/runs/{run_id}/history", api(self.history), methods=["GET"]),
             Route("/api/runs/{run_id}/logs", api(self.logs), methods=["GET"]),
             Route("/api/runs/{run_id}/events/{name}", api(self.send), methods=["POST"]),
             Route("/api/runs/{run_id}/cancel", api(self.cancel), methods=["POST"]),
@@ -146,15 +147,20 @@ class Api:
         return True
 
     async def run(self, request: Request) -> Response:
-        run_id = self._run_id(request)
-        page = await self.conductor.search_page(None, {"run_id": {"eq": run_id}}, limit=1)
-        if not page.runs:
-            raise RunNotFound(run_id)
-        found = await _reads.lineage(self.conductor, run_id)
-        doc: dict[str, Any] = summary_doc(page.runs[0])
+        found = await self.conductor.details(self._run_id(request))
+        doc: dict[str, Any] = summary_doc(found.summary)
         doc["kwargs"] = found.kwargs
         doc["children"] = found.children
         return JSONResponse(doc)
+
+    async def history(self, request: Request) -> Response:
+        q = request.query_params
+        page = await self.conductor.history(
+            self._run_id(request),
+            limit=limit_param(q.get("limit")),
+            cursor=q.get("cursor") or None,  # a history cursor: Conductor.history checks it
+        )
+        return JSONResponse(history_doc(page))
 
     async def logs(self, request: Request) -> Response:
         lines = await self.conductor.handle(self._run_id(request)).logs()

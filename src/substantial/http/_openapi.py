@@ -102,6 +102,42 @@ _SCHEMAS: dict[str, Any] = {
             }
         },
     },
+    "History": {
+        "type": "object",
+        "required": ["run_id", "entries", "next_cursor"],
+        "properties": {
+            "run_id": {"type": "string"},
+            "next_cursor": {"type": "string", "nullable": True},
+            "entries": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "seq",
+                        "kind",
+                        "name",
+                        "at",
+                        "started_at",
+                        "duration_ms",
+                        "attempts",
+                        "error",
+                        "value",
+                    ],
+                    "properties": {
+                        "seq": {"type": "integer", "nullable": True},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string", "nullable": True},
+                        "at": {"type": "string", "nullable": True},
+                        "started_at": {"type": "string", "nullable": True},
+                        "duration_ms": {"type": "number", "nullable": True},
+                        "attempts": {"type": "integer", "nullable": True},
+                        "error": {"type": "string", "nullable": True},
+                        "value": {},
+                    },
+                },
+            },
+        },
+    },
     "Logs": {
         "type": "object",
         "required": ["logs"],
@@ -201,6 +237,15 @@ _LIST = [
     ),
     _param("cursor", "query", {"type": "string"}, "the next_cursor of the previous page"),
 ]
+_LIMIT = _param(
+    "limit",
+    "query",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    "entries per page",
+)
+_HISTORY_CURSOR = _param(
+    "cursor", "query", {"type": "string"}, "the next_cursor of the previous history page"
+)
 _BODY_ANY = {
     "required": False,
     "description": "the event's payload (no body: null)",
@@ -261,6 +306,14 @@ def _paths(secured: bool) -> dict[str, Any]:
                 {"200": _json("RunDetail", "the run")},
                 "400 404 503" + auth,
                 parameters=[_RUN_ID],
+            )
+        },
+        "/api/runs/{run_id}/history": {
+            "get": _op(
+                "one page of the run's timeline: every durable call, event and the end",
+                {"200": _json("History", "timeline entries in call order")},
+                "400 404 503" + auth,
+                parameters=[_RUN_ID, _LIMIT, _HISTORY_CURSOR],
             )
         },
         "/api/runs/{run_id}/logs": {
