@@ -52,6 +52,7 @@ CHECKS = (
 ROUTES = {
     ("GET", "/healthz"),
     ("GET", "/api/openapi.json"),
+    ("GET", "/metrics"),
     ("GET", "/api/workflows"),
     ("GET", "/api/runs"),
     ("POST", "/api/runs"),
@@ -128,6 +129,7 @@ def test_with_a_token_the_document_says_so() -> None:
     assert doc["servers"] == [{"url": "/ops"}]
     assert doc["security"] == [{"bearer": []}]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert doc["paths"]["/metrics"]["get"]["security"] == []
     for path, ops in doc["paths"].items():
         for op in ops.values():
-            assert ("401" in op["responses"]) == (path != "/healthz")
+            assert ("401" in op["responses"]) == (path not in ("/healthz", "/metrics"))

@@ -329,3 +329,12 @@ async def test_history_pages_the_timeline_of_a_run(api: Served) -> None:
     bad = await api.client.get(f"/api/runs/{run_id}/history", params={"cursor": "nope"})
     error_of(bad, 400)
     error_of(await api.client.get("/api/runs/nobody/history"), 404, "RunNotFound")
+
+
+async def test_metrics_are_open_and_count_runs(api: Served) -> None:
+    run_id = await start(api, "double", kwargs={"n": 1})
+    assert await api.conductor.handle(run_id).result(timeout=30) == 2
+    r = await api.client.get("/metrics", headers={"authorization": ""})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "substantial_runs_ended_total" in r.text
+    assert "substantial_claims_total" in r.text

@@ -47,6 +47,7 @@ class Api:
         api = self.guarded
         return [
             Route("/healthz", self.guarded(self.healthz, auth=False), methods=["GET"]),
+            Route("/metrics", self.guarded(self.metrics, auth=False), methods=["GET"]),
             Route("/api/openapi.json", api(self.openapi), methods=["GET"]),
             Route("/api/workflows", api(self.workflows), methods=["GET"]),
             Route("/api/runs", api(self.list_runs), methods=["GET"]),
@@ -94,6 +95,17 @@ class Api:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
             return error_response(503, "Unavailable", f"the store does not answer: {reason}")
         return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """This process's Prometheus exposition (the workers it hosts count there)."""
+        from .. import telemetry
+        from ..errors import ConfigurationError
+
+        try:
+            body, content_type = telemetry.render_metrics()
+        except ConfigurationError as exc:  # prometheus-client is not installed
+            return error_response(501, "NotImplemented", str(exc))
+        return Response(body, media_type=content_type)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(

@@ -266,6 +266,19 @@ def _paths(secured: bool) -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of this process (text exposition)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "the metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "501": _json("Error", "prometheus-client is not installed"),
+                },
+            }
+        },
         "/api/openapi.json": {
             "get": _op("this document", {"200": {"description": "OpenAPI 3.0"}}, auth)
         },
