@@ -8,7 +8,7 @@ for what a workflow may do (and the determinism rules).
 from __future__ import annotations
 
 from ._context import ChildHandle, Context
-from ._types import LogRecord, Retry, RunStatus, RunSummary
+from ._types import LogRecord, Retry, RunStatus, RunSummary, WorkerInfo
 from .conductor import Conductor, RunHandle
 from .errors import (
     BackendError,
@@ -54,6 +54,7 @@ __all__ = [
     "SaveFailed",
     "SerializationError",
     "SubstantialError",
+    "WorkerInfo",
     "Workflow",
     "WorkflowError",
     "workflow",

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from . import _records as R
 from ._records import decode_record
 from ._session import RunSession
-from ._types import LogRecord, RunSummary
+from ._types import LogRecord, RunSummary, WorkerInfo
 from .backends import (
     Backend,
     Claim,
@@ -29,6 +29,7 @@ from .backends import (
     NewRun,
     RunQuery,
     RunRecord,
+    WorkerRecord,
     default_url,
 )
 from .codec import dumps
@@ -221,6 +222,33 @@ class Journal:
                     )
                 )
         return out
+
+    # -- the worker registry ---------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRecord) -> None:
+        await self.backend.register_worker(info, now=self.clock())
+
+    async def beat_worker(self, worker_id: str) -> bool:
+        """False: the store has no entry for it (any more); register again."""
+        return await self.backend.beat_worker(worker_id, now=self.clock())
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self.backend.remove_worker(worker_id)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers, by id."""
+        return [
+            WorkerInfo(
+                worker_id=w.worker_id,
+                host=w.host,
+                pid=w.pid,
+                queues=w.queues,
+                workflows=w.workflows,
+                started_at=datetime.fromtimestamp(w.started_at, UTC),
+                last_beat=datetime.fromtimestamp(w.last_beat, UTC),
+            )
+            for w in await self.backend.list_workers(now=self.clock())
+        ]
 
     async def open_session(self, claim: Claim, lease: float) -> RunSession | None:
         snap = await self.backend.read(claim.run_id)

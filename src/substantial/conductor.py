@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
@@ -16,7 +16,7 @@ from ._hints import HintRelay
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
-from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
+from ._types import LogRecord, RunStatus, RunSummary, Seconds, WorkerInfo, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
 from .errors import (
     BackendUnavailable,
@@ -386,6 +386,23 @@ class Conductor:
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers of this store, by id: those whose last heartbeat is
+        younger than their lease (a worker that stopped cleanly is gone at once)."""
+        await self._ensure_open()
+        return await self.journal.workers()
+
+    async def served_by(
+        self, summary: RunSummary, *, workers: Sequence[WorkerInfo] | None = None
+    ) -> bool:
+        """Whether some live worker serves ``summary``'s workflow on its queue.
+
+        False for a PENDING run means it waits for a worker that is not there (a
+        mistyped workflow name, a queue nobody serves, every worker down). Pass
+        ``workers`` (from :meth:`workers`) to check a page of runs with one lookup."""
+        found = await self.workers() if workers is None else workers
+        return any(w.serves(summary.workflow, summary.queue) for w in found)
 
     async def search(
         self,

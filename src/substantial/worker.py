@@ -24,7 +24,7 @@ from typing import Any
 from ._journal import Journal, RunSession
 from ._runner import drive
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
-from .backends import Claim
+from .backends import Claim, WorkerRecord
 from .errors import BackendError, BackendUnavailable
 from .workflow import Workflow
 
@@ -58,6 +58,7 @@ class Worker:
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
         self._outage = Outage(f"store {journal.label}", log)
+        self._started_at = journal.clock()
 
     # -- hints ------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class Worker:
         first claim waits for it, so a run made due at any moment is either seen
         by that claim or hinted after it (guarantee 7)."""
         await hints_ready()
+        await self._register()
         heartbeat = asyncio.create_task(
             supervise("heartbeat", self._heartbeat), name="substantial-heartbeat"
         )
@@ -96,6 +98,8 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self.journal.remove_worker(self.owner))
             log.info("worker %s stopped", self.owner)
 
     def _log_start(self) -> None:
@@ -117,6 +121,37 @@ class Worker:
                 "lease": opts.lease,
             },
         )
+
+    # -- the registry ------------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Put this worker in the store's registry (``Conductor.workers()``). Not
+        fatal when the store is out: the heartbeat's next beat registers then."""
+        opts = self.options
+        info = WorkerRecord(
+            worker_id=self.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=opts.queues,
+            workflows=tuple(sorted(self.workflows)),
+            started_at=self._started_at,
+            lease_seconds=opts.lease,
+        )
+        try:
+            await self.journal.register_worker(info)
+        except BackendError as exc:
+            reraise_if_cancelling()
+            log.warning("worker %s: registering in the store failed (%r)", self.owner, exc)
+
+    async def _beat_registry(self) -> None:
+        """The registry half of a heartbeat: one small write; an entry that is gone
+        (aged out during an outage, or removed) is written again whole."""
+        try:
+            if not await self.journal.beat_worker(self.owner):
+                await self._register()
+        except BackendError as exc:
+            reraise_if_cancelling()
+            log.debug("worker %s: registry beat failed (%r)", self.owner, exc)
 
     async def _loop(self) -> None:
         opts = self.options
@@ -221,7 +256,8 @@ class Worker:
             self._kick.set()
 
     async def _heartbeat(self) -> None:
-        """Renew every held lease each lease/3, all in one store call.
+        """Renew every held lease each lease/3, all in one store call, then beat the
+        worker's registry entry (one more small write).
 
         One call, not one per run: under load, dozens of single renewals queue for
         the store's connections and the last ones land after their lease expired.
@@ -242,6 +278,7 @@ class Worker:
             if held:
                 await self._renew(held)
                 reraise_if_cancelling()  # a driver may have eaten a cancel
+            await self._beat_registry()
 
     async def _renew(self, held: dict[str, tuple[RunSession | None, asyncio.Task[None]]]) -> None:
         try:

@@ -9,7 +9,15 @@ from collections.abc import AsyncIterator
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate
+from substantial.backends import (
+    Backend,
+    Claim,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    WorkerRecord,
+)
 from substantial.errors import LeaseLost, RunFinished, RunNotFound
 
 T0 = 1_700_000_000.0
@@ -603,3 +611,66 @@ async def test_rewrite_log_is_fenced_like_append(backend: Backend) -> None:
         await backend.rewrite_log("ghost", token=1, expected_len=1, records=[b"0"], now=T0)
     snap = await backend.read("r1")
     assert snap is not None and snap.log == [b"0", b"1"] and snap.run.log_len == 2
+
+
+# -- the worker registry ------------------------------------------------------------
+
+
+def worker(
+    wid: str, *, lease: float = 30.0, queues: tuple[str, ...] = ("default",)
+) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=wid,
+        host="host-1",
+        pid=4242,
+        queues=queues,
+        workflows=("a", "b"),
+        started_at=T0,
+        lease_seconds=lease,
+    )
+
+
+async def test_registered_workers_are_listed_with_their_entry(backend: Backend) -> None:
+    await backend.register_worker(worker("w:2", queues=("q1", "q2")), now=T0)
+    await backend.register_worker(worker("w:1"), now=T0 + 1)
+    listed = await backend.list_workers(now=T0 + 2)
+    assert [w.worker_id for w in listed] == ["w:1", "w:2"]
+    assert listed[1] == WorkerRecord(
+        worker_id="w:2",
+        host="host-1",
+        pid=4242,
+        queues=("q1", "q2"),
+        workflows=("a", "b"),
+        started_at=T0,
+        lease_seconds=30.0,
+        last_beat=T0,
+    )
+    assert listed[0].last_beat == T0 + 1
+
+
+async def test_a_beat_keeps_a_worker_listed_past_its_first_lease(backend: Backend) -> None:
+    await backend.register_worker(worker("w1", lease=10.0), now=T0)
+    await backend.register_worker(worker("w2", lease=10.0), now=T0)
+    assert await backend.beat_worker("w1", now=T0 + 8)
+    listed = await backend.list_workers(now=T0 + 12)
+    assert [(w.worker_id, w.last_beat) for w in listed] == [("w1", T0 + 8)]
+    assert await backend.list_workers(now=T0 + 18.5) == []
+
+
+async def test_a_removed_or_unknown_worker_beats_false_and_is_not_listed(
+    backend: Backend,
+) -> None:
+    await backend.register_worker(worker("w1"), now=T0)
+    await backend.remove_worker("w1")
+    await backend.remove_worker("never-registered")  # no-op
+    assert not await backend.beat_worker("w1", now=T0 + 1)
+    assert not await backend.beat_worker("nobody", now=T0 + 1)
+    assert await backend.list_workers(now=T0 + 1) == []
+
+
+async def test_an_aged_out_worker_registers_again(backend: Backend) -> None:
+    await backend.register_worker(worker("w1", lease=5.0), now=T0)
+    assert await backend.list_workers(now=T0 + 6) == []
+    # Whether or not the store dropped the dead entry, registering brings it back.
+    await backend.register_worker(worker("w1", lease=5.0), now=T0 + 7)
+    assert [w.last_beat for w in await backend.list_workers(now=T0 + 8)] == [T0 + 7]

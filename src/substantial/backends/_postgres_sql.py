@@ -17,6 +17,7 @@ from .._types import RunStatus
 from ..errors import LeaseLost, RunNotFound
 from . import _rules as rules
 from ._protocol import RunQuery, RunRecord
+from ._registry import PG_MIGRATION
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial layout
@@ -204,6 +205,8 @@ BEGIN
 END
 $fn$;
 """,
+    # 5: the worker registry
+    PG_MIGRATION,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

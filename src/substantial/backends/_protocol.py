@@ -157,6 +157,23 @@ class RunQuery:
 ALL_RUNS = RunQuery()
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerRecord:
+    """A worker's entry in the store's registry (``register_worker``).
+
+    ``last_beat`` is set by the store from ``now`` on register and on each beat; the
+    entry is live while ``last_beat + lease_seconds > now``."""
+
+    worker_id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    workflows: tuple[str, ...]
+    started_at: float
+    lease_seconds: float
+    last_beat: float = 0.0
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One store. Implementations: memory, sqlite, fs, redis, postgres."""
@@ -245,6 +262,24 @@ class Backend(Protocol):
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         """The runs matching ``query``, newest first (see :class:`RunQuery`)."""
+        ...
+
+    async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
+        """Insert or replace the worker's registry entry, its ``last_beat`` = ``now``."""
+        ...
+
+    async def beat_worker(self, worker_id: str, *, now: float) -> bool:
+        """Set the entry's ``last_beat`` to ``now``; False if there is no entry (it was
+        removed, or dropped once it aged past its lease): the worker registers again."""
+        ...
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Drop the entry (a worker stopping cleanly). Unknown id: no-op."""
+        ...
+
+    async def list_workers(self, *, now: float) -> list[WorkerRecord]:
+        """The live entries (``last_beat + lease_seconds > now``) by worker id. A store
+        may delete the entries that aged out while it lists."""
         ...
 
     def subscribe(self) -> AsyncIterator[str]:

@@ -10,10 +10,12 @@ from typing import Any
 
 from .._types import RunStatus
 from ._protocol import RunQuery
+from ._registry import SQLITE_TABLE
 
 TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
     status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
@@ -32,6 +34,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
 ) WITHOUT ROWID;
 """
+    + SQLITE_TABLE
+    + ";\n"
+)
 
 # Each step from the version before it to the next (the key), for stores made by
 # older versions; a fresh store gets SCHEMA, already at SCHEMA_VERSION.
@@ -40,6 +45,7 @@ UPGRADES = {
         "ALTER TABLE runs ADD COLUMN error_type TEXT",
         "CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id)",
     ),
+    3: (SQLITE_TABLE,),
 }
 
 COLS = (

@@ -13,6 +13,7 @@ Layout under ``root`` (``<name>`` is an id made safe for a path, see ``_fs_layou
     queues/<name>/index.json   due index: run_id -> [due_at, lease_expires_at, workflow,
                                created_at], so claim_due never reads every run
     queues/<name>/lock         flock(LOCK_EX) by every writer of index.json
+    workers/<name>.json        the worker registry: one entry per worker (see _registry)
 
 Why this is safe with several processes:
 
@@ -79,9 +80,10 @@ from ._fs_layout import (
 )
 from ._hub import shared_hub
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import FsRegistry
 
 
-class FSBackend:
+class FSBackend(FsRegistry):
     """Store in a directory. ``FSBackend("/var/lib/app")`` or ``open_backend("file:///...")``.
 
     Each operation is one hop to a worker thread, since flock waits and fsyncs block.

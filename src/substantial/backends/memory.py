@@ -12,9 +12,20 @@ from dataclasses import dataclass, field, replace
 
 from .._types import RunStatus
 from ..errors import RunFinished, RunNotFound
+from . import _registry as registry
 from . import _rules as rules
 from ._hub import LocalHub
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+    WorkerRecord,
+)
 
 
 @dataclass
@@ -30,6 +41,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        self._workers: dict[str, WorkerRecord] = {}
         self._hub = LocalHub()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
@@ -194,6 +206,28 @@ class MemoryBackend:
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         return rules.newest_first((r.rec for r in self._runs.values()), query)
+
+    # -- the worker registry ------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
+        self._count("register_worker")
+        self._workers[info.worker_id] = replace(info, last_beat=now)
+
+    async def beat_worker(self, worker_id: str, *, now: float) -> bool:
+        self._count("beat_worker")
+        w = self._workers.get(worker_id)
+        if w is None:
+            return False
+        self._workers[worker_id] = replace(w, last_beat=now)
+        return True
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._count("remove_worker")
+        self._workers.pop(worker_id, None)
+
+    async def list_workers(self, *, now: float) -> list[WorkerRecord]:
+        self._count("list_workers")
+        return registry.live(self._workers.values(), now)
 
     # -- test helpers -------------------------------------------------------
 

@@ -10,6 +10,7 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
   index ``(queue, due_at) WHERE due_at IS NOT NULL`` serves claims.
 * ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
   length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
+* ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
@@ -72,6 +73,7 @@ from . import _postgres_sql as sql
 from . import _rules as rules
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import PostgresRegistry
 
 T = TypeVar("T")
 
@@ -99,7 +101,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresRegistry):
     """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``.
 
     ``connect_timeout`` bounds each connection attempt (seconds);

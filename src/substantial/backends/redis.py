@@ -17,6 +17,8 @@ one Cluster slot and a script may touch any of them)::
     {P}:runs          zset    every run id by created_at (list_runs order; ties by id)
     {P}:wf:<workflow> zset    the same, per workflow
     {P}:nonce:<hex>   string  a delivery's inbox id, kept 5 minutes (retry de-dup)
+    {P}:workers       hash    worker registry: worker id -> entry JSON
+    {P}:workers:beat  hash    worker id -> last beat (epoch seconds, repr text)
     {P}:hints         channel run ids published on create, deliver, cancel, release, end
 
 One due index per (queue, workflow): ``claim_due`` reads only the workflows the
@@ -70,6 +72,7 @@ from ..errors import (
 from . import _redis_lua as lua
 from . import _rules as rules
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
 _LIST_BATCH = 200
@@ -132,7 +135,7 @@ def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[
     return c.execute_command(*args)
 
 
-class RedisBackend:
+class RedisBackend(RedisRegistry):
     """Redis 6.2+ store. ``RedisBackend("redis://host:6379/0", prefix="myapp")``."""
 
     def __init__(

@@ -8,6 +8,7 @@ Layout (one file, schema version in ``meta``)::
           index runs_created (created_at, run_id)  -- list_runs' order
     log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
     inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
+    workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
 
 ``result`` is JSON text (orjson) or NULL; ``status`` is the RunStatus value.
 Inbox items are kept after consumption (like the memory store); ``read`` only
@@ -70,11 +71,13 @@ from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import SQLiteRegistry
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 2  # 1: the first layout; 2: runs.error_type, index runs_wf_created
+SCHEMA_VERSION = 3  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+# 3: the workers table (the worker registry)
 
 
 def _record(row: Row) -> RunRecord:
@@ -125,7 +128,7 @@ def _wrap(exc: sqlite3.Error) -> BackendError:
     return BackendError(msg)
 
 
-class SQLiteBackend:
+class SQLiteBackend(SQLiteRegistry):
     """Store in one SQLite file. ``SQLiteBackend("state.db")`` or ``sqlite:///state.db``."""
 
     def __init__(
