@@ -173,8 +173,8 @@ class Journal:
             with contextlib.suppress(RunNotFound, RunFinished):
                 await self.backend.deliver(successor, data, now=self.clock())
 
-    async def cancel(self, run_id: str) -> None:
-        await self.backend.request_cancel(run_id, now=self.clock())
+    async def cancel(self, run_id: str, *, revert: bool = False) -> None:
+        await self.backend.request_cancel(run_id, now=self.clock(), revert=revert)
 
     async def claim(
         self, *, queue: str, workflows: Collection[str], limit: int, owner: str, lease: float

@@ -91,12 +91,16 @@ class RunHandle(Generic[R]):
     async def summary(self) -> RunSummary:
         return summarize(await self._latest())
 
-    async def cancel(self) -> None:
-        """Ask for cancellation; descendants are cancelled too. No-op on ended runs."""
+    async def cancel(self, *, revert: bool = False) -> None:
+        """Ask for cancellation; descendants are cancelled too. No-op on ended runs.
+
+        ``revert=True``: the run first runs the compensations of its recorded saves,
+        newest first, each once and durably (as ``c.revert()`` would), and ends
+        REVERTED (``result()`` raises RunReverted); its descendants are cancelled."""
         journal = await self._journal()
         run_id: str | None = (await self._latest()).run_id
         while run_id is not None:
-            await journal.cancel(run_id)
+            await journal.cancel(run_id, revert=revert)
             run_id = _continued_to(await journal.get(run_id))  # continued meanwhile
 
     async def logs(self) -> list[LogRecord]:

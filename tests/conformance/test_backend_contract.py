@@ -376,8 +376,26 @@ async def test_request_cancel_marks_and_makes_due(backend: Backend) -> None:
     await backend.request_cancel("r1", now=T0)
     run = await backend.get_run("r1")
     assert run is not None and run.cancel_requested and run.due_at == T0
+    assert not run.revert_requested
     with pytest.raises(RunNotFound):
         await backend.request_cancel("ghost", now=T0)
+
+
+async def test_a_cancel_asking_to_revert_keeps_that_wish(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    await backend.request_cancel("r1", now=T0, revert=True)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.run.cancel_requested and snap.run.revert_requested
+    await backend.request_cancel("r1", now=T0 + 1)  # a plain cancel after it changes nothing
+    run = await backend.get_run("r1")
+    assert run is not None and run.revert_requested and run.due_at == T0 + 1
+    await backend.create_run(new_run("r2", due=None))
+    await backend.request_cancel("r2", now=T0)
+    await backend.request_cancel("r2", now=T0, revert=True)  # and a revert after a plain one
+    later = await backend.get_run("r2")
+    assert later is not None and later.revert_requested
+    [listed] = await backend.list_runs(RunQuery(run_ids=frozenset({"r2"})))
+    assert listed.revert_requested
 
 
 async def test_list_runs_filters_by_workflow_and_status(backend: Backend) -> None:

@@ -170,5 +170,5 @@ async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Pat
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
     conn.close()
-    assert row[0] == SCHEMA_VERSION == 3
+    assert row[0] == SCHEMA_VERSION == 4
     assert "runs_wf_created" in indexes

@@ -207,6 +207,10 @@ $fn$;
 """,
     # 5: the worker registry
     PG_MIGRATION,
+    # 6: a cancel that asks for the compensations first (cancel(revert=True))
+    """
+ALTER TABLE {s}.runs ADD COLUMN revert_requested boolean NOT NULL DEFAULT false;
+""",
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -216,7 +220,7 @@ LATEST_VERSION = len(MIGRATIONS)
 FIELDS = (
     "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
     "result", "error", "error_type", "log_len", "inbox_pos", "lease_token", "lease_owner",
-    "lease_expires_at", "cancel_requested", "parent_id",
+    "lease_expires_at", "cancel_requested", "parent_id", "revert_requested",
 )  # fmt: skip
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY,
@@ -294,7 +298,8 @@ DELIVER = """WITH u AS (
 ), i AS (INSERT INTO {s}.inbox (run_id, id, data) SELECT run_id, last_inbox_id, $2 FROM u)
 SELECT last_inbox_id, pg_notify($4, run_id) FROM u"""
 CANCEL = """WITH u AS (
-    UPDATE {s}.runs SET cancel_requested = true, due_at = $2::float8
+    UPDATE {s}.runs SET cancel_requested = true, due_at = $2::float8,
+           revert_requested = revert_requested OR $4::boolean
      WHERE run_id = $1 AND status <> ALL({t}) RETURNING run_id
 )
 SELECT pg_notify($3, run_id) FROM u"""

@@ -76,6 +76,7 @@ class RunRecord:
     lease_expires_at: float | None = None
     cancel_requested: bool = False
     parent_id: str | None = None
+    revert_requested: bool = False  # the cancel asks for the compensations first
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -254,8 +255,9 @@ class Backend(Protocol):
         """Add an inbox item; returns its id."""
         ...
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
-        """Mark for cancellation and make due. Unknown run: RunNotFound; terminal: no-op."""
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
+        """Mark for cancellation and make due. Unknown run: RunNotFound; terminal: no-op.
+        ``revert``: also set ``revert_requested`` (never cleared by a later plain cancel)."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...

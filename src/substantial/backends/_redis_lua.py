@@ -199,12 +199,13 @@ redis.call('PUBLISH', ARGV[3], f[2])
 return {1, id}
 """.replace("@TTL@", str(NONCE_TTL))
 
-# KEYS run; ARGV now, channel
+# KEYS run; ARGV now, channel, revert ('1' or '')
 _CANCEL = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
 if not f[1] then return -1 end
 if TERM[f[1]] then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', 1, 'due_at', ARGV[1])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'revert_requested', 1) end
 reindex(KEYS[1])
 redis.call('PUBLISH', ARGV[2], f[2])
 return 1

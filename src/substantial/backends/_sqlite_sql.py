@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS runs (
     due_at REAL, result TEXT, error TEXT, error_type TEXT, log_len INTEGER NOT NULL DEFAULT 0,
     inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
     lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
+    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT,
+    revert_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
@@ -46,12 +47,13 @@ UPGRADES = {
         "CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id)",
     ),
     3: (SQLITE_TABLE,),
+    4: ("ALTER TABLE runs ADD COLUMN revert_requested INTEGER NOT NULL DEFAULT 0",),
 }
 
 COLS = (
     "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
     "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id"
+    "cancel_requested, parent_id, revert_requested"
 )
 
 # The release rule of memory.apply_release, in SQL. {st} is the run's status after

@@ -474,7 +474,7 @@ class FSBackend(FsRegistry):
         self._hub.publish(run_id)
         return item
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
 
         def cancel() -> bool:
@@ -483,7 +483,12 @@ class FSBackend(FsRegistry):
                     raise RunNotFound(run_id)
                 if t.st.rec.status.is_terminal:
                     return False
-                rec = replace(t.st.rec, cancel_requested=True, due_at=now)
+                rec = replace(
+                    t.st.rec,
+                    cancel_requested=True,
+                    revert_requested=revert or t.st.rec.revert_requested,
+                    due_at=now,
+                )
                 self._commit(t, replace(t.st, rec=rec))
                 return True
 

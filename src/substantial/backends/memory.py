@@ -188,14 +188,15 @@ class MemoryBackend:
         self._hub.publish(run_id)
         return r.last_inbox_id
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
         r = self._runs.get(run_id)
         if r is None:
             raise RunNotFound(run_id)
         if r.rec.status.is_terminal:
             return
-        r.rec = replace(r.rec, cancel_requested=True, due_at=now)
+        revert = revert or r.rec.revert_requested
+        r.rec = replace(r.rec, cancel_requested=True, revert_requested=revert, due_at=now)
         self._hub.publish(run_id)
 
     async def get_run(self, run_id: str) -> RunRecord | None:

@@ -495,9 +495,9 @@ class PostgresBackend(PostgresRegistry):
             raise RunNotFound(run_id)
         raise RunFinished(run_id, str(status))
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
-        if await self._q("fetch", sql.CANCEL, run_id, now, self._channel):
+        if await self._q("fetch", sql.CANCEL, run_id, now, self._channel, revert):
             return
         if await self._q("fetchval", sql.STATUS, run_id) is None:
             raise RunNotFound(run_id)

@@ -4,8 +4,9 @@ Keys (``P`` = the prefix; the braces are a hash tag, so all keys of a prefix sha
 one Cluster slot and a script may touch any of them)::
 
     {P}:run:<id>      hash    RunRecord fields (absent = None; floats as repr() text;
-                              result as JSON) + last_inbox_id, dkey (its due index),
-                              create_nonce, op_nonce/op_result (retry de-duplication)
+                              result as JSON; a flag is true when present) +
+                              last_inbox_id, dkey (its due index), create_nonce,
+                              op_nonce/op_result (retry de-duplication)
     {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
@@ -118,6 +119,7 @@ def _record(h: dict[bytes, bytes]) -> RunRecord:
         lease_owner=d.get("lease_owner"),
         lease_expires_at=f("lease_expires_at"),
         cancel_requested="cancel_requested" in d,
+        revert_requested="revert_requested" in d,
         parent_id=d.get("parent_id"),
     )
 
@@ -391,8 +393,8 @@ class RedisBackend(RedisRegistry):
             raise RunFinished(run_id, rest[0].decode())
         return int(rest[0])
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
-        args = [_num(now), self._channel]
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
+        args = [_num(now), self._channel, "1" if revert else ""]
         code = await self._script("request_cancel", "cancel", [self._key("run", run_id)], args)
         if code == -1:
             raise RunNotFound(run_id)

@@ -76,8 +76,8 @@ from ._registry import SQLiteRegistry
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 3  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
-# 3: the workers table (the worker registry)
+SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+# 3: the workers table (the worker registry); 4: runs.revert_requested
 
 
 def _record(row: Row) -> RunRecord:
@@ -85,6 +85,7 @@ def _record(row: Row) -> RunRecord:
     f["status"] = RunStatus(f["status"])
     f["result"] = None if f["result"] is None else orjson.loads(f["result"])
     f["cancel_requested"] = bool(f["cancel_requested"])
+    f["revert_requested"] = bool(f["revert_requested"])
     return RunRecord(**f)
 
 
@@ -520,14 +521,15 @@ class SQLiteBackend(SQLiteRegistry):
         self._hub.publish(run_id)
         return item_id
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
 
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
-                f"UPDATE runs SET cancel_requested = 1, due_at = ? "
+                f"UPDATE runs SET cancel_requested = 1, due_at = ?, "
+                f"revert_requested = MAX(revert_requested, ?) "
                 f"WHERE run_id = ? AND status NOT IN {sql.TERMINAL}",
-                (now, run_id),
+                (now, int(revert), run_id),
             )
             if cur.rowcount == 1:
                 return True

@@ -1,0 +1,125 @@
+"""Recovery actions on every store: cancel(revert=True), resume, fork."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from substantial import Conductor, Context, RunCancelled, RunReverted, RunStatus, workflow
+from substantial._records import decode_record
+
+from .helpers import eventually, worker
+
+effects: list[str] = []
+flaky: set[str] = set()  # compensations that fail their first attempt
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    effects.clear()
+    flaky.clear()
+
+
+def _effect(name: str) -> None:
+    if name in flaky:
+        flaky.discard(name)
+        raise RuntimeError(f"{name}: transient")
+    effects.append(name)
+
+
+@workflow()
+async def trip(c: Context, wait: str, seconds: float) -> str:
+    await c.save(lambda: _effect("book hotel"), compensate_with=lambda: _effect("cancel hotel"))
+    await c.save(lambda: _effect("book flight"), compensate_with=lambda: _effect("cancel flight"))
+    if wait == "sleep":
+        await c.sleep(seconds)
+    else:
+        await c.receive("go", timeout=seconds)
+    await c.save(lambda: _effect("pay"))
+    return "booked"
+
+
+async def _suspended(c: Conductor, run_id: str) -> bool:
+    return await c.handle(run_id).status() == RunStatus.SUSPENDED and effects == [
+        "book hotel",
+        "book flight",
+    ]
+
+
+async def _records(c: Conductor, run_id: str) -> list[dict[str, Any]]:
+    snap = await c.backend.read(run_id)
+    assert snap is not None
+    return [decode_record(run_id, i, data) for i, data in enumerate(snap.log)]
+
+
+WAYS = [  # (wait, seconds, hot_wait): evicted, or kept waiting in place by the worker
+    ("sleep", 3600.0, 0.0),
+    ("sleep", 20.0, 30.0),
+    ("receive", 3600.0, 0.0),
+    ("receive", 20.0, 30.0),
+]
+IDS = ["sleep-evicted", "sleep-in-place", "receive-evicted", "receive-in-place"]
+
+
+@pytest.mark.parametrize(("wait", "seconds", "hot_wait"), WAYS, ids=IDS)
+async def test_cancel_with_revert_runs_the_compensations_newest_first_once(
+    conductor: Conductor, wait: str, seconds: float, hot_wait: float
+) -> None:
+    conductor.register(trip)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(trip, {"wait": wait, "seconds": seconds})
+        await eventually(lambda: _suspended(conductor, h.run_id))
+        await h.cancel(revert=True)
+        with pytest.raises(RunReverted):
+            await h.result(timeout=20)
+    assert effects == ["book hotel", "book flight", "cancel flight", "cancel hotel"]
+    assert await h.status() == RunStatus.REVERTED
+
+
+@pytest.mark.parametrize(("wait", "seconds", "hot_wait"), WAYS[:2], ids=IDS[:2])
+async def test_cancel_without_revert_runs_no_compensation(
+    conductor: Conductor, wait: str, seconds: float, hot_wait: float
+) -> None:
+    conductor.register(trip)
+    async with worker(conductor, hot_wait=hot_wait):
+        h = await conductor.start(trip, {"wait": wait, "seconds": seconds})
+        await eventually(lambda: _suspended(conductor, h.run_id))
+        await h.cancel()
+        with pytest.raises(RunCancelled):
+            await h.result(timeout=20)
+    assert effects == ["book hotel", "book flight"]
+    assert await h.status() == RunStatus.CANCELLED
+
+
+async def test_a_revert_interrupted_by_a_retry_goes_on_from_the_log(conductor: Conductor) -> None:
+    """The second compensation fails once: the run suspends for its retry and is
+    replayed; the replay stops where the cancel stopped it, and the compensation
+    that already ran does not run again."""
+    conductor.register(trip)
+    async with worker(conductor, hot_wait=0.0):
+        h = await conductor.start(trip, {"wait": "sleep", "seconds": 3600.0})
+        await eventually(lambda: _suspended(conductor, h.run_id))
+        flaky.add("cancel hotel")
+        await h.cancel(revert=True)
+        with pytest.raises(RunReverted):
+            await h.result(timeout=20)
+    assert effects == ["book hotel", "book flight", "cancel flight", "cancel hotel"]
+    recs = await _records(conductor, h.run_id)
+    tail = [(r["k"], r.get("p")) for r in recs if r.get("p") in ("revert", "compensate")]
+    assert tail == [
+        ("call", "revert"),
+        ("call", "compensate"),  # flight
+        ("try", "compensate"),  # hotel's failed first attempt, then the replay went on
+        ("call", "compensate"),
+    ]
+
+
+async def test_cancel_with_revert_of_a_finished_run_changes_nothing(conductor: Conductor) -> None:
+    conductor.register(trip)
+    async with worker(conductor):
+        h = await conductor.start(trip, {"wait": "sleep", "seconds": 0.0})
+        assert await h.result(timeout=20) == "booked"
+        await h.cancel(revert=True)
+    assert await h.status() == RunStatus.COMPLETED
+    assert effects == ["book hotel", "book flight", "pay"]
