@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from . import _records as R
 from ._records import decode_record
+from ._recovery import decoded, resume_point
 from ._session import RunSession
-from ._types import LogRecord, RunSummary, WorkerInfo
+from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
     Backend,
     Claim,
@@ -34,6 +35,7 @@ from .backends import (
 )
 from .codec import dumps
 from .errors import (
+    ClientError,
     ConfigurationError,
     RunFinished,
     RunNotFound,
@@ -44,6 +46,7 @@ __all__ = ["DEFAULT_MAX_PAYLOAD", "Clock", "Journal", "RunSession", "decode_reco
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 DEFAULT_MAX_PAYLOAD = 1_048_576
 
 
@@ -175,6 +178,26 @@ class Journal:
 
     async def cancel(self, run_id: str, *, revert: bool = False) -> None:
         await self.backend.request_cancel(run_id, now=self.clock(), revert=revert)
+
+    async def resume(self, run_id: str) -> None:
+        """Return a FAILED or CANCELLED run to PENDING, its log cut where the
+        failure began (see ``_recovery.resume_point``): a worker replays it with
+        the code it runs now, and the call that failed runs again."""
+        snap = await self.backend.read(run_id)
+        if snap is None:
+            raise RunNotFound(run_id)
+        run = snap.run
+        if run.status not in _RESUMABLE:
+            raise ClientError(
+                f"run {run_id!r} is {run.status.value}: only a FAILED or CANCELLED run "
+                "can be resumed"
+            )
+        keep = resume_point(decoded(run_id, snap.log))
+        reopened = await self.backend.reopen(
+            run_id, status=run.status, expected_len=run.log_len, keep_len=keep, now=self.clock()
+        )
+        if not reopened:
+            raise ClientError(f"run {run_id!r} changed while being resumed; look at it again")
 
     async def claim(
         self, *, queue: str, workflows: Collection[str], limit: int, owner: str, lease: float

@@ -103,6 +103,17 @@ class RunHandle(Generic[R]):
             await journal.cancel(run_id, revert=revert)
             run_id = _continued_to(await journal.get(run_id))  # continued meanwhile
 
+    async def resume(self) -> None:
+        """Replay a FAILED or CANCELLED run with the code the workers run now: the
+        way to recover from a bug in workflow code once the fix is deployed.
+
+        The run returns to PENDING; its recorded steps stay recorded (they are not
+        run again), and the call that failed runs again (the workflow's exception
+        is forgotten; a save that exhausted its retries gets a fresh set). A run
+        that is not FAILED or CANCELLED: ClientError; unknown: RunNotFound."""
+        journal = await self._journal()
+        await journal.resume((await self._latest()).run_id)
+
     async def logs(self) -> list[LogRecord]:
         """Log lines of this run and of the runs it continued into, in order."""
         journal = await self._journal()

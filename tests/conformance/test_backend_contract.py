@@ -692,3 +692,70 @@ async def test_an_aged_out_worker_registers_again(backend: Backend) -> None:
     # Whether or not the store dropped the dead entry, registering brings it back.
     await backend.register_worker(worker("w1", lease=5.0), now=T0 + 7)
     assert [w.last_beat for w in await backend.list_workers(now=T0 + 8)] == [T0 + 7]
+
+
+# -- reopening an ended run (resume) --------------------------------------------------
+
+
+async def _failed_run(backend: Backend, run_id: str) -> None:
+    """A run with log [start, a, b, end] that ended FAILED."""
+    await backend.create_run(new_run(run_id, first=b"start"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append(run_id, token=c.token, expected_len=1, records=[b"a", b"b"], now=T0)
+    end = RunUpdate(status=RunStatus.FAILED, error="boom", error_type="KeyError", ended_at=T0)
+    await backend.append(
+        run_id, token=c.token, expected_len=3, records=[b"end"], update=end, now=T0
+    )
+
+
+async def test_reopen_returns_an_ended_run_to_pending_with_its_log_cut(backend: Backend) -> None:
+    await _failed_run(backend, "r1")
+    assert await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0 + 5
+    )
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"start", b"a"]
+    run = snap.run
+    assert run.status == RunStatus.PENDING and run.log_len == 2 and run.due_at == T0 + 5
+    assert run.ended_at is None and run.error is None and run.error_type is None
+    assert run.lease_owner is None and run.started_at == T0
+    # Claimable again, with a newer token; appends carry on from the cut.
+    c = await claim_one(backend, now=T0 + 5)
+    assert c is not None and c.run_id == "r1" and c.token == 2
+    await backend.append("r1", token=c.token, expected_len=2, records=[b"b2"], now=T0 + 5)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"start", b"a", b"b2"]
+
+
+async def test_reopen_is_fenced_on_status_and_log_length(backend: Backend) -> None:
+    await _failed_run(backend, "r1")
+    assert not await backend.reopen(
+        "r1", status=RunStatus.CANCELLED, expected_len=4, keep_len=2, now=T0
+    )
+    assert not await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=3, keep_len=2, now=T0
+    )
+    snap = await backend.read("r1")
+    assert snap is not None and snap.run.status == RunStatus.FAILED and len(snap.log) == 4
+    assert await backend.reopen("r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0)
+    assert not await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0
+    )
+    with pytest.raises(RunNotFound):
+        await backend.reopen("ghost", status=RunStatus.FAILED, expected_len=1, keep_len=2, now=T0)
+
+
+async def test_reopen_clears_the_cancel_flags_and_the_result(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    await backend.request_cancel("r1", now=T0, revert=True)
+    c = await claim_one(backend)
+    assert c is not None
+    end = RunUpdate(status=RunStatus.CANCELLED, result={"x": 1}, ended_at=T0)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"], update=end, now=T0)
+    assert await backend.reopen(
+        "r1", status=RunStatus.CANCELLED, expected_len=2, keep_len=1, now=T0
+    )
+    run = await backend.get_run("r1")
+    assert run is not None and run.status == RunStatus.PENDING and run.result is None
+    assert not run.cancel_requested and not run.revert_requested

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from substantial import Conductor, Context, RunCancelled, RunReverted, RunStatus, workflow
+from substantial import (
+    ClientError,
+    Conductor,
+    Context,
+    Retry,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    RunReverted,
+    RunStatus,
+    Workflow,
+    workflow,
+)
 from substantial._records import decode_record
 
 from .helpers import eventually, worker
@@ -123,3 +136,92 @@ async def test_cancel_with_revert_of_a_finished_run_changes_nothing(conductor: C
         await h.cancel(revert=True)
     assert await h.status() == RunStatus.COMPLETED
     assert effects == ["book hotel", "book flight", "pay"]
+
+
+# -- resume -----------------------------------------------------------------------------
+
+PRINTERS: dict[str, str] = {}
+QUICK = Retry(max_attempts=2, backoff=timedelta(milliseconds=10))
+
+
+def _label(fixed: bool) -> str:
+    if not fixed:
+        raise KeyError("label printer")
+    effects.append("label")
+    return "label"
+
+
+def _order(fixed: bool, *, in_save: bool) -> Workflow[str]:
+    """The workflow "order", with a bug in its third step (inside a save, or in the
+    workflow's own code right after two saves), or with the fix deployed."""
+
+    async def order(c: Context) -> str:
+        await c.save(lambda: _effect("charge"))
+        await c.save(lambda: _effect("ship"))
+        if in_save:
+            await c.save(lambda: _label(fixed), retry=QUICK)
+        elif not fixed:
+            _ = PRINTERS["label"]  # the bug: a KeyError in the workflow's own code
+        else:
+            await c.save(lambda: _label(fixed))
+        return "done"
+
+    return workflow("order")(order)
+
+
+@pytest.mark.parametrize("in_save", [False, True], ids=["bug-in-code", "bug-in-save"])
+async def test_resume_replays_a_failed_run_with_the_fix(
+    conductor: Conductor, in_save: bool
+) -> None:
+    conductor.register(_order(False, in_save=in_save))
+    async with worker(conductor):
+        h = await conductor.start("order")
+        with pytest.raises(RunFailed):
+            await h.result(timeout=20)
+    assert effects == ["charge", "ship"]
+
+    fixed = Conductor(conductor.backend)  # the deploy: new code, same store
+    fixed.register(_order(True, in_save=in_save))
+    try:
+        async with worker(fixed):
+            await fixed.handle(h.run_id).resume()
+            assert await fixed.handle(h.run_id).result(timeout=20) == "done"
+        summary = await fixed.handle(h.run_id).summary()
+    finally:
+        await fixed.close()
+    assert effects == ["charge", "ship", "label"]  # steps one and two did not run again
+    assert summary.status == RunStatus.COMPLETED
+    assert summary.error is None and summary.error_type is None
+
+
+async def test_resume_of_a_cancelled_run_picks_up_where_it_stopped(conductor: Conductor) -> None:
+    conductor.register(trip)
+    async with worker(conductor, hot_wait=0.0):
+        h = await conductor.start(trip, {"wait": "receive", "seconds": 3600.0})
+        await eventually(lambda: _suspended(conductor, h.run_id))
+        await h.cancel()
+        with pytest.raises(RunCancelled):
+            await h.result(timeout=20)
+        await h.resume()
+        await h.send("go")
+        assert await h.result(timeout=20) == "booked"
+    assert effects == ["book hotel", "book flight", "pay"]
+
+
+async def test_resume_refuses_a_run_that_did_not_fail(conductor: Conductor) -> None:
+    conductor.register(trip)
+    async with worker(conductor):
+        done = await conductor.start(trip, {"wait": "sleep", "seconds": 0.0})
+        assert await done.result(timeout=20) == "booked"
+        waiting = await conductor.start(trip, {"wait": "receive", "seconds": 3600.0})
+        await eventually(lambda: _suspended_any(conductor, waiting.run_id))
+        for h in (done, waiting):
+            with pytest.raises(ClientError, match="only a FAILED or CANCELLED run"):
+                await h.resume()
+        assert await waiting.status() == RunStatus.SUSPENDED  # untouched
+    with pytest.raises(RunNotFound):
+        await conductor.handle("no-such-run").resume()
+
+
+async def _suspended_any(c: Conductor, run_id: str) -> bool:
+    return await c.handle(run_id).status() == RunStatus.SUSPENDED

@@ -303,6 +303,13 @@ CANCEL = """WITH u AS (
      WHERE run_id = $1 AND status <> ALL({t}) RETURNING run_id
 )
 SELECT pg_notify($3, run_id) FROM u"""
+REOPEN = """WITH u AS (
+    UPDATE {s}.runs r SET status = 'PENDING', ended_at = NULL, result = NULL, error = NULL,
+           error_type = NULL, due_at = $5::float8, lease_owner = NULL,
+           lease_expires_at = NULL, cancel_requested = false, revert_requested = false
+     WHERE r.run_id = $1 AND r.status = $2 AND {n} = $3::bigint RETURNING r.run_id
+), d AS (DELETE FROM {s}.log WHERE run_id IN (SELECT run_id FROM u) AND pos >= $4::bigint)
+SELECT pg_notify($6, run_id) FROM u"""
 STATUS = "SELECT status FROM {s}.runs WHERE run_id = $1"
 GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
 # list_runs: WHERE terms built from the set fields of a RunQuery (see list_query);

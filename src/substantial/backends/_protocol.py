@@ -260,6 +260,16 @@ class Backend(Protocol):
         ``revert``: also set ``revert_requested`` (never cleared by a later plain cancel)."""
         ...
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        """Return an ended run to PENDING (``handle.resume()``), iff it still has
+        ``status`` and a log of ``expected_len`` records: keep the first ``keep_len``
+        records, clear ``ended_at``, ``result``, ``error``, ``error_type``, the lease
+        and the cancel flags, and make it due now (the lease token stays). False if
+        the run moved on (nothing changed); RunNotFound for an unknown run."""
+        ...
+
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:

@@ -211,6 +211,20 @@ redis.call('PUBLISH', ARGV[2], f[2])
 return 1
 """
 
+# KEYS run, log; ARGV status, expected_len, keep_len, now, channel
+_REOPEN = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'log_len', 'run_id')
+if not f[1] then return -1 end
+if f[1] ~= ARGV[1] or tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+redis.call('HDEL', KEYS[1], 'ended_at', 'result', 'error', 'error_type', 'lease_owner',
+    'lease_expires_at', 'cancel_requested', 'revert_requested')
+redis.call('HSET', KEYS[1], 'status', 'PENDING', 'due_at', ARGV[4], 'log_len', ARGV[3])
+reindex(KEYS[1])
+redis.call('PUBLISH', ARGV[5], f[3])
+return 1
+"""
+
 SCRIPTS = dict(
     create=_CREATE,
     claim=_CLAIM,
@@ -221,4 +235,5 @@ SCRIPTS = dict(
     release=_RELEASE,
     deliver=_DELIVER,
     cancel=_CANCEL,
+    reopen=_REOPEN,
 )

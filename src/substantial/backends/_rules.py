@@ -104,6 +104,24 @@ def released(
     return apply_release(rec, due_at, now, pending)
 
 
+def reopened(rec: RunRecord, *, keep_len: int, now: float) -> RunRecord:
+    """``reopen``: PENDING and due now, as if never ended, with a log of ``keep_len``."""
+    return replace(
+        rec,
+        status=RunStatus.PENDING,
+        ended_at=None,
+        result=None,
+        error=None,
+        error_type=None,
+        due_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        cancel_requested=False,
+        revert_requested=False,
+        log_len=keep_len,
+    )
+
+
 def holds_lease(rec: RunRecord | None, token: int) -> bool:
     """``renew`` and ``release`` act only for the current token of a leased run."""
     return rec is not None and rec.lease_token == token and rec.lease_owner is not None

@@ -94,6 +94,11 @@ RELEASE = f"""UPDATE runs SET
 WHERE run_id = :run_id AND lease_token = :token AND lease_owner IS NOT NULL"""
 
 
+REOPEN = """UPDATE runs SET status = 'PENDING', ended_at = NULL, result = NULL, error = NULL,
+    error_type = NULL, due_at = ?, lease_owner = NULL, lease_expires_at = NULL,
+    cancel_requested = 0, revert_requested = 0, log_len = ?
+WHERE run_id = ? AND status = ? AND log_len = ?"""
+
 FIELDS = [name.strip() for name in COLS.split(",")]
 
 

@@ -495,6 +495,30 @@ class FSBackend(FsRegistry):
         if await asyncio.to_thread(cancel):
             self._hub.publish(run_id)
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+
+        def reopen() -> bool:
+            with self._txn(run_id, indexed=True) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                st = t.st
+                if st.rec.status != status or st.rec.log_len != expected_len:
+                    return False
+                kept = self._read_log(run_id, t.dir, st, 0)[:keep_len]
+                # The bytes past log_bytes are dropped by the next append (append_at).
+                size = len(frame(kept))
+                rec = rules.reopened(st.rec, keep_len=keep_len, now=now)
+                self._commit(t, replace(st, rec=rec, log_bytes=size))
+                return True
+
+        if await asyncio.to_thread(reopen):
+            self._hub.publish(run_id)
+            return True
+        return False
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         st = await asyncio.to_thread(self._load, self._run_dir(run_id))

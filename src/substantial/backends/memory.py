@@ -199,6 +199,20 @@ class MemoryBackend:
         r.rec = replace(r.rec, cancel_requested=True, revert_requested=revert, due_at=now)
         self._hub.publish(run_id)
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        r = self._runs.get(run_id)
+        if r is None:
+            raise RunNotFound(run_id)
+        if r.rec.status != status or r.rec.log_len != expected_len:
+            return False
+        del r.log[keep_len:]
+        r.rec = rules.reopened(r.rec, keep_len=keep_len, now=now)
+        self._hub.publish(run_id)
+        return True
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         r = self._runs.get(run_id)

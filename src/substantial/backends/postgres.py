@@ -502,6 +502,18 @@ class PostgresBackend(PostgresRegistry):
         if await self._q("fetchval", sql.STATUS, run_id) is None:
             raise RunNotFound(run_id)
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        args = (run_id, status.value, expected_len, keep_len, now, self._channel)
+        # retried: a landed first attempt makes the retry find PENDING and say False
+        if await self._q("fetch", sql.REOPEN, *args):
+            return True
+        if await self._q("fetchval", sql.STATUS, run_id) is None:
+            raise RunNotFound(run_id)
+        return False
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         row = await self._q("fetchrow", sql.GET, run_id)

@@ -399,6 +399,16 @@ class RedisBackend(RedisRegistry):
         if code == -1:
             raise RunNotFound(run_id)
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        keys = [self._key("run", run_id), self._key("log", run_id)]
+        args = [status.value, expected_len, keep_len, _num(now), self._channel]
+        code = await self._script("reopen", "reopen", keys, args)
+        if code == -1:
+            raise RunNotFound(run_id)
+        return bool(code)
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         key = self._key("run", run_id)

@@ -540,6 +540,25 @@ class SQLiteBackend(SQLiteRegistry):
         if await self._write(tx):
             self._hub.publish(run_id)
 
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        args = (now, keep_len, run_id, status.value, expected_len)
+
+        def tx(c: sqlite3.Connection) -> bool:
+            if c.execute(sql.REOPEN, args).rowcount == 1:
+                c.execute("DELETE FROM log WHERE run_id = ? AND pos >= ?", (run_id, keep_len))
+                return True
+            if c.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise RunNotFound(run_id)
+            return False
+
+        reopened = await self._write(tx)
+        if reopened:
+            self._hub.publish(run_id)
+        return reopened
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
         stmt = f"SELECT {sql.COLS} FROM runs WHERE run_id = ?"
