@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from . import _records as R
 from ._records import decode_record
-from ._recovery import decoded, resume_point
+from ._recovery import decoded, fork_point, resume_point
 from ._session import RunSession
 from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
@@ -198,6 +198,30 @@ class Journal:
         )
         if not reopened:
             raise ClientError(f"run {run_id!r} changed while being resumed; look at it again")
+
+    async def fork(self, source: str, *, from_step: int, run_id: str) -> None:
+        """Create ``run_id``: a run of ``source``'s workflow and kwargs whose log is
+        ``source``'s before durable call ``from_step`` (``_recovery.fork_point``).
+        The source is only read. ClientError if ``run_id`` exists already."""
+        snap = await self.backend.read(source)
+        if snap is None:
+            raise RunNotFound(source)
+        records = decoded(source, snap.log)
+        cut = fork_point(records, from_step)
+        start = {k: v for k, v in records[0].items() if k != "origin"}  # a run of its own
+        start["fork"] = {"of": source, "step": from_step}
+        now = self.clock()
+        new = NewRun(
+            run_id=run_id,
+            workflow=snap.run.workflow,
+            queue=snap.run.queue,
+            first_record=self.encode(start, f"fork of {source!r}"),
+            more_records=tuple(snap.log[1:cut]),
+            created_at=now,
+            due_at=now,
+        )
+        if not await self.backend.create_run(new):
+            raise ClientError(f"fork: run {run_id!r} exists already; choose another run_id")
 
     async def claim(
         self, *, queue: str, workflows: Collection[str], limit: int, owner: str, lease: float

@@ -1,7 +1,8 @@
-"""Where the recovery actions cut a log: resume (an ended run replayed anew).
+"""Where the recovery actions cut a log: resume (an ended run replayed anew) and
+fork (a new run from a prefix of another's log).
 
 Pure functions over decoded records; the journal applies them with the store's
-``reopen`` (see ``Journal.resume``).
+``reopen`` and ``create_run`` (see ``Journal.resume`` and ``Journal.fork``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import _records as R
-from .errors import CorruptRecord
+from .errors import ClientError, CorruptRecord
 
 
 def decoded(run_id: str, raw: Sequence[bytes]) -> list[R.Record]:
@@ -46,3 +47,21 @@ def resume_point(records: Sequence[R.Record]) -> int:
     while m and records[m - 1]["k"] == R.TRY and records[m - 1].get("s") == seq:
         m -= 1
     return m
+
+
+def fork_point(records: Sequence[R.Record], from_step: int) -> int:
+    """How many records a fork from durable call ``from_step`` copies: everything
+    before that call's first record (events included), nothing from it on."""
+    if from_step < 0:
+        raise ClientError(f"fork: from_step must be a step number >= 0, not {from_step}")
+    for i, rec in enumerate(records):
+        if i and rec["k"] in (R.MARK, "corrupt"):
+            raise ClientError(
+                "fork: the log was compacted or holds a corrupt record; it cannot be cut"
+            )
+        seq = rec.get("s")
+        if rec["k"] in (R.CALL, R.TRY, R.ARM, R.LOG) and isinstance(seq, int) and seq >= from_step:
+            return i
+        if rec["k"] == R.END:
+            return i
+    return len(records)

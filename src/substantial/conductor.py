@@ -402,6 +402,23 @@ class Conductor:
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)
 
+    async def fork(
+        self, source: str, /, *, from_step: int, run_id: str | None = None
+    ) -> RunHandle[Any]:
+        """A new run of ``source``'s workflow and kwargs whose log is ``source``'s up
+        to (not including) durable call ``from_step`` (its sequence id, as ``show``
+        numbers the steps); the events recorded before that point come along. The
+        new run replays that prefix (its steps are not run again) and runs on from
+        step ``from_step`` with the code the workers run now. ``source`` is left
+        untouched. ``run_id`` defaults to a random UUID; an existing one is a
+        ClientError. Unknown ``source``: RunNotFound."""
+        await self._ensure_open()
+        rid = str(uuid.uuid4()) if run_id is None else run_id
+        if not rid:
+            raise ClientError("fork: run_id must be a non-empty string")
+        await self.journal.fork(source, from_step=from_step, run_id=rid)
+        return RunHandle(self, rid)
+
     async def workers(self) -> list[WorkerInfo]:
         """The live workers of this store, by id: those whose last heartbeat is
         younger than their lease (a worker that stopped cleanly is gone at once)."""

@@ -759,3 +759,25 @@ async def test_reopen_clears_the_cancel_flags_and_the_result(backend: Backend) -
     run = await backend.get_run("r1")
     assert run is not None and run.status == RunStatus.PENDING and run.result is None
     assert not run.cancel_requested and not run.revert_requested
+
+
+async def test_create_run_with_more_records_starts_with_that_log(backend: Backend) -> None:
+    """A fork: the run is created with a log prefix copied from another."""
+    new = NewRun(
+        run_id="fork",
+        workflow="wf",
+        queue="default",
+        first_record=b"start",
+        more_records=(b"a", b"\x00b", b"c"),
+        created_at=T0,
+        due_at=T0,
+    )
+    assert await backend.create_run(new)
+    snap = await backend.read("fork")
+    assert snap is not None and snap.log == [b"start", b"a", b"\x00b", b"c"]
+    assert snap.run.log_len == 4 and snap.run.status == RunStatus.PENDING
+    c = await claim_one(backend)
+    assert c is not None and c.run_id == "fork"
+    await backend.append("fork", token=c.token, expected_len=4, records=[b"d"], now=T0)
+    snap = await backend.read("fork", log_from=3)
+    assert snap is not None and snap.log == [b"c", b"d"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -225,3 +226,62 @@ async def test_resume_refuses_a_run_that_did_not_fail(conductor: Conductor) -> N
 
 async def _suspended_any(c: Conductor, run_id: str) -> bool:
     return await c.handle(run_id).status() == RunStatus.SUSPENDED
+
+
+# -- fork -------------------------------------------------------------------------------
+
+
+@workflow()
+async def three(c: Context, tag: str) -> list[str]:
+    out = []
+    for i in range(3):
+        out.append(await c.save(functools.partial(_step, f"{tag}{i}")))
+    return out
+
+
+def _step(name: str) -> str:
+    effects.append(name)
+    return name
+
+
+async def test_fork_from_a_step_runs_only_from_there(conductor: Conductor) -> None:
+    conductor.register(three)
+    async with worker(conductor):
+        h = await conductor.start(three, {"tag": "s"})
+        assert await h.result(timeout=20) == ["s0", "s1", "s2"]
+        before = await _records(conductor, h.run_id)
+        forked = await conductor.fork(h.run_id, from_step=2, run_id="the-fork")
+        assert forked.run_id == "the-fork"
+        assert await forked.result(timeout=20) == ["s0", "s1", "s2"]
+    assert effects == ["s0", "s1", "s2", "s2"]  # steps 0 and 1 were not run again
+    assert await _records(conductor, h.run_id) == before  # the original is untouched
+    assert await h.status() == RunStatus.COMPLETED
+    copied = await _records(conductor, "the-fork")
+    assert copied[1:3] == before[1:3]  # the first two steps, as recorded
+    assert copied[0]["fork"] == {"of": h.run_id, "step": 2}
+
+
+async def test_fork_keeps_the_events_before_the_step(conductor: Conductor) -> None:
+    conductor.register(trip)
+    async with worker(conductor):
+        h = await conductor.start(trip, {"wait": "receive", "seconds": 3600.0})
+        await eventually(lambda: _suspended(conductor, h.run_id))
+        await h.send("go")
+        assert await h.result(timeout=20) == "booked"
+        # step 2 is the receive: forked from step 3 (the payment), the event came along
+        forked = await conductor.fork(h.run_id, from_step=3)
+        assert await forked.result(timeout=20) == "booked"
+    assert effects == ["book hotel", "book flight", "pay", "pay"]
+
+
+async def test_fork_refuses_a_taken_run_id_and_an_unknown_source(conductor: Conductor) -> None:
+    conductor.register(three)
+    async with worker(conductor):
+        h = await conductor.start(three, {"tag": "s"})
+        await h.result(timeout=20)
+    with pytest.raises(ClientError, match="exists already"):
+        await conductor.fork(h.run_id, from_step=1, run_id=h.run_id)
+    with pytest.raises(RunNotFound):
+        await conductor.fork("no-such-run", from_step=1)
+    with pytest.raises(ClientError, match="from_step"):
+        await conductor.fork(h.run_id, from_step=-1)

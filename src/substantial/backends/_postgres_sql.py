@@ -231,7 +231,10 @@ CREATE = """WITH ins AS (
     INSERT INTO {s}.runs (run_id, workflow, queue, status, created_at, due_at, parent_id)
     VALUES ($1, $2, $3, 'PENDING', $4, $5, $6) ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
-), lg AS (INSERT INTO {s}.log (run_id, pos, data) SELECT run_id, 0, $7 FROM ins)
+), lg AS (INSERT INTO {s}.log (run_id, pos, data)
+    SELECT run_id, 0, $7 FROM ins
+    UNION ALL
+    SELECT ins.run_id, t.o, t.d FROM ins, unnest($9::bytea[]) WITH ORDINALITY AS t(d, o))
 SELECT pg_notify($8, run_id) FROM ins"""
 CLAIM = """WITH picked AS MATERIALIZED (
     SELECT run_id FROM {s}.runs

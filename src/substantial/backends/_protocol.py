@@ -13,7 +13,7 @@ every lease-based system.
 Rules shared by every store (the conformance suite in ``tests/conformance``
 checks each one):
 
-* ``create_run`` inserts the run (status PENDING, log = [first record],
+* ``create_run`` inserts the run (status PENDING, log = [first record, *more records],
   ``due_at`` as given) unless the id exists; returns False then, changing nothing.
 * A run is *claimable* when ``due_at is not None and due_at <= now`` and it is
   not leased (``lease_expires_at is None or lease_expires_at <= now``) and its
@@ -88,6 +88,7 @@ class NewRun:
     created_at: float
     due_at: float | None
     parent_id: str | None = None
+    more_records: tuple[bytes, ...] = ()  # the log after first_record (a fork's prefix)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -38,14 +38,15 @@ end
 )
 
 # KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
-# nonce, channel
+# nonce, channel, more records...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
   return 0
 end
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
-  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', 1, 'inbox_pos', 0, 'lease_token', 0,
+  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 8, 'inbox_pos', 0,
+  'lease_token', 0,
   'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
 local due = opt(ARGV[5])
 if due then redis.call('HSET', KEYS[1], 'due_at', due) end
@@ -53,6 +54,7 @@ local parent = opt(ARGV[6])
 if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
 redis.call('DEL', KEYS[2])
 redis.call('RPUSH', KEYS[2], ARGV[7])
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 reindex(KEYS[1])

@@ -25,7 +25,7 @@ TERMINAL: tuple[str, ...] = tuple(s.value for s in RunStatus if s.is_terminal)
 
 
 def new_record(new: NewRun) -> RunRecord:
-    """The record ``create_run`` stores: PENDING, a log of one record."""
+    """The record ``create_run`` stores: PENDING, a log of first + more records."""
     return RunRecord(
         run_id=new.run_id,
         workflow=new.workflow,
@@ -33,7 +33,7 @@ def new_record(new: NewRun) -> RunRecord:
         status=RunStatus.PENDING,
         created_at=new.created_at,
         due_at=new.due_at,
-        log_len=1,
+        log_len=1 + len(new.more_records),
         parent_id=new.parent_id,
     )
 

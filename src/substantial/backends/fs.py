@@ -230,7 +230,7 @@ class FSBackend(FsRegistry):
         if d.exists():
             return False
         rec = rules.new_record(new)
-        log = frame([new.first_record])
+        log = frame([new.first_record, *new.more_records])
         tmp = self._tmp / uuid.uuid4().hex
         (tmp / "inbox").mkdir(parents=True)
         self._files.write_new(tmp / "lock", b"")

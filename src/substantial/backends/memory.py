@@ -65,7 +65,8 @@ class MemoryBackend:
         self._count("create_run")
         if new.run_id in self._runs:
             return False
-        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=[new.first_record])
+        log = [new.first_record, *new.more_records]
+        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=log)
         self._hub.publish(new.run_id)
         return True
 

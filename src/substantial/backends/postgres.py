@@ -372,7 +372,7 @@ class PostgresBackend(PostgresRegistry):
 
     def _create_args(self, n: NewRun) -> tuple[Any, ...]:
         return (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
-                n.first_record, self._channel)  # fmt: skip
+                n.first_record, self._channel, list(n.more_records))  # fmt: skip
 
     async def claim_due(
         self,

@@ -272,6 +272,7 @@ class RedisBackend(RedisRegistry):
             new.first_record,
             uuid.uuid4().hex,
             self._channel,
+            *new.more_records,
         ]
         return bool(await self._script("create_run", "create", keys, args))
 

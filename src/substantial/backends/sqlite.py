@@ -302,7 +302,7 @@ class SQLiteBackend(SQLiteRegistry):
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
-                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.run_id,
                     new.workflow,
@@ -310,14 +310,16 @@ class SQLiteBackend(SQLiteRegistry):
                     RunStatus.PENDING.value,
                     new.created_at,
                     new.due_at,
+                    1 + len(new.more_records),
                     new.parent_id,
                 ),
             )
             if cur.rowcount != 1:
                 return False
-            c.execute(
-                "INSERT INTO log (run_id, pos, data) VALUES (?, 0, ?)",
-                (new.run_id, new.first_record),
+            records = [new.first_record, *new.more_records]
+            c.executemany(
+                "INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)",
+                [(new.run_id, pos, data) for pos, data in enumerate(records)],
             )
             return True
 
