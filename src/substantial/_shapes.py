@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ._types import LogRecord, RunSummary
+from ._types import LogRecord, RunSummary, WorkerInfo
 
-__all__ = ["iso", "log_doc", "summary_doc"]
+__all__ = ["iso", "log_doc", "summary_doc", "worker_doc"]
 
 
 def iso(t: datetime | None) -> str | None:
@@ -36,3 +36,16 @@ def summary_doc(s: RunSummary) -> dict[str, Any]:
 def log_doc(line: LogRecord) -> dict[str, Any]:
     """A run's log line: ``level, message, fields, at``."""
     return {"level": line.level, "message": line.message, "fields": line.fields, "at": iso(line.at)}
+
+
+def worker_doc(w: WorkerInfo) -> dict[str, Any]:
+    """A live worker: ``worker_id, host, pid, queues, workflows, started_at, last_beat``."""
+    return {
+        "worker_id": w.worker_id,
+        "host": w.host,
+        "pid": w.pid,
+        "queues": list(w.queues),
+        "workflows": list(w.workflows),
+        "started_at": iso(w.started_at),
+        "last_beat": iso(w.last_beat),
+    }

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from . import _runs, _store, _worker
+from . import _recovery, _runs, _store, _worker
 from ._common import INTERNAL, OK, Settings, click_style, describe
 
 __all__ = ["app", "main"]
@@ -54,6 +54,7 @@ def _root(
 _runs.register(app)
 _worker.register(app)
 _store.register(app)
+_recovery.register(app)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
