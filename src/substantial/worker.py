@@ -85,12 +85,16 @@ class Worker:
         heartbeat = asyncio.create_task(
             supervise("heartbeat", self._heartbeat), name="substantial-heartbeat"
         )
+        registry = asyncio.create_task(
+            supervise("registry", self._registry_beats), name="substantial-registry"
+        )
         self._log_start()
         try:
             await self._loop()
         finally:
             log.info("worker %s stopping: handing back %d runs", self.owner, len(self._active))
             heartbeat.cancel()
+            registry.cancel()
             tasks = [t for _, t in self._active.values()]
             for t in tasks:
                 t.cancel()
@@ -98,6 +102,8 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            with contextlib.suppress(asyncio.CancelledError):
+                await registry
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.journal.remove_worker(self.owner))
             log.info("worker %s stopped", self.owner)
@@ -143,9 +149,17 @@ class Worker:
             reraise_if_cancelling()
             log.warning("worker %s: registering in the store failed (%r)", self.owner, exc)
 
+    async def _registry_beats(self) -> None:
+        """Beat the registry entry each lease/3, the heartbeat's period, in a task of
+        its own: a slow or failing registry write must never delay a lease renewal."""
+        interval = self.options.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            await self._beat_registry()
+
     async def _beat_registry(self) -> None:
-        """The registry half of a heartbeat: one small write; an entry that is gone
-        (aged out during an outage, or removed) is written again whole."""
+        """One small write; an entry that is gone (aged out during an outage, or
+        removed) is written again whole."""
         try:
             if not await self.journal.beat_worker(self.owner):
                 await self._register()
@@ -256,8 +270,7 @@ class Worker:
             self._kick.set()
 
     async def _heartbeat(self) -> None:
-        """Renew every held lease each lease/3, all in one store call, then beat the
-        worker's registry entry (one more small write).
+        """Renew every held lease each lease/3, all in one store call.
 
         One call, not one per run: under load, dozens of single renewals queue for
         the store's connections and the last ones land after their lease expired.
@@ -278,7 +291,6 @@ class Worker:
             if held:
                 await self._renew(held)
                 reraise_if_cancelling()  # a driver may have eaten a cancel
-            await self._beat_registry()
 
     async def _renew(self, held: dict[str, tuple[RunSession | None, asyncio.Task[None]]]) -> None:
         try:

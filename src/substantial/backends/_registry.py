@@ -130,7 +130,7 @@ PG_LIST = "SELECT info, last_beat FROM {s}.workers WHERE last_beat + lease > $1:
 
 
 class PostgresRegistry:
-    """One statement per op; beats go on the heartbeat's own connection."""
+    """One statement per op."""
 
     async def _q(
         self, method: str, template: str, *args: Any, retry: bool = True, control: bool = False
@@ -142,7 +142,8 @@ class PostgresRegistry:
         await self._q("execute", PG_REGISTER, *args)
 
     async def beat_worker(self, worker_id: str, *, now: float) -> bool:
-        return await self._q("fetchval", PG_BEAT, worker_id, now, control=True) is not None
+        # the pool, not the heartbeat's own connection: lease renewals never wait for it
+        return await self._q("fetchval", PG_BEAT, worker_id, now) is not None
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._q("execute", PG_REMOVE, worker_id)
