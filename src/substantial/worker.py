@@ -104,8 +104,7 @@ class Worker:
                 await heartbeat
             with contextlib.suppress(asyncio.CancelledError):
                 await registry
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(self.journal.remove_worker(self.owner))
+            await self._unregister()
             log.info("worker %s stopped", self.owner)
 
     def _log_start(self) -> None:
@@ -149,6 +148,13 @@ class Worker:
             reraise_if_cancelling()
             log.warning("worker %s: registering in the store failed (%r)", self.owner, exc)
 
+    async def _unregister(self) -> None:
+        """Leave the registry on a clean stop. Best effort and bounded: an entry left
+        behind ages out after the lease anyway, and a stop must not hang on it."""
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(max(self.options.lease, 1.0)):
+                await asyncio.shield(self.journal.remove_worker(self.owner))
+
     async def _registry_beats(self) -> None:
         """Beat the registry entry each lease/3, the heartbeat's period, in a task of
         its own: a slow or failing registry write must never delay a lease renewal."""
@@ -156,6 +162,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             await self._beat_registry()
+            reraise_if_cancelling()  # a store client may have eaten a cancel: stop anyway
 
     async def _beat_registry(self) -> None:
         """One small write; an entry that is gone (aged out during an outage, or
