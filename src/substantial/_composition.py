@@ -25,7 +25,10 @@ from .codec import to_json
 from .errors import RunCancelled, RunFailed, RunReverted
 
 if TYPE_CHECKING:
+    from ._session import RunSession
     from .backends import RunRecord
+
+REVERT = "revert"  # the marker record of a cancel-revert (see Composition.cancel_revert)
 
 
 def child_event(run_id: str) -> str:
@@ -60,6 +63,17 @@ class ChildHandle:
 
 
 class Composition(Steps):
+    def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
+        super().__init__(session, hot_wait=hot_wait)
+        # A cancel-revert that began before (this is a replay of it): its marker's
+        # sequence id. The replay stops at the call before it (see cancel_revert).
+        self._revert_seq: int | None = None
+        if session.run.revert_requested:
+            marks = [r["s"] for r in session.records if r.get("p") == REVERT and r.get("cancel")]
+            if marks:
+                self._revert_seq = marks[0]
+                self._replay.stop_at = marks[0] - 1
+
     async def _start_child(
         self, name: str, kwargs: dict[str, Any] | None, queue: str | None
     ) -> ChildHandle:
@@ -107,6 +121,28 @@ class Composition(Steps):
             await self._save("compensate", comp, None, None, None, None, name=step_name(comp))
         self._compensations.clear()
         raise StopRun(RunStatus.REVERTED)
+
+    async def cancel_revert(self) -> None:
+        """A cancel that asked for a revert (``handle.cancel(revert=True)``): run the
+        compensations of the saves replayed so far, newest first, each a durable step.
+
+        The cancel stopped the workflow at the call it interrupted (sequence id
+        n - 1); a marker at n records that the revert began there, and the
+        compensations follow at n + 1, ... A replay after a crash stops at that same
+        call (``Replay.stop_at``), having replayed the same saves, so it rebuilds the
+        same compensations and finds the ones already run in the log: each runs
+        exactly once."""
+        self._reverting = True
+        self._replay.stop_at = None
+        if self._revert_seq is not None:
+            self._replay.next_seq = self._revert_seq
+        step = self._replay.begin(REVERT, None, None, "cancel")
+        if not step.records:
+            mark = self._rec(R.CALL, step.seq, REVERT, "cancel", cancel=True)
+            await self._write(mark, what="cancel(revert=True)")
+        for _, comp in reversed(self._compensations):
+            await self._save("compensate", comp, None, None, None, None)
+        self._compensations.clear()
 
     async def _compact(self) -> None:
         if not self._replay.compact_here():  # replaying: the log already goes further

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 from . import _records as R
 from . import telemetry
 from ._records import decode_record
+from ._recovery import decoded, fork_point, resume_point
 from ._session import RunSession
-from ._types import LogRecord, RunSummary
+from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
     Backend,
     Claim,
@@ -30,10 +31,12 @@ from .backends import (
     NewRun,
     RunQuery,
     RunRecord,
+    WorkerRecord,
     default_url,
 )
 from .codec import dumps
 from .errors import (
+    ClientError,
     ConfigurationError,
     RunFinished,
     RunNotFound,
@@ -44,6 +47,7 @@ __all__ = ["DEFAULT_MAX_PAYLOAD", "Clock", "Journal", "RunSession", "decode_reco
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 DEFAULT_MAX_PAYLOAD = 1_048_576
 
 
@@ -174,8 +178,52 @@ class Journal:
             with contextlib.suppress(RunNotFound, RunFinished):
                 await self.backend.deliver(successor, data, now=self.clock())
 
-    async def cancel(self, run_id: str) -> None:
-        await self.backend.request_cancel(run_id, now=self.clock())
+    async def cancel(self, run_id: str, *, revert: bool = False) -> None:
+        await self.backend.request_cancel(run_id, now=self.clock(), revert=revert)
+
+    async def resume(self, run_id: str) -> None:
+        """Return a FAILED or CANCELLED run to PENDING, its log cut where the
+        failure began (see ``_recovery.resume_point``): a worker replays it with
+        the code it runs now, and the call that failed runs again."""
+        snap = await self.backend.read(run_id)
+        if snap is None:
+            raise RunNotFound(run_id)
+        run = snap.run
+        if run.status not in _RESUMABLE:
+            raise ClientError(
+                f"run {run_id!r} is {run.status.value}: only a FAILED or CANCELLED run "
+                "can be resumed"
+            )
+        keep = resume_point(decoded(run_id, snap.log))
+        reopened = await self.backend.reopen(
+            run_id, status=run.status, expected_len=run.log_len, keep_len=keep, now=self.clock()
+        )
+        if not reopened:
+            raise ClientError(f"run {run_id!r} changed while being resumed; look at it again")
+
+    async def fork(self, source: str, *, from_step: int, run_id: str) -> None:
+        """Create ``run_id``: a run of ``source``'s workflow and kwargs whose log is
+        ``source``'s before durable call ``from_step`` (``_recovery.fork_point``).
+        The source is only read. ClientError if ``run_id`` exists already."""
+        snap = await self.backend.read(source)
+        if snap is None:
+            raise RunNotFound(source)
+        records = decoded(source, snap.log)
+        cut = fork_point(records, from_step)
+        start = {k: v for k, v in records[0].items() if k != "origin"}  # a run of its own
+        start["fork"] = {"of": source, "step": from_step}
+        now = self.clock()
+        new = NewRun(
+            run_id=run_id,
+            workflow=snap.run.workflow,
+            queue=snap.run.queue,
+            first_record=self.encode(start, f"fork of {source!r}"),
+            more_records=tuple(snap.log[1:cut]),
+            created_at=now,
+            due_at=now,
+        )
+        if not await self.backend.create_run(new):
+            raise ClientError(f"fork: run {run_id!r} exists already; choose another run_id")
 
     async def claim(
         self, *, queue: str, workflows: Collection[str], limit: int, owner: str, lease: float
@@ -231,6 +279,33 @@ class Journal:
         if snap is None:
             raise RunNotFound(run_id)
         return snap.run, [decode_record(run_id, i, data) for i, data in enumerate(snap.log)]
+
+    # -- the worker registry ---------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRecord) -> None:
+        await self.backend.register_worker(info, now=self.clock())
+
+    async def beat_worker(self, worker_id: str) -> bool:
+        """False: the store has no entry for it (any more); register again."""
+        return await self.backend.beat_worker(worker_id, now=self.clock())
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self.backend.remove_worker(worker_id)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers, by id."""
+        return [
+            WorkerInfo(
+                worker_id=w.worker_id,
+                host=w.host,
+                pid=w.pid,
+                queues=w.queues,
+                workflows=w.workflows,
+                started_at=datetime.fromtimestamp(w.started_at, UTC),
+                last_beat=datetime.fromtimestamp(w.last_beat, UTC),
+            )
+            for w in await self.backend.list_workers(now=self.clock())
+        ]
 
     async def open_session(self, claim: Claim, lease: float) -> RunSession | None:
         snap = await self.backend.read(claim.run_id)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _records as R
+from ._interrupts import CancelRun
 from .errors import NonDeterminismError
 
 
@@ -87,6 +88,7 @@ class Replay:
         self._mark: _Mark | None = None
         self._matched = 0  # unkeyed records before the mark matched so far
         self._rebased = False
+        self.stop_at: int | None = None  # see begin()
         self.reload(records, cursor=1, live=False)
 
     def reload(self, records: list[R.Record], *, cursor: int, live: bool) -> None:
@@ -148,7 +150,12 @@ class Replay:
         return self._mark is not None and not self._rebased
 
     def begin(self, p: str, name: str | None, key: str | None, at: str) -> Step:
-        """The records that answer the next durable call ``p``."""
+        """The records that answer the next durable call ``p``.
+
+        ``stop_at``: the call a cancel-revert interrupted (its compensations follow
+        in the log); a replay stops there with CancelRun, as the first run did."""
+        if self.stop_at is not None and self.next_seq == self.stop_at:
+            raise CancelRun()
         if self.in_compacted_stretch():
             step = self._kept(p, name, key, at)
             if step is not None:

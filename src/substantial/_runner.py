@@ -58,9 +58,9 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
             session, RunStatus.FAILED, error=str(session.corrupt), error_type="CorruptRecord"
         )
         return None
-    if run.cancel_requested:
+    if run.cancel_requested and not run.revert_requested:
         await _cancel(session)
-        return None
+        return None  # (a revert replays first: the compensations are in the code)
     ctx = Context(session, hot_wait=hot_wait)
     try:
         await session.pull_if_needed()
@@ -77,6 +77,8 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         return s.due
     except CancelRun:
         _raise_if_lost(session)
+        if session.run.revert_requested:
+            return await _cancel_reverting(session, wf, ctx)
         await _cancel(session, ctx.flush_records())
         return None
     except StopRun as stop:
@@ -163,10 +165,35 @@ async def _end(
             await session.journal.deliver(parent, child_event(origin), outcome)
 
 
-async def _cancel(session: RunSession, extra: list[Any] | None = None) -> None:
-    """End the run CANCELLED and cancel its descendants."""
+async def _cancel_reverting(session: RunSession, wf: Workflow[Any], ctx: Context) -> float | None:
+    """``cancel(revert=True)``: the compensations first, then the end, REVERTED. A
+    compensation waiting out a retry suspends the run (the next claim replays to
+    here and goes on); one that fails for good fails the run, as in ``revert()``."""
+    try:
+        await ctx.cancel_revert()
+    except Suspend as s:
+        _raise_if_lost(session)
+        await session.suspend(s.due, ctx.flush_records())
+        return s.due
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        _raise_if_lost(session)
+        if isinstance(exc, BackendError):
+            raise
+        await _failed(session, wf, exc, ctx.flush_records())
+        return None
+    _raise_if_lost(session)
+    await _cancel(session, ctx.flush_records(), status=RunStatus.REVERTED)
+    return None
+
+
+async def _cancel(
+    session: RunSession, extra: list[Any] | None = None, status: RunStatus = RunStatus.CANCELLED
+) -> None:
+    """End the run CANCELLED (or REVERTED) and cancel its descendants."""
     children = [r["v"] for r in session.records if r.get("p") == "start_child" and "v" in r]
-    await _end(session, RunStatus.CANCELLED, extra=extra)
+    await _end(session, status, extra=extra)
     for child in children:
         with contextlib.suppress(RunNotFound):
             await session.journal.cancel(child)

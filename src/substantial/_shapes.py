@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._history import History, HistoryEntry
-from ._types import LogRecord, RunSummary
+from ._types import LogRecord, RunSummary, WorkerInfo
 
-__all__ = ["entry_doc", "history_doc", "iso", "log_doc", "summary_doc"]
+__all__ = ["entry_doc", "history_doc", "iso", "log_doc", "summary_doc", "worker_doc"]
 
 
 def iso(t: datetime | None) -> str | None:
@@ -61,4 +61,17 @@ def history_doc(h: History) -> dict[str, Any]:
         "run_id": h.run_id,
         "entries": [entry_doc(e) for e in h.entries],
         "next_cursor": h.next_cursor,
+    }
+
+
+def worker_doc(w: WorkerInfo) -> dict[str, Any]:
+    """A live worker: ``worker_id, host, pid, queues, workflows, started_at, last_beat``."""
+    return {
+        "worker_id": w.worker_id,
+        "host": w.host,
+        "pid": w.pid,
+        "queues": list(w.queues),
+        "workflows": list(w.workflows),
+        "started_at": iso(w.started_at),
+        "last_beat": iso(w.last_beat),
     }

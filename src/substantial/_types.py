@@ -60,6 +60,26 @@ class RunSummary:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerInfo:
+    """A live worker, as it registered in the store (``Conductor.workers()``).
+
+    ``worker_id`` is the worker's lease owner string (``host:pid:hex``), the name
+    its leases carry; ``last_beat`` is its latest heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    workflows: tuple[str, ...]
+    started_at: datetime
+    last_beat: datetime
+
+    def serves(self, workflow: str, queue: str) -> bool:
+        """Whether this worker claims runs of ``workflow`` on ``queue``."""
+        return queue in self.queues and workflow in self.workflows
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LogRecord:
     level: str
     message: str

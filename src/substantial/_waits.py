@@ -21,6 +21,17 @@ from ._types import RunStatus, Seconds, to_seconds
 
 
 class Waits(CallCore):
+    _reverting = False  # compensations of a cancel-revert run: a cancel no longer stops
+
+    async def _sync(self) -> None:
+        """The live edge; while a cancel-revert runs its compensations, without the
+        cancel check (that cancel is what they are answering)."""
+        if not self._reverting:
+            return await super()._sync()
+        await self._session.pull_if_needed()
+        self._replay.index_new()
+        self._replay.advance(len(self._session.records))
+
     def _budget(self) -> float:
         """When an in-place wait that starts now must give up and suspend."""
         return self._clock() + self._hot_wait
@@ -32,6 +43,8 @@ class Waits(CallCore):
         have arrived; raises Suspend to unwind once the wait outlasts
         ``budget_end`` (fixed by the caller when the primitive started waiting).
         """
+        if self._session.run.cancel_requested and not self._reverting:
+            raise CancelRun()  # a replay reached a wait after a cancel (see cancel_revert)
         while True:
             now = self._clock()
             if due is not None and now >= due:
@@ -47,7 +60,7 @@ class Waits(CallCore):
                 # a timer: take events in (their position is fixed now) and watch
                 # for cancellation, but apply them only at the next durable call
                 await self._session.pull_if_needed()
-                if self._session.run.cancel_requested:
+                if self._session.run.cancel_requested and not self._reverting:
                     raise CancelRun()
 
     async def _timer(

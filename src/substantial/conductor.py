@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
@@ -17,7 +17,7 @@ from ._history import History, RunDetails, history_page, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
-from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
+from ._types import LogRecord, RunStatus, RunSummary, Seconds, WorkerInfo, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
 from .errors import (
     BackendUnavailable,
@@ -92,13 +92,28 @@ class RunHandle(Generic[R]):
     async def summary(self) -> RunSummary:
         return summarize(await self._latest())
 
-    async def cancel(self) -> None:
-        """Ask for cancellation; descendants are cancelled too. No-op on ended runs."""
+    async def cancel(self, *, revert: bool = False) -> None:
+        """Ask for cancellation; descendants are cancelled too. No-op on ended runs.
+
+        ``revert=True``: the run first runs the compensations of its recorded saves,
+        newest first, each once and durably (as ``c.revert()`` would), and ends
+        REVERTED (``result()`` raises RunReverted); its descendants are cancelled."""
         journal = await self._journal()
         run_id: str | None = (await self._latest()).run_id
         while run_id is not None:
-            await journal.cancel(run_id)
+            await journal.cancel(run_id, revert=revert)
             run_id = _continued_to(await journal.get(run_id))  # continued meanwhile
+
+    async def resume(self) -> None:
+        """Replay a FAILED or CANCELLED run with the code the workers run now: the
+        way to recover from a bug in workflow code once the fix is deployed.
+
+        The run returns to PENDING; its recorded steps stay recorded (they are not
+        run again), and the call that failed runs again (the workflow's exception
+        is forgotten; a save that exhausted its retries gets a fresh set). A run
+        that is not FAILED or CANCELLED: ClientError; unknown: RunNotFound."""
+        journal = await self._journal()
+        await journal.resume((await self._latest()).run_id)
 
     async def logs(self) -> list[LogRecord]:
         """Log lines of this run and of the runs it continued into, in order."""
@@ -391,6 +406,40 @@ class Conductor:
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)
+
+    async def fork(
+        self, source: str, /, *, from_step: int, run_id: str | None = None
+    ) -> RunHandle[Any]:
+        """A new run of ``source``'s workflow and kwargs whose log is ``source``'s up
+        to (not including) durable call ``from_step`` (its sequence id, as ``show``
+        numbers the steps); the events recorded before that point come along. The
+        new run replays that prefix (its steps are not run again) and runs on from
+        step ``from_step`` with the code the workers run now. ``source`` is left
+        untouched. ``run_id`` defaults to a random UUID; an existing one is a
+        ClientError. Unknown ``source``: RunNotFound."""
+        await self._ensure_open()
+        rid = str(uuid.uuid4()) if run_id is None else run_id
+        if not rid:
+            raise ClientError("fork: run_id must be a non-empty string")
+        await self.journal.fork(source, from_step=from_step, run_id=rid)
+        return RunHandle(self, rid)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers of this store, by id: those whose last heartbeat is
+        younger than their lease (a worker that stopped cleanly is gone at once)."""
+        await self._ensure_open()
+        return await self.journal.workers()
+
+    async def served_by(
+        self, summary: RunSummary, *, workers: Sequence[WorkerInfo] | None = None
+    ) -> bool:
+        """Whether some live worker serves ``summary``'s workflow on its queue.
+
+        False for a PENDING run means it waits for a worker that is not there (a
+        mistyped workflow name, a queue nobody serves, every worker down). Pass
+        ``workers`` (from :meth:`workers`) to check a page of runs with one lookup."""
+        found = await self.workers() if workers is None else workers
+        return any(w.serves(summary.workflow, summary.queue) for w in found)
 
     async def search(
         self,

@@ -25,7 +25,7 @@ from . import telemetry
 from ._journal import Journal, RunSession
 from ._runner import drive
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
-from .backends import Claim
+from .backends import Claim, WorkerRecord
 from .errors import BackendError, BackendUnavailable
 from .workflow import Workflow
 
@@ -59,6 +59,7 @@ class Worker:
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
         self._outage = Outage(f"store {journal.label}", log)
+        self._started_at = journal.clock()
 
     # -- hints ------------------------------------------------------------------
 
@@ -81,8 +82,12 @@ class Worker:
         first claim waits for it, so a run made due at any moment is either seen
         by that claim or hinted after it (guarantee 7)."""
         await hints_ready()
+        await self._register()
         heartbeat = asyncio.create_task(
             supervise("heartbeat", self._heartbeat), name="substantial-heartbeat"
+        )
+        registry = asyncio.create_task(
+            supervise("registry", self._registry_beats), name="substantial-registry"
         )
         self._log_start()
         try:
@@ -90,6 +95,7 @@ class Worker:
         finally:
             log.info("worker %s stopping: handing back %d runs", self.owner, len(self._active))
             heartbeat.cancel()
+            registry.cancel()
             tasks = [t for _, t in self._active.values()]
             for t in tasks:
                 t.cancel()
@@ -97,6 +103,9 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            with contextlib.suppress(asyncio.CancelledError):
+                await registry
+            await self._unregister()
             log.info("worker %s stopped", self.owner)
 
     def _log_start(self) -> None:
@@ -118,6 +127,53 @@ class Worker:
                 "lease": opts.lease,
             },
         )
+
+    # -- the registry ------------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Put this worker in the store's registry (``Conductor.workers()``). Not
+        fatal when the store is out: the heartbeat's next beat registers then."""
+        opts = self.options
+        info = WorkerRecord(
+            worker_id=self.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=opts.queues,
+            workflows=tuple(sorted(self.workflows)),
+            started_at=self._started_at,
+            lease_seconds=opts.lease,
+        )
+        try:
+            await self.journal.register_worker(info)
+        except BackendError as exc:
+            reraise_if_cancelling()
+            log.warning("worker %s: registering in the store failed (%r)", self.owner, exc)
+
+    async def _unregister(self) -> None:
+        """Leave the registry on a clean stop. Best effort and bounded: an entry left
+        behind ages out after the lease anyway, and a stop must not hang on it."""
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(max(self.options.lease, 1.0)):
+                await asyncio.shield(self.journal.remove_worker(self.owner))
+
+    async def _registry_beats(self) -> None:
+        """Beat the registry entry each lease/3, the heartbeat's period, in a task of
+        its own: a slow or failing registry write must never delay a lease renewal."""
+        interval = self.options.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            await self._beat_registry()
+            reraise_if_cancelling()  # a store client may have eaten a cancel: stop anyway
+
+    async def _beat_registry(self) -> None:
+        """One small write; an entry that is gone (aged out during an outage, or
+        removed) is written again whole."""
+        try:
+            if not await self.journal.beat_worker(self.owner):
+                await self._register()
+        except BackendError as exc:
+            reraise_if_cancelling()
+            log.debug("worker %s: registry beat failed (%r)", self.owner, exc)
 
     async def _loop(self) -> None:
         opts = self.options

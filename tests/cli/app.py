@@ -7,6 +7,7 @@ below on the ``--backend`` store.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from substantial import Conductor, Context, Retry, workflow
@@ -36,5 +37,39 @@ async def approval(c: Context) -> Any:
     return {"decision": decision}
 
 
+def _note(path: str, line: str) -> str:
+    """A step's effect: one line appended to the test's file (exactly once, or not)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    return line
+
+
+@workflow()
+async def trip(c: Context, path: str) -> str:
+    """Two compensated bookings, then a wait (for cancel --revert)."""
+    await c.save(
+        lambda: _note(path, "book hotel"), compensate_with=lambda: _note(path, "undo hotel")
+    )
+    await c.save(
+        lambda: _note(path, "book flight"), compensate_with=lambda: _note(path, "undo flight")
+    )
+    await c.receive("go")
+    return "booked"
+
+
+@workflow()
+async def shaky(c: Context, path: str, fixed: str) -> str:
+    """Fails in its third step until the file ``fixed`` exists (the deployed fix)."""
+    await c.save(lambda: _note(path, "one"))
+    await c.save(lambda: _note(path, "two"))
+
+    def three() -> str:
+        if not os.path.exists(fixed):
+            raise KeyError("bug in step three")
+        return _note(path, "three")
+
+    return await c.save(three, retry=Retry(max_attempts=1))
+
+
 conductor = Conductor()
-conductor.register(double, boom, approval)
+conductor.register(double, boom, approval, trip, shaky)

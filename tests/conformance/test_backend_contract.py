@@ -9,7 +9,15 @@ from collections.abc import AsyncIterator
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import Backend, Claim, NewRun, RunQuery, RunRecord, RunUpdate
+from substantial.backends import (
+    Backend,
+    Claim,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    WorkerRecord,
+)
 from substantial.errors import LeaseLost, RunFinished, RunNotFound
 
 T0 = 1_700_000_000.0
@@ -368,8 +376,26 @@ async def test_request_cancel_marks_and_makes_due(backend: Backend) -> None:
     await backend.request_cancel("r1", now=T0)
     run = await backend.get_run("r1")
     assert run is not None and run.cancel_requested and run.due_at == T0
+    assert not run.revert_requested
     with pytest.raises(RunNotFound):
         await backend.request_cancel("ghost", now=T0)
+
+
+async def test_a_cancel_asking_to_revert_keeps_that_wish(backend: Backend) -> None:
+    await backend.create_run(new_run("r1", due=None))
+    await backend.request_cancel("r1", now=T0, revert=True)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.run.cancel_requested and snap.run.revert_requested
+    await backend.request_cancel("r1", now=T0 + 1)  # a plain cancel after it changes nothing
+    run = await backend.get_run("r1")
+    assert run is not None and run.revert_requested and run.due_at == T0 + 1
+    await backend.create_run(new_run("r2", due=None))
+    await backend.request_cancel("r2", now=T0)
+    await backend.request_cancel("r2", now=T0, revert=True)  # and a revert after a plain one
+    later = await backend.get_run("r2")
+    assert later is not None and later.revert_requested
+    [listed] = await backend.list_runs(RunQuery(run_ids=frozenset({"r2"})))
+    assert listed.revert_requested
 
 
 async def test_list_runs_filters_by_workflow_and_status(backend: Backend) -> None:
@@ -603,3 +629,155 @@ async def test_rewrite_log_is_fenced_like_append(backend: Backend) -> None:
         await backend.rewrite_log("ghost", token=1, expected_len=1, records=[b"0"], now=T0)
     snap = await backend.read("r1")
     assert snap is not None and snap.log == [b"0", b"1"] and snap.run.log_len == 2
+
+
+# -- the worker registry ------------------------------------------------------------
+
+
+def worker(
+    wid: str, *, lease: float = 30.0, queues: tuple[str, ...] = ("default",)
+) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=wid,
+        host="host-1",
+        pid=4242,
+        queues=queues,
+        workflows=("a", "b"),
+        started_at=T0,
+        lease_seconds=lease,
+    )
+
+
+async def test_registered_workers_are_listed_with_their_entry(backend: Backend) -> None:
+    await backend.register_worker(worker("w:2", queues=("q1", "q2")), now=T0)
+    await backend.register_worker(worker("w:1"), now=T0 + 1)
+    listed = await backend.list_workers(now=T0 + 2)
+    assert [w.worker_id for w in listed] == ["w:1", "w:2"]
+    assert listed[1] == WorkerRecord(
+        worker_id="w:2",
+        host="host-1",
+        pid=4242,
+        queues=("q1", "q2"),
+        workflows=("a", "b"),
+        started_at=T0,
+        lease_seconds=30.0,
+        last_beat=T0,
+    )
+    assert listed[0].last_beat == T0 + 1
+
+
+async def test_a_beat_keeps_a_worker_listed_past_its_first_lease(backend: Backend) -> None:
+    await backend.register_worker(worker("w1", lease=10.0), now=T0)
+    await backend.register_worker(worker("w2", lease=10.0), now=T0)
+    assert await backend.beat_worker("w1", now=T0 + 8)
+    listed = await backend.list_workers(now=T0 + 12)
+    assert [(w.worker_id, w.last_beat) for w in listed] == [("w1", T0 + 8)]
+    assert await backend.list_workers(now=T0 + 18.5) == []
+
+
+async def test_a_removed_or_unknown_worker_beats_false_and_is_not_listed(
+    backend: Backend,
+) -> None:
+    await backend.register_worker(worker("w1"), now=T0)
+    await backend.remove_worker("w1")
+    await backend.remove_worker("never-registered")  # no-op
+    assert not await backend.beat_worker("w1", now=T0 + 1)
+    assert not await backend.beat_worker("nobody", now=T0 + 1)
+    assert await backend.list_workers(now=T0 + 1) == []
+
+
+async def test_an_aged_out_worker_registers_again(backend: Backend) -> None:
+    await backend.register_worker(worker("w1", lease=5.0), now=T0)
+    assert await backend.list_workers(now=T0 + 6) == []
+    # Whether or not the store dropped the dead entry, registering brings it back.
+    await backend.register_worker(worker("w1", lease=5.0), now=T0 + 7)
+    assert [w.last_beat for w in await backend.list_workers(now=T0 + 8)] == [T0 + 7]
+
+
+# -- reopening an ended run (resume) --------------------------------------------------
+
+
+async def _failed_run(backend: Backend, run_id: str) -> None:
+    """A run with log [start, a, b, end] that ended FAILED."""
+    await backend.create_run(new_run(run_id, first=b"start"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append(run_id, token=c.token, expected_len=1, records=[b"a", b"b"], now=T0)
+    end = RunUpdate(status=RunStatus.FAILED, error="boom", error_type="KeyError", ended_at=T0)
+    await backend.append(
+        run_id, token=c.token, expected_len=3, records=[b"end"], update=end, now=T0
+    )
+
+
+async def test_reopen_returns_an_ended_run_to_pending_with_its_log_cut(backend: Backend) -> None:
+    await _failed_run(backend, "r1")
+    assert await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0 + 5
+    )
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"start", b"a"]
+    run = snap.run
+    assert run.status == RunStatus.PENDING and run.log_len == 2 and run.due_at == T0 + 5
+    assert run.ended_at is None and run.error is None and run.error_type is None
+    assert run.lease_owner is None and run.started_at == T0
+    # Claimable again, with a newer token; appends carry on from the cut.
+    c = await claim_one(backend, now=T0 + 5)
+    assert c is not None and c.run_id == "r1" and c.token == 2
+    await backend.append("r1", token=c.token, expected_len=2, records=[b"b2"], now=T0 + 5)
+    snap = await backend.read("r1")
+    assert snap is not None and snap.log == [b"start", b"a", b"b2"]
+
+
+async def test_reopen_is_fenced_on_status_and_log_length(backend: Backend) -> None:
+    await _failed_run(backend, "r1")
+    assert not await backend.reopen(
+        "r1", status=RunStatus.CANCELLED, expected_len=4, keep_len=2, now=T0
+    )
+    assert not await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=3, keep_len=2, now=T0
+    )
+    snap = await backend.read("r1")
+    assert snap is not None and snap.run.status == RunStatus.FAILED and len(snap.log) == 4
+    assert await backend.reopen("r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0)
+    assert not await backend.reopen(
+        "r1", status=RunStatus.FAILED, expected_len=4, keep_len=2, now=T0
+    )
+    with pytest.raises(RunNotFound):
+        await backend.reopen("ghost", status=RunStatus.FAILED, expected_len=1, keep_len=2, now=T0)
+
+
+async def test_reopen_clears_the_cancel_flags_and_the_result(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    await backend.request_cancel("r1", now=T0, revert=True)
+    c = await claim_one(backend)
+    assert c is not None
+    end = RunUpdate(status=RunStatus.CANCELLED, result={"x": 1}, ended_at=T0)
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"end"], update=end, now=T0)
+    assert await backend.reopen(
+        "r1", status=RunStatus.CANCELLED, expected_len=2, keep_len=1, now=T0
+    )
+    run = await backend.get_run("r1")
+    assert run is not None and run.status == RunStatus.PENDING and run.result is None
+    assert not run.cancel_requested and not run.revert_requested
+
+
+async def test_create_run_with_more_records_starts_with_that_log(backend: Backend) -> None:
+    """A fork: the run is created with a log prefix copied from another."""
+    new = NewRun(
+        run_id="fork",
+        workflow="wf",
+        queue="default",
+        first_record=b"start",
+        more_records=(b"a", b"\x00b", b"c"),
+        created_at=T0,
+        due_at=T0,
+    )
+    assert await backend.create_run(new)
+    snap = await backend.read("fork")
+    assert snap is not None and snap.log == [b"start", b"a", b"\x00b", b"c"]
+    assert snap.run.log_len == 4 and snap.run.status == RunStatus.PENDING
+    c = await claim_one(backend)
+    assert c is not None and c.run_id == "fork"
+    await backend.append("fork", token=c.token, expected_len=4, records=[b"d"], now=T0)
+    snap = await backend.read("fork", log_from=3)
+    assert snap is not None and snap.log == [b"c", b"d"]

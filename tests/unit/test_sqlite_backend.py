@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import NewRun, RunUpdate
+from substantial.backends import NewRun, RunUpdate, WorkerRecord
 from substantial.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from substantial.errors import BackendError, SchemaVersionError
 
@@ -160,11 +160,15 @@ async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Pat
         await b.append("old", token=c.token, expected_len=1, records=[b"x"], update=update, now=T0)
         run = await b.get_run("old")
         assert run is not None and run.error_type == "KeyError"
+        info = WorkerRecord(worker_id="w", host="h", pid=1, queues=("default",),
+                            workflows=("wf",), started_at=T0, lease_seconds=30)  # fmt: skip
+        await b.register_worker(info, now=T0)  # version 3: the workers table
+        assert [w.worker_id for w in await b.list_workers(now=T0)] == ["w"]
     finally:
         await b.close()
     with sqlite3.connect(path) as conn:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
     conn.close()
-    assert row[0] == SCHEMA_VERSION == 2
+    assert row[0] == SCHEMA_VERSION == 4
     assert "runs_wf_created" in indexes

@@ -24,6 +24,7 @@ from ._protocol import (
     RunRecord,
     RunUpdate,
     Snapshot,
+    WorkerRecord,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "RunRecord",
     "RunUpdate",
     "Snapshot",
+    "WorkerRecord",
     "default_url",
     "open_backend",
 ]

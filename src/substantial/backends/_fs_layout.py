@@ -72,6 +72,8 @@ class Txn:
 
 def dump(st: State) -> bytes:
     doc = {k: getattr(st.rec, k) for k in _FIELDS}
+    if not st.rec.revert_requested:  # absent unless set, so older versions read the run
+        del doc["revert_requested"]
     doc["last_inbox_id"] = st.last_inbox_id
     doc["log_bytes"] = st.log_bytes
     if st.log_gen:  # absent until a rewrite, so older versions still read other runs
@@ -80,7 +82,7 @@ def dump(st: State) -> bytes:
 
 
 def parse(raw: bytes) -> State:
-    """A run.json; fields added since it was written (``error_type``) read as None."""
+    """A run.json; fields added since it was written read as their defaults."""
     doc = orjson.loads(raw)
     last, nbytes, gen = doc.pop("last_inbox_id"), doc.pop("log_bytes"), doc.pop("log_gen", 0)
     doc["status"] = RunStatus(doc["status"])

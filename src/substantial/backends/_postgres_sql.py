@@ -17,6 +17,7 @@ from .._types import RunStatus
 from ..errors import LeaseLost, RunNotFound
 from . import _rules as rules
 from ._protocol import RunQuery, RunRecord
+from ._registry import PG_MIGRATION
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial layout
@@ -204,6 +205,12 @@ BEGIN
 END
 $fn$;
 """,
+    # 5: the worker registry
+    PG_MIGRATION,
+    # 6: a cancel that asks for the compensations first (cancel(revert=True))
+    """
+ALTER TABLE {s}.runs ADD COLUMN revert_requested boolean NOT NULL DEFAULT false;
+""",
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -213,7 +220,7 @@ LATEST_VERSION = len(MIGRATIONS)
 FIELDS = (
     "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
     "result", "error", "error_type", "log_len", "inbox_pos", "lease_token", "lease_owner",
-    "lease_expires_at", "cancel_requested", "parent_id",
+    "lease_expires_at", "cancel_requested", "parent_id", "revert_requested",
 )  # fmt: skip
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY,
@@ -224,7 +231,10 @@ CREATE = """WITH ins AS (
     INSERT INTO {s}.runs (run_id, workflow, queue, status, created_at, due_at, parent_id)
     VALUES ($1, $2, $3, 'PENDING', $4, $5, $6) ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
-), lg AS (INSERT INTO {s}.log (run_id, pos, data) SELECT run_id, 0, $7 FROM ins)
+), lg AS (INSERT INTO {s}.log (run_id, pos, data)
+    SELECT run_id, 0, $7 FROM ins
+    UNION ALL
+    SELECT ins.run_id, t.o, t.d FROM ins, unnest($9::bytea[]) WITH ORDINALITY AS t(d, o))
 SELECT pg_notify($8, run_id) FROM ins"""
 CLAIM = """WITH picked AS MATERIALIZED (
     SELECT run_id FROM {s}.runs
@@ -291,10 +301,18 @@ DELIVER = """WITH u AS (
 ), i AS (INSERT INTO {s}.inbox (run_id, id, data) SELECT run_id, last_inbox_id, $2 FROM u)
 SELECT last_inbox_id, pg_notify($4, run_id) FROM u"""
 CANCEL = """WITH u AS (
-    UPDATE {s}.runs SET cancel_requested = true, due_at = $2::float8
+    UPDATE {s}.runs SET cancel_requested = true, due_at = $2::float8,
+           revert_requested = revert_requested OR $4::boolean
      WHERE run_id = $1 AND status <> ALL({t}) RETURNING run_id
 )
 SELECT pg_notify($3, run_id) FROM u"""
+REOPEN = """WITH u AS (
+    UPDATE {s}.runs r SET status = 'PENDING', ended_at = NULL, result = NULL, error = NULL,
+           error_type = NULL, due_at = $5::float8, lease_owner = NULL,
+           lease_expires_at = NULL, cancel_requested = false, revert_requested = false
+     WHERE r.run_id = $1 AND r.status = $2 AND {n} = $3::bigint RETURNING r.run_id
+), d AS (DELETE FROM {s}.log WHERE run_id IN (SELECT run_id FROM u) AND pos >= $4::bigint)
+SELECT pg_notify($6, run_id) FROM u"""
 STATUS = "SELECT status FROM {s}.runs WHERE run_id = $1"
 GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
 # list_runs: WHERE terms built from the set fields of a RunQuery (see list_query);

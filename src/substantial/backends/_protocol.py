@@ -13,7 +13,7 @@ every lease-based system.
 Rules shared by every store (the conformance suite in ``tests/conformance``
 checks each one):
 
-* ``create_run`` inserts the run (status PENDING, log = [first record],
+* ``create_run`` inserts the run (status PENDING, log = [first record, *more records],
   ``due_at`` as given) unless the id exists; returns False then, changing nothing.
 * A run is *claimable* when ``due_at is not None and due_at <= now`` and it is
   not leased (``lease_expires_at is None or lease_expires_at <= now``) and its
@@ -76,6 +76,7 @@ class RunRecord:
     lease_expires_at: float | None = None
     cancel_requested: bool = False
     parent_id: str | None = None
+    revert_requested: bool = False  # the cancel asks for the compensations first
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,6 +88,7 @@ class NewRun:
     created_at: float
     due_at: float | None
     parent_id: str | None = None
+    more_records: tuple[bytes, ...] = ()  # the log after first_record (a fork's prefix)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,6 +157,23 @@ class RunQuery:
 
 
 ALL_RUNS = RunQuery()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerRecord:
+    """A worker's entry in the store's registry (``register_worker``).
+
+    ``last_beat`` is set by the store from ``now`` on register and on each beat; the
+    entry is live while ``last_beat + lease_seconds > now``."""
+
+    worker_id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    workflows: tuple[str, ...]
+    started_at: float
+    lease_seconds: float
+    last_beat: float = 0.0
 
 
 @runtime_checkable
@@ -237,14 +256,43 @@ class Backend(Protocol):
         """Add an inbox item; returns its id."""
         ...
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
-        """Mark for cancellation and make due. Unknown run: RunNotFound; terminal: no-op."""
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
+        """Mark for cancellation and make due. Unknown run: RunNotFound; terminal: no-op.
+        ``revert``: also set ``revert_requested`` (never cleared by a later plain cancel)."""
+        ...
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        """Return an ended run to PENDING (``handle.resume()``), iff it still has
+        ``status`` and a log of ``expected_len`` records: keep the first ``keep_len``
+        records, clear ``ended_at``, ``result``, ``error``, ``error_type``, the lease
+        and the cancel flags, and make it due now (the lease token stays). False if
+        the run moved on (nothing changed); RunNotFound for an unknown run."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         """The runs matching ``query``, newest first (see :class:`RunQuery`)."""
+        ...
+
+    async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
+        """Insert or replace the worker's registry entry, its ``last_beat`` = ``now``."""
+        ...
+
+    async def beat_worker(self, worker_id: str, *, now: float) -> bool:
+        """Set the entry's ``last_beat`` to ``now``; False if there is no entry (it was
+        removed, or dropped once it aged past its lease): the worker registers again."""
+        ...
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Drop the entry (a worker stopping cleanly). Unknown id: no-op."""
+        ...
+
+    async def list_workers(self, *, now: float) -> list[WorkerRecord]:
+        """The live entries (``last_beat + lease_seconds > now``) by worker id. A store
+        may delete the entries that aged out while it lists."""
         ...
 
     def subscribe(self) -> AsyncIterator[str]:

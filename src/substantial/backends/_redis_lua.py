@@ -38,14 +38,15 @@ end
 )
 
 # KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
-# nonce, channel
+# nonce, channel, more records...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
   return 0
 end
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
-  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', 1, 'inbox_pos', 0, 'lease_token', 0,
+  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 8, 'inbox_pos', 0,
+  'lease_token', 0,
   'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
 local due = opt(ARGV[5])
 if due then redis.call('HSET', KEYS[1], 'due_at', due) end
@@ -53,6 +54,7 @@ local parent = opt(ARGV[6])
 if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
 redis.call('DEL', KEYS[2])
 redis.call('RPUSH', KEYS[2], ARGV[7])
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 reindex(KEYS[1])
@@ -199,14 +201,29 @@ redis.call('PUBLISH', ARGV[3], f[2])
 return {1, id}
 """.replace("@TTL@", str(NONCE_TTL))
 
-# KEYS run; ARGV now, channel
+# KEYS run; ARGV now, channel, revert ('1' or '')
 _CANCEL = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'run_id')
 if not f[1] then return -1 end
 if TERM[f[1]] then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', 1, 'due_at', ARGV[1])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'revert_requested', 1) end
 reindex(KEYS[1])
 redis.call('PUBLISH', ARGV[2], f[2])
+return 1
+"""
+
+# KEYS run, log; ARGV status, expected_len, keep_len, now, channel
+_REOPEN = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'log_len', 'run_id')
+if not f[1] then return -1 end
+if f[1] ~= ARGV[1] or tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+redis.call('HDEL', KEYS[1], 'ended_at', 'result', 'error', 'error_type', 'lease_owner',
+    'lease_expires_at', 'cancel_requested', 'revert_requested')
+redis.call('HSET', KEYS[1], 'status', 'PENDING', 'due_at', ARGV[4], 'log_len', ARGV[3])
+reindex(KEYS[1])
+redis.call('PUBLISH', ARGV[5], f[3])
 return 1
 """
 
@@ -220,4 +237,5 @@ SCRIPTS = dict(
     release=_RELEASE,
     deliver=_DELIVER,
     cancel=_CANCEL,
+    reopen=_REOPEN,
 )

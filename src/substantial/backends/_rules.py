@@ -25,7 +25,7 @@ TERMINAL: tuple[str, ...] = tuple(s.value for s in RunStatus if s.is_terminal)
 
 
 def new_record(new: NewRun) -> RunRecord:
-    """The record ``create_run`` stores: PENDING, a log of one record."""
+    """The record ``create_run`` stores: PENDING, a log of first + more records."""
     return RunRecord(
         run_id=new.run_id,
         workflow=new.workflow,
@@ -33,7 +33,7 @@ def new_record(new: NewRun) -> RunRecord:
         status=RunStatus.PENDING,
         created_at=new.created_at,
         due_at=new.due_at,
-        log_len=1,
+        log_len=1 + len(new.more_records),
         parent_id=new.parent_id,
     )
 
@@ -102,6 +102,24 @@ def released(
     """``release``: the status (unless already terminal), then the release rule."""
     rec = rec if rec.status.is_terminal else replace(rec, status=status)
     return apply_release(rec, due_at, now, pending)
+
+
+def reopened(rec: RunRecord, *, keep_len: int, now: float) -> RunRecord:
+    """``reopen``: PENDING and due now, as if never ended, with a log of ``keep_len``."""
+    return replace(
+        rec,
+        status=RunStatus.PENDING,
+        ended_at=None,
+        result=None,
+        error=None,
+        error_type=None,
+        due_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        cancel_requested=False,
+        revert_requested=False,
+        log_len=keep_len,
+    )
 
 
 def holds_lease(rec: RunRecord | None, token: int) -> bool:

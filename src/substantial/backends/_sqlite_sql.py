@@ -10,17 +10,20 @@ from typing import Any
 
 from .._types import RunStatus
 from ._protocol import RunQuery
+from ._registry import SQLITE_TABLE
 
 TERMINAL = "(" + ", ".join(f"'{s.value}'" for s in RunStatus if s.is_terminal) + ")"
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, queue TEXT NOT NULL,
     status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
     due_at REAL, result TEXT, error TEXT, error_type TEXT, log_len INTEGER NOT NULL DEFAULT 0,
     inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
     lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT
+    cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT,
+    revert_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
@@ -32,6 +35,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     run_id TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, id)
 ) WITHOUT ROWID;
 """
+    + SQLITE_TABLE
+    + ";\n"
+)
 
 # Each step from the version before it to the next (the key), for stores made by
 # older versions; a fresh store gets SCHEMA, already at SCHEMA_VERSION.
@@ -40,12 +46,14 @@ UPGRADES = {
         "ALTER TABLE runs ADD COLUMN error_type TEXT",
         "CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id)",
     ),
+    3: (SQLITE_TABLE,),
+    4: ("ALTER TABLE runs ADD COLUMN revert_requested INTEGER NOT NULL DEFAULT 0",),
 }
 
 COLS = (
     "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
     "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id"
+    "cancel_requested, parent_id, revert_requested"
 )
 
 # The release rule of memory.apply_release, in SQL. {st} is the run's status after
@@ -85,6 +93,11 @@ RELEASE = f"""UPDATE runs SET
     lease_expires_at = NULL
 WHERE run_id = :run_id AND lease_token = :token AND lease_owner IS NOT NULL"""
 
+
+REOPEN = """UPDATE runs SET status = 'PENDING', ended_at = NULL, result = NULL, error = NULL,
+    error_type = NULL, due_at = ?, lease_owner = NULL, lease_expires_at = NULL,
+    cancel_requested = 0, revert_requested = 0, log_len = ?
+WHERE run_id = ? AND status = ? AND log_len = ?"""
 
 FIELDS = [name.strip() for name in COLS.split(",")]
 

@@ -13,6 +13,7 @@ Layout under ``root`` (``<name>`` is an id made safe for a path, see ``_fs_layou
     queues/<name>/index.json   due index: run_id -> [due_at, lease_expires_at, workflow,
                                created_at], so claim_due never reads every run
     queues/<name>/lock         flock(LOCK_EX) by every writer of index.json
+    workers/<name>.json        the worker registry: one entry per worker (see _registry)
 
 Why this is safe with several processes:
 
@@ -79,9 +80,10 @@ from ._fs_layout import (
 )
 from ._hub import shared_hub
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import FsRegistry
 
 
-class FSBackend:
+class FSBackend(FsRegistry):
     """Store in a directory. ``FSBackend("/var/lib/app")`` or ``open_backend("file:///...")``.
 
     Each operation is one hop to a worker thread, since flock waits and fsyncs block.
@@ -228,7 +230,7 @@ class FSBackend:
         if d.exists():
             return False
         rec = rules.new_record(new)
-        log = frame([new.first_record])
+        log = frame([new.first_record, *new.more_records])
         tmp = self._tmp / uuid.uuid4().hex
         (tmp / "inbox").mkdir(parents=True)
         self._files.write_new(tmp / "lock", b"")
@@ -472,7 +474,7 @@ class FSBackend:
         self._hub.publish(run_id)
         return item
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
 
         def cancel() -> bool:
@@ -481,12 +483,41 @@ class FSBackend:
                     raise RunNotFound(run_id)
                 if t.st.rec.status.is_terminal:
                     return False
-                rec = replace(t.st.rec, cancel_requested=True, due_at=now)
+                rec = replace(
+                    t.st.rec,
+                    cancel_requested=True,
+                    revert_requested=revert or t.st.rec.revert_requested,
+                    due_at=now,
+                )
                 self._commit(t, replace(t.st, rec=rec))
                 return True
 
         if await asyncio.to_thread(cancel):
             self._hub.publish(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+
+        def reopen() -> bool:
+            with self._txn(run_id, indexed=True) as t:
+                if t is None:
+                    raise RunNotFound(run_id)
+                st = t.st
+                if st.rec.status != status or st.rec.log_len != expected_len:
+                    return False
+                kept = self._read_log(run_id, t.dir, st, 0)[:keep_len]
+                # The bytes past log_bytes are dropped by the next append (append_at).
+                size = len(frame(kept))
+                rec = rules.reopened(st.rec, keep_len=keep_len, now=now)
+                self._commit(t, replace(st, rec=rec, log_bytes=size))
+                return True
+
+        if await asyncio.to_thread(reopen):
+            self._hub.publish(run_id)
+            return True
+        return False
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")

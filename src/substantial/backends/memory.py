@@ -12,9 +12,20 @@ from dataclasses import dataclass, field, replace
 
 from .._types import RunStatus
 from ..errors import RunFinished, RunNotFound
+from . import _registry as registry
 from . import _rules as rules
 from ._hub import LocalHub
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+    WorkerRecord,
+)
 
 
 @dataclass
@@ -30,6 +41,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        self._workers: dict[str, WorkerRecord] = {}
         self._hub = LocalHub()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
@@ -53,7 +65,8 @@ class MemoryBackend:
         self._count("create_run")
         if new.run_id in self._runs:
             return False
-        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=[new.first_record])
+        log = [new.first_record, *new.more_records]
+        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=log)
         self._hub.publish(new.run_id)
         return True
 
@@ -176,15 +189,30 @@ class MemoryBackend:
         self._hub.publish(run_id)
         return r.last_inbox_id
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
         r = self._runs.get(run_id)
         if r is None:
             raise RunNotFound(run_id)
         if r.rec.status.is_terminal:
             return
-        r.rec = replace(r.rec, cancel_requested=True, due_at=now)
+        revert = revert or r.rec.revert_requested
+        r.rec = replace(r.rec, cancel_requested=True, revert_requested=revert, due_at=now)
         self._hub.publish(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        r = self._runs.get(run_id)
+        if r is None:
+            raise RunNotFound(run_id)
+        if r.rec.status != status or r.rec.log_len != expected_len:
+            return False
+        del r.log[keep_len:]
+        r.rec = rules.reopened(r.rec, keep_len=keep_len, now=now)
+        self._hub.publish(run_id)
+        return True
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
@@ -194,6 +222,28 @@ class MemoryBackend:
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         return rules.newest_first((r.rec for r in self._runs.values()), query)
+
+    # -- the worker registry ------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
+        self._count("register_worker")
+        self._workers[info.worker_id] = replace(info, last_beat=now)
+
+    async def beat_worker(self, worker_id: str, *, now: float) -> bool:
+        self._count("beat_worker")
+        w = self._workers.get(worker_id)
+        if w is None:
+            return False
+        self._workers[worker_id] = replace(w, last_beat=now)
+        return True
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._count("remove_worker")
+        self._workers.pop(worker_id, None)
+
+    async def list_workers(self, *, now: float) -> list[WorkerRecord]:
+        self._count("list_workers")
+        return registry.live(self._workers.values(), now)
 
     # -- test helpers -------------------------------------------------------
 

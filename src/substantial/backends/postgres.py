@@ -10,6 +10,7 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
   index ``(queue, due_at) WHERE due_at IS NOT NULL`` serves claims.
 * ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
   length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
+* ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
@@ -72,6 +73,7 @@ from . import _postgres_sql as sql
 from . import _rules as rules
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import PostgresRegistry
 
 T = TypeVar("T")
 
@@ -99,7 +101,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresRegistry):
     """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``.
 
     ``connect_timeout`` bounds each connection attempt (seconds);
@@ -370,7 +372,7 @@ class PostgresBackend:
 
     def _create_args(self, n: NewRun) -> tuple[Any, ...]:
         return (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
-                n.first_record, self._channel)  # fmt: skip
+                n.first_record, self._channel, list(n.more_records))  # fmt: skip
 
     async def claim_due(
         self,
@@ -493,12 +495,24 @@ class PostgresBackend:
             raise RunNotFound(run_id)
         raise RunFinished(run_id, str(status))
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
-        if await self._q("fetch", sql.CANCEL, run_id, now, self._channel):
+        if await self._q("fetch", sql.CANCEL, run_id, now, self._channel, revert):
             return
         if await self._q("fetchval", sql.STATUS, run_id) is None:
             raise RunNotFound(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        args = (run_id, status.value, expected_len, keep_len, now, self._channel)
+        # retried: a landed first attempt makes the retry find PENDING and say False
+        if await self._q("fetch", sql.REOPEN, *args):
+            return True
+        if await self._q("fetchval", sql.STATUS, run_id) is None:
+            raise RunNotFound(run_id)
+        return False
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")

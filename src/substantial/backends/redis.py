@@ -4,8 +4,9 @@ Keys (``P`` = the prefix; the braces are a hash tag, so all keys of a prefix sha
 one Cluster slot and a script may touch any of them)::
 
     {P}:run:<id>      hash    RunRecord fields (absent = None; floats as repr() text;
-                              result as JSON) + last_inbox_id, dkey (its due index),
-                              create_nonce, op_nonce/op_result (retry de-duplication)
+                              result as JSON; a flag is true when present) +
+                              last_inbox_id, dkey (its due index), create_nonce,
+                              op_nonce/op_result (retry de-duplication)
     {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
@@ -17,6 +18,8 @@ one Cluster slot and a script may touch any of them)::
     {P}:runs          zset    every run id by created_at (list_runs order; ties by id)
     {P}:wf:<workflow> zset    the same, per workflow
     {P}:nonce:<hex>   string  a delivery's inbox id, kept 5 minutes (retry de-dup)
+    {P}:workers       hash    worker registry: worker id -> entry JSON
+    {P}:workers:beat  hash    worker id -> last beat (epoch seconds, repr text)
     {P}:hints         channel run ids published on create, deliver, cancel, release, end
 
 One due index per (queue, workflow): ``claim_due`` reads only the workflows the
@@ -70,6 +73,7 @@ from ..errors import (
 from . import _redis_lua as lua
 from . import _rules as rules
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
 _LIST_BATCH = 200
@@ -115,6 +119,7 @@ def _record(h: dict[bytes, bytes]) -> RunRecord:
         lease_owner=d.get("lease_owner"),
         lease_expires_at=f("lease_expires_at"),
         cancel_requested="cancel_requested" in d,
+        revert_requested="revert_requested" in d,
         parent_id=d.get("parent_id"),
     )
 
@@ -132,7 +137,7 @@ def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[
     return c.execute_command(*args)
 
 
-class RedisBackend:
+class RedisBackend(RedisRegistry):
     """Redis 6.2+ store. ``RedisBackend("redis://host:6379/0", prefix="myapp")``."""
 
     def __init__(
@@ -267,6 +272,7 @@ class RedisBackend:
             new.first_record,
             uuid.uuid4().hex,
             self._channel,
+            *new.more_records,
         ]
         return bool(await self._script("create_run", "create", keys, args))
 
@@ -388,11 +394,21 @@ class RedisBackend:
             raise RunFinished(run_id, rest[0].decode())
         return int(rest[0])
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
-        args = [_num(now), self._channel]
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
+        args = [_num(now), self._channel, "1" if revert else ""]
         code = await self._script("request_cancel", "cancel", [self._key("run", run_id)], args)
         if code == -1:
             raise RunNotFound(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        keys = [self._key("run", run_id), self._key("log", run_id)]
+        args = [status.value, expected_len, keep_len, _num(now), self._channel]
+        code = await self._script("reopen", "reopen", keys, args)
+        if code == -1:
+            raise RunNotFound(run_id)
+        return bool(code)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")

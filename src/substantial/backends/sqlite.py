@@ -8,6 +8,7 @@ Layout (one file, schema version in ``meta``)::
           index runs_created (created_at, run_id)  -- list_runs' order
     log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
     inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
+    workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
 
 ``result`` is JSON text (orjson) or NULL; ``status`` is the RunStatus value.
 Inbox items are kept after consumption (like the memory store); ``read`` only
@@ -70,11 +71,13 @@ from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
 from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._registry import SQLiteRegistry
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 2  # 1: the first layout; 2: runs.error_type, index runs_wf_created
+SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+# 3: the workers table (the worker registry); 4: runs.revert_requested
 
 
 def _record(row: Row) -> RunRecord:
@@ -82,6 +85,7 @@ def _record(row: Row) -> RunRecord:
     f["status"] = RunStatus(f["status"])
     f["result"] = None if f["result"] is None else orjson.loads(f["result"])
     f["cancel_requested"] = bool(f["cancel_requested"])
+    f["revert_requested"] = bool(f["revert_requested"])
     return RunRecord(**f)
 
 
@@ -125,7 +129,7 @@ def _wrap(exc: sqlite3.Error) -> BackendError:
     return BackendError(msg)
 
 
-class SQLiteBackend:
+class SQLiteBackend(SQLiteRegistry):
     """Store in one SQLite file. ``SQLiteBackend("state.db")`` or ``sqlite:///state.db``."""
 
     def __init__(
@@ -298,7 +302,7 @@ class SQLiteBackend:
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
-                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.run_id,
                     new.workflow,
@@ -306,14 +310,16 @@ class SQLiteBackend:
                     RunStatus.PENDING.value,
                     new.created_at,
                     new.due_at,
+                    1 + len(new.more_records),
                     new.parent_id,
                 ),
             )
             if cur.rowcount != 1:
                 return False
-            c.execute(
-                "INSERT INTO log (run_id, pos, data) VALUES (?, 0, ?)",
-                (new.run_id, new.first_record),
+            records = [new.first_record, *new.more_records]
+            c.executemany(
+                "INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)",
+                [(new.run_id, pos, data) for pos, data in enumerate(records)],
             )
             return True
 
@@ -517,14 +523,15 @@ class SQLiteBackend:
         self._hub.publish(run_id)
         return item_id
 
-    async def request_cancel(self, run_id: str, *, now: float) -> None:
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
         self._count("request_cancel")
 
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
-                f"UPDATE runs SET cancel_requested = 1, due_at = ? "
+                f"UPDATE runs SET cancel_requested = 1, due_at = ?, "
+                f"revert_requested = MAX(revert_requested, ?) "
                 f"WHERE run_id = ? AND status NOT IN {sql.TERMINAL}",
-                (now, run_id),
+                (now, int(revert), run_id),
             )
             if cur.rowcount == 1:
                 return True
@@ -534,6 +541,25 @@ class SQLiteBackend:
 
         if await self._write(tx):
             self._hub.publish(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        args = (now, keep_len, run_id, status.value, expected_len)
+
+        def tx(c: sqlite3.Connection) -> bool:
+            if c.execute(sql.REOPEN, args).rowcount == 1:
+                c.execute("DELETE FROM log WHERE run_id = ? AND pos >= ?", (run_id, keep_len))
+                return True
+            if c.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise RunNotFound(run_id)
+            return False
+
+        reopened = await self._write(tx)
+        if reopened:
+            self._hub.publish(run_id)
+        return reopened
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")

@@ -92,9 +92,15 @@ def send(
     with_conductor(ctx, lambda c: c.handle(run_id).send(name, value))
 
 
-def cancel(ctx: typer.Context, run_id: RunId) -> None:
+def cancel(
+    ctx: typer.Context,
+    run_id: RunId,
+    revert: Annotated[
+        bool, typer.Option("--revert", help="Run the recorded compensations first (REVERTED).")
+    ] = False,
+) -> None:
     """Cancel a run and its descendants (no-op on a run that already ended)."""
-    with_conductor(ctx, lambda c: c.handle(run_id).cancel())
+    with_conductor(ctx, lambda c: c.handle(run_id).cancel(revert=revert))
 
 
 def result(
