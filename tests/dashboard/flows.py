@@ -53,4 +53,12 @@ async def waiter(c: Context, note: str = "") -> Any:
     return {"decision": decision}
 
 
-ALL = (flaky, leaf, parent, broken, waiter)
+@workflow()
+async def chatty(c: Context, lines: int = 250) -> int:
+    """More timeline entries than one history page (200)."""
+    for i in range(lines):
+        c.log.info("line", i=i)
+    return lines
+
+
+ALL = (flaky, leaf, parent, broken, waiter, chatty)

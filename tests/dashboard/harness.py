@@ -8,10 +8,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from playwright.async_api import Browser, async_playwright
 
-from substantial import Conductor
+from substantial import Conductor, Workflow
 from substantial.http import create_app
 
 from ..http.conftest import running
@@ -35,9 +36,11 @@ class Site:
 
 
 @contextlib.asynccontextmanager
-async def site(db: Path, *, token: str | None = None) -> AsyncIterator[Site]:
+async def site(
+    db: Path, *, token: str | None = None, extra: tuple[Workflow[Any], ...] = ()
+) -> AsyncIterator[Site]:
     conductor = Conductor(f"sqlite:///{db}")
-    conductor.register(*ALL)
+    conductor.register(*ALL, *extra)
     worker = conductor.run(handle_sigterm=False)
     try:
         async with running(create_app(conductor, token=token)) as url:

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 from playwright.async_api import Page, expect
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
-from substantial import RunFailed
+from substantial import Conductor, RunFailed
+from substantial.http import create_app
 
-from .flows import broken, flaky, parent, waiter
+from ..http.conftest import running
+from .flows import ALL, broken, chatty, flaky, parent, waiter
 from .harness import Site, site
 
 
@@ -177,3 +181,46 @@ async def test_with_a_token_the_page_asks_once_and_keeps_it(tmp_path: Path, page
         await page.reload()  # the cookie holds it: no second prompt
         await expect(page.locator(f'#runs tr[data-run-id="{handle.run_id}"]')).to_be_visible()
         await expect(page.locator("#login")).to_be_hidden()
+
+
+async def test_a_long_timeline_comes_in_pages_behind_more(served: Site, page: Page) -> None:
+    handle = await served.conductor.start(chatty, {"lines": 250})
+    assert await handle.result(timeout=30) == 250
+    await page.goto(f"{served.url}/runs/{handle.run_id}")
+    entries = page.locator("#timeline .entry")
+    await expect(entries).to_have_count(200)  # one page of the history
+    await expect(page.locator("#more")).to_be_visible()
+    await page.click("#more")
+    await expect(entries).to_have_count(251)  # 250 log lines and the end
+    await expect(page.locator("#more")).to_be_hidden()
+    await expect(entries.last).to_have_attribute("data-kind", "end")
+
+
+async def test_an_unknown_run_says_so_and_an_unknown_asset_is_404(served: Site, page: Page) -> None:
+    await page.goto(f"{served.url}/runs/no-such-run")
+    await expect(page.locator("#notice")).to_contain_text("404")
+    response = await page.request.get(f"{served.url}/ui/secret.py")
+    assert response.status == 404
+
+
+async def test_mounted_under_a_prefix_the_page_finds_its_files_and_the_api(
+    tmp_path: Path, page: Page
+) -> None:
+    conductor = Conductor(f"sqlite:///{tmp_path}/state.db")
+    conductor.register(*ALL)
+    worker = conductor.run(handle_sigterm=False)
+    host = Starlette(routes=[Mount("/ops", create_app(conductor))])
+    try:
+        async with running(host) as url:
+            handle = await conductor.start(flaky, {"key": uuid.uuid4().hex})
+            await handle.result(timeout=30)
+            await page.goto(url + "/ops/")
+            link = page.locator(f'#runs tr[data-run-id="{handle.run_id}"] a')
+            await expect(link).to_have_attribute("href", f"/ops/runs/{handle.run_id}")
+            await link.click()
+            await expect(page.locator("#s-status")).to_have_text("COMPLETED")
+            await expect(page.locator("#timeline .entry .bar").first).to_be_visible()
+    finally:
+        worker.cancel()
+        await worker
+        await conductor.close()

@@ -101,6 +101,7 @@ function drawCounts(workflows) {
     row.append(el("td", w.name));
     const cell = el("td");
     for (const [status, n] of Object.entries(w.counts)) {
+      if (!n) continue;
       const badge = el("span", `${status} ${n}`, `count status-${status}`);
       badge.dataset.status = status;
       cell.append(badge);
@@ -231,10 +232,15 @@ function runSpan(doc) {
   return Number.isNaN(start) ? null : { start, end: Math.max(end, start + 1) };
 }
 
+function ms(value) {
+  if (value === null || value === undefined) return "?";
+  return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${value.toFixed(1)} ms`;
+}
+
 function marksOf(entry) {
   const marks = [];
   if (entry.attempts > 1) marks.push(["retry", `↻${entry.attempts}`, `${entry.attempts} attempts`]);
-  if (entry.kind === "sleep") marks.push(["timer", "⏱", "timer"]);
+  if (entry.kind === "sleep") marks.push(["timer", "◔", "timer"]);
   if (entry.kind === "event" || entry.kind === "receive") marks.push(["event", "✉", "event"]);
   return marks;
 }
@@ -256,15 +262,15 @@ function drawEntry(entry) {
     const total = run.span.end - run.span.start;
     const left = Math.min(100, Math.max(0, ((began - run.span.start) / total) * 100));
     const width = Math.max(0.5, Math.min(100 - left, ((entry.duration_ms || 0) / total) * 100));
-    const bar = el("div", undefined, entry.error ? "bar failed" : "bar");
+    const bar = el("div", undefined, entry.error ? "bar errored" : "bar");
     bar.style.left = `${left}%`;
     bar.style.width = `${width}%`;
-    bar.title = `${entry.duration_ms === null ? "?" : entry.duration_ms} ms`;
+    bar.title = `${entry.kind} ${entry.name || ""}: ${ms(entry.duration_ms)}`;
     track.append(bar);
   }
   const detail = el("div", undefined, "detail");
   if (entry.duration_ms !== null && entry.duration_ms !== undefined) {
-    detail.append(el("span", `${entry.duration_ms} ms`, "ms"));
+    detail.append(el("span", ms(entry.duration_ms), "ms"));
   }
   if (entry.at) detail.append(el("span", entry.at, "at"));
   if (entry.error) detail.append(el("span", entry.error, "error"));
@@ -291,7 +297,7 @@ async function loadLogs() {
   logs.replaceChildren();
   for (const line of doc.logs) {
     const item = el("li", undefined, `log level-${line.level}`);
-    const fields = Object.keys(line.fields || {}).length ? ` ${json(line.fields)}` : "";
+    const fields = Object.keys(line.fields || {}).length ? ` ${JSON.stringify(line.fields)}` : "";
     item.append(el("span", line.at || "", "at"), el("span", line.level, "level"));
     item.append(el("span", line.message + fields, "message"));
     logs.append(item);
