@@ -40,6 +40,12 @@ async def parent(c: Context, n: int = 1) -> Any:
 
 
 @workflow()
+async def grandparent(c: Context) -> Any:
+    child = await c.start_child(parent, {"n": 7})
+    return await child.result()
+
+
+@workflow()
 async def broken(c: Context) -> Any:
     await c.save(lambda: 1, name="fine")
     raise ValueError("boom: <b>not bold</b>")
@@ -61,4 +67,4 @@ async def chatty(c: Context, lines: int = 250) -> int:
     return lines
 
 
-ALL = (flaky, leaf, parent, broken, waiter, chatty)
+ALL = (flaky, leaf, parent, grandparent, broken, waiter, chatty)

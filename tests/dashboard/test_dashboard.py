@@ -17,7 +17,7 @@ from substantial import Conductor, RunFailed
 from substantial.http import create_app
 
 from ..http.conftest import running
-from .flows import ALL, broken, chatty, flaky, parent, waiter
+from .flows import ALL, broken, chatty, flaky, grandparent, parent, waiter
 from .harness import Site, site
 
 
@@ -119,6 +119,23 @@ async def test_a_run_page_draws_its_timeline_with_retries_and_its_children(
     await expect(page.locator("#s-workflow")).to_have_text("leaf")
     await expect(page.locator("#kwargs")).to_contain_text('"n": 4')
     await expect(page.locator("#summary a")).to_have_text(ids["parent"])  # back to the parent
+
+
+async def test_children_show_as_a_linked_tree(served: Site, page: Page) -> None:
+    top = await served.conductor.start(grandparent)
+    assert await top.result(timeout=30) == {"child": 8}
+    await page.goto(f"{served.url}/runs/{top.run_id}")
+    middle = page.locator("#children > li")
+    await expect(middle).to_have_count(1)
+    await expect(middle.locator("> .tree-workflow")).to_have_text("parent")
+    await expect(middle.locator("> .status")).to_have_text("COMPLETED")
+    bottom = middle.locator("ul > li")
+    await expect(bottom).to_have_count(1)
+    await expect(bottom.locator(".tree-workflow")).to_have_text("leaf")
+    leaf_id = await bottom.get_attribute("data-run-id")
+    await bottom.locator("a").click()
+    await expect(page.locator("#r-id")).to_have_text(str(leaf_id))
+    await expect(page.locator("#s-workflow")).to_have_text("leaf")
 
 
 async def test_a_failed_run_shows_its_error_and_type_as_text(served: Site, page: Page) -> None:

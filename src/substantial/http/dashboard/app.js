@@ -7,6 +7,8 @@ const TOKEN_COOKIE = "substantial_token";
 const LIST_LIMIT = 50;
 const HISTORY_LIMIT = 200;
 const REFRESH_MS = 2000;
+const TREE_DEPTH = 3;
+const TREE_BUDGET = 50;
 const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED", "REVERTED", "CONTINUED"]);
 
 const $ = (id) => document.getElementById(id);
@@ -78,7 +80,7 @@ async function api(path, options = {}) {
 
 // -- the runs list ------------------------------------------------------------------
 
-const list = { cursor: null, next: null, timer: null };
+const list = { cursor: null, next: null, timer: null, asked: 0 };
 
 function listQuery() {
   const q = new URLSearchParams({ limit: String(LIST_LIMIT) });
@@ -139,11 +141,13 @@ function drawRuns(runs) {
 }
 
 async function loadList() {
+  const asked = ++list.asked; // only the latest answer is drawn (filters may change meanwhile)
   try {
     const [workflows, page] = await Promise.all([
       api("/api/workflows"),
       api(`/api/runs?${listQuery()}`),
     ]);
+    if (asked !== list.asked) return;
     drawCounts(workflows.workflows);
     drawRuns(page.runs);
     list.next = page.next_cursor;
@@ -177,7 +181,16 @@ function showList() {
 
 // -- a run --------------------------------------------------------------------------
 
-const run = { id: null, status: null, cursor: null, span: null, timer: null };
+const run = {
+  id: null,
+  status: null,
+  cursor: null,
+  span: null,
+  timer: null,
+  tree: 0, // which redraw the children tree belongs to
+  loading: false, // a redraw is under way
+  paging: false, // "More" is fetching
+};
 
 function term(dl, name, value, cls) {
   dl.append(el("dt", name));
@@ -208,15 +221,38 @@ function drawSummary(doc) {
   $("outcome").className = failed ? "error" : "";
   const children = $("children");
   children.replaceChildren();
-  for (const child of doc.children || []) {
-    const item = el("li");
-    item.append(runLink(typeof child === "string" ? child : child.run_id));
-    children.append(item);
-  }
-  if (!children.children.length) children.append(el("li", "none", "empty"));
+  if (!(doc.children || []).length) children.append(el("li", "none", "empty"));
+  run.tree += 1; // a tree still drawing for an earlier redraw stops adding
+  drawTree(children, doc.children || [], { left: TREE_BUDGET, tree: run.tree }, 1);
   const done = TERMINAL.has(doc.status);
   $("cancel").disabled = done;
   $("send").querySelector("button").disabled = done;
+}
+
+// The children as a tree: each child's workflow and status, and its own children,
+// down to TREE_DEPTH levels and TREE_BUDGET runs (one API call each).
+async function drawTree(list, ids, budget, depth) {
+  for (const id of ids) {
+    if (budget.tree !== run.tree) return;
+    const item = el("li");
+    item.dataset.runId = id;
+    item.append(runLink(id));
+    list.append(item);
+    if (budget.left <= 0) continue;
+    budget.left -= 1;
+    try {
+      const doc = await api(`/api/runs/${encodeURIComponent(id)}`);
+      item.append(el("span", doc.workflow, "tree-workflow"));
+      item.append(el("span", doc.status, `status status-${doc.status}`));
+      if (depth < TREE_DEPTH && (doc.children || []).length) {
+        const sub = el("ul");
+        item.append(sub);
+        await drawTree(sub, doc.children, budget, depth + 1);
+      }
+    } catch (err) {
+      item.append(el("span", err.message, "error"));
+    }
+  }
 }
 
 function runLink(id) {
@@ -305,6 +341,7 @@ async function loadLogs() {
 }
 
 async function loadRun() {
+  run.loading = true;
   try {
     const doc = await api(`/api/runs/${encodeURIComponent(run.id)}`);
     run.status = doc.status;
@@ -314,12 +351,15 @@ async function loadRun() {
     notice("");
   } catch (err) {
     notice(err.message);
+  } finally {
+    run.loading = false;
   }
 }
 
 // While the run is live, watch its status and redraw the page when it changes.
 async function watchRun() {
-  if (TERMINAL.has(run.status)) return;
+  // One redraw at a time: a slow one must not interleave with the next.
+  if (run.loading || run.status === null || TERMINAL.has(run.status)) return;
   try {
     const doc = await api(`/api/runs/${encodeURIComponent(run.id)}`);
     if (doc.status !== run.status) await loadRun();
@@ -362,7 +402,17 @@ async function cancelRun() {
 function showRun(id) {
   run.id = id;
   $("run-view").hidden = false;
-  $("more").onclick = () => loadHistory(false).catch((err) => notice(err.message));
+  $("more").onclick = async () => {
+    if (run.loading || run.paging) return;
+    run.paging = true;
+    try {
+      await loadHistory(false);
+    } catch (err) {
+      notice(err.message);
+    } finally {
+      run.paging = false;
+    }
+  };
   $("send").onsubmit = sendEvent;
   $("cancel").onclick = cancelRun;
   loadRun();
