@@ -60,6 +60,16 @@ async def test_the_list_shows_runs_counts_and_filters_by_status(served: Site, pa
     await expect(runs).to_have_count(1)
     await expect(runs.first).to_have_attribute("data-run-id", ids["flaky"])
 
+    # by start time (the flaky run has started: it has ended)
+    await page.fill("#f-after", "2099-01-01T00:00")
+    await expect(page.locator("#runs td.empty")).to_have_text("no runs")
+    await page.fill("#f-after", "2000-01-01T00:00")
+    await page.fill("#f-before", "2099-01-01T00:00")
+    await expect(runs).to_have_count(1)
+    await expect(runs.first).to_have_attribute("data-run-id", ids["flaky"])
+    await page.fill("#f-before", "2000-01-02T00:00")
+    await expect(page.locator("#runs td.empty")).to_have_text("no runs")
+
 
 async def test_the_list_pages_by_cursor_and_refreshes_itself(served: Site, page: Page) -> None:
     c = served.conductor

@@ -86,6 +86,14 @@ function listQuery() {
   const q = new URLSearchParams({ limit: String(LIST_LIMIT) });
   if ($("f-workflow").value) q.set("workflow", $("f-workflow").value);
   if ($("f-status").value) q.append("status", $("f-status").value);
+  const terms = [];
+  for (const [id, op] of [["f-after", "gte"], ["f-before", "lt"]]) {
+    const when = $(id).value ? new Date($(id).value) : null; // the browser's local time
+    if (when && !Number.isNaN(when.getTime())) {
+      terms.push({ started_at: { [op]: when.toISOString() } });
+    }
+  }
+  if (terms.length) q.set("filter", JSON.stringify(terms.length > 1 ? { and: terms } : terms[0]));
   if (list.cursor) q.set("cursor", list.cursor);
   return q;
 }
@@ -167,6 +175,8 @@ function showList() {
   };
   $("f-workflow").onchange = restart;
   $("f-status").onchange = restart;
+  $("f-after").onchange = restart;
+  $("f-before").onchange = restart;
   $("first").onclick = restart;
   $("next").onclick = () => {
     list.cursor = list.next;
