@@ -116,6 +116,7 @@ function drawCounts(workflows) {
       badge.dataset.status = status;
       cell.append(badge);
     }
+    if (!cell.children.length) cell.append(el("span", "no runs", "empty"));
     row.append(cell);
     body.append(row);
     const option = el("option", w.name);
