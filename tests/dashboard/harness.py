@@ -5,6 +5,7 @@ over a SQLite Conductor with a worker in the same loop, and a headless Chromium
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from substantial.http import create_app
 from ..http.conftest import running
 from .flows import ALL
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's package; elsewhere point SUBSTANTIAL_CHROMIUM at a Chromium binary.
+CHROMIUM = os.environ.get("SUBSTANTIAL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
