@@ -29,6 +29,7 @@ except ImportError as exc:  # the http extra is not installed
         "pip install 'substantial[http]'"
     ) from exc
 
+from . import dashboard
 from ._api import Api
 from ._errors import exception_handlers
 
@@ -41,12 +42,15 @@ access_log = logging.getLogger("substantial.http.access")
 
 
 def create_app(conductor: Conductor, *, token: str | None = None) -> Starlette:
-    """The API over ``conductor``; with ``token``, every ``/api`` route wants
-    ``Authorization: Bearer <token>`` (``/healthz`` stays open)."""
+    """The API over ``conductor``, and the dashboard at ``/``; with ``token``,
+    every ``/api`` route wants ``Authorization: Bearer <token>`` (``/healthz``,
+    ``/metrics`` and the dashboard's files stay open: the page asks for the
+    token and sends it on its API calls)."""
     if token is not None and not token:
         raise ConfigurationError("the API token must not be empty")
     api = Api(conductor, token)
-    app = Starlette(routes=api.routes(), exception_handlers=exception_handlers())
+    routes = [*api.routes(), *dashboard.routes()]
+    app = Starlette(routes=routes, exception_handlers=exception_handlers())
     app.add_middleware(_AccessLog)
     app.state.conductor = conductor
     return app
