@@ -36,4 +36,30 @@ async def chain(c: Context, n: int = 1) -> Any:
     return "end"
 
 
-ALL = (double, approval, family, chain)
+undone: list[str] = []
+broken_step = {"fail": True}  # a "bug" the test fixes before resuming
+
+
+@workflow()
+async def refundable(c: Context) -> Any:
+    await c.save(lambda: "a", compensate_with=lambda: undone.append("a"))
+    await c.save(lambda: "b", compensate_with=lambda: undone.append("b"))
+    return await c.receive("go")
+
+
+def _third() -> str:
+    if broken_step["fail"]:
+        raise KeyError("address")
+    return "shipped"
+
+
+@workflow()
+async def shipping(c: Context) -> Any:
+    await c.save(lambda: "charged")
+    await c.save(lambda: "packed")
+    if broken_step["fail"]:
+        raise KeyError("address")  # the workflow's own bug, fixed before resume
+    return await c.save(_third)
+
+
+ALL = (double, approval, family, chain, refundable, shipping)

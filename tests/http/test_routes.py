@@ -7,8 +7,10 @@ import contextlib
 from typing import Any
 
 from substantial import RunStatus
-from substantial.errors import RunFailed
+from substantial.errors import RunFailed, RunReverted
 
+from ..engine.helpers import eventually
+from . import flows
 from .conftest import Served
 
 SUMMARY_KEYS = {
@@ -158,8 +160,6 @@ async def test_cancel_is_202_and_a_no_op_on_a_finished_run(api: Served) -> None:
 
 async def test_cancel_bodies(api: Served) -> None:
     run_id = await start(api, "approval")
-    r = await api.client.post(f"/api/runs/{run_id}/cancel", json={"revert": True})
-    assert "revert" in error_of(r, 501, "NotImplemented")
     for body in ([True], {"revert": "yes"}, {"hard": True}):
         error_of(await api.client.post(f"/api/runs/{run_id}/cancel", json=body), 400)
     assert await api.conductor.handle(run_id).status() != RunStatus.CANCELLED
@@ -186,7 +186,7 @@ async def test_workflows_counts_by_status(api: Served) -> None:
     r = await api.client.get("/api/workflows")
     assert r.status_code == 200
     found = {w["name"]: w["counts"] for w in r.json()["workflows"]}
-    assert set(found) == {"double", "approval", "family", "chain", "unregistered"}
+    assert set(found) == {w.name for w in flows.ALL} | {"unregistered"}
     assert found["double"]["COMPLETED"] == 3
     assert sum(found["family"].values()) == 0
     assert found["unregistered"]["PENDING"] == 1
@@ -338,3 +338,58 @@ async def test_metrics_are_open_and_count_runs(api: Served) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "substantial_runs_ended_total" in r.text
     assert "substantial_claims_total" in r.text
+
+
+async def test_cancel_with_revert_runs_the_compensations_newest_first(api: Served) -> None:
+    flows.undone.clear()
+    run_id = await start(api, "refundable")
+
+    async def waiting() -> bool:
+        return await api.conductor.handle(run_id).status() == RunStatus.SUSPENDED
+
+    await eventually(waiting, timeout=30)
+    r = await api.client.post(f"/api/runs/{run_id}/cancel", json={"revert": True})
+    assert r.status_code == 202, r.text
+    with contextlib.suppress(RunReverted):
+        await api.conductor.handle(run_id).result(timeout=30)
+    assert await api.conductor.handle(run_id).status() == RunStatus.REVERTED
+    assert flows.undone == ["b", "a"]
+
+
+async def test_resume_a_failed_run_after_the_fix(api: Served) -> None:
+    flows.broken_step["fail"] = True
+    run_id = await start(api, "shipping")
+    with contextlib.suppress(RunFailed):
+        await api.conductor.handle(run_id).result(timeout=30)
+    assert (await api.client.get(f"/api/runs/{run_id}")).json()["error_type"] == "KeyError"
+    flows.broken_step["fail"] = False  # the fix is deployed
+    r = await api.client.post(f"/api/runs/{run_id}/resume")
+    assert r.status_code == 202, r.text
+    assert await api.conductor.handle(run_id).result(timeout=30) == "shipped"
+    again = await api.client.post(f"/api/runs/{run_id}/resume")
+    assert "COMPLETED" in error_of(again, 409, "RunNotResumable")
+    error_of(await api.client.post("/api/runs/nobody/resume"), 404, "RunNotFound")
+
+
+async def test_fork_starts_a_new_run_from_a_step(api: Served) -> None:
+    run_id = await start(api, "double", kwargs={"n": 5})
+    assert await api.conductor.handle(run_id).result(timeout=30) == 10
+    r = await api.client.post(f"/api/runs/{run_id}/fork", json={"from_step": 1})
+    assert r.status_code == 201, r.text
+    forked = r.json()["run_id"]
+    assert forked != run_id
+    assert await api.conductor.handle(forked).result(timeout=30) == 10
+    for body in ({}, {"from_step": -1}, {"from_step": "1"}, {"from_step": 1, "x": 2}):
+        error_of(await api.client.post(f"/api/runs/{run_id}/fork", json=body), 400)
+    r = await api.client.post(f"/api/runs/{run_id}/fork", json={"from_step": 1, "run_id": forked})
+    error_of(r, 400)  # that id is taken
+
+
+async def test_workers_lists_the_live_worker(api: Served) -> None:
+    r = await api.client.get("/api/workers")
+    assert r.status_code == 200
+    [w] = r.json()["workers"]
+    assert set(w) == {
+        "worker_id", "host", "pid", "queues", "workflows", "started_at", "last_beat"
+    }  # fmt: skip
+    assert "double" in w["workflows"] and w["queues"] == ["default"]

@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._shapes import history_doc, log_doc, summary_doc
+from .._shapes import history_doc, log_doc, summary_doc, worker_doc
 from ..conductor import Conductor
-from ..errors import RunNotFound
+from ..errors import ClientError, RunNotFound
 from . import _reads
 from ._errors import ApiError, JSONResponse, answer, bad_input, error_response
 from ._inputs import check_name, cursor_param, json_body, limit_param, runs_filter
@@ -57,6 +57,9 @@ class Api:
             Route("/api/runs/{run_id}/logs", api(self.logs), methods=["GET"]),
             Route("/api/runs/{run_id}/events/{name}", api(self.send), methods=["POST"]),
             Route("/api/runs/{run_id}/cancel", api(self.cancel), methods=["POST"]),
+            Route("/api/runs/{run_id}/resume", api(self.resume), methods=["POST"]),
+            Route("/api/runs/{run_id}/fork", api(self.fork), methods=["POST"]),
+            Route("/api/workers", api(self.workers), methods=["GET"]),
         ]
 
     def guarded(self, handler: Handler, *, auth: bool = True) -> Handler:
@@ -195,10 +198,38 @@ class Api:
         revert = body.get("revert", False)
         if not isinstance(revert, bool):
             raise bad_input("revert must be true or false")
-        if revert:
-            raise ApiError(501, "NotImplemented", "cancel with revert is not supported yet")
-        await self.conductor.handle(run_id).cancel()
+        await self.conductor.handle(run_id).cancel(revert=revert)
         return JSONResponse({"run_id": run_id}, status_code=202)
+
+    async def resume(self, request: Request) -> Response:
+        """202 once a FAILED or CANCELLED run is PENDING again; 409 for any other."""
+        run_id = self._run_id(request)
+        await json_body(request, self.cap, empty={})
+        status = await self.conductor.handle(run_id).status()  # RunNotFound: 404
+        try:
+            await self.conductor.handle(run_id).resume()
+        except RunNotFound:
+            raise
+        except ClientError as exc:
+            raise ApiError(409, "RunNotResumable", f"{exc} (the run is {status})") from None
+        return JSONResponse({"run_id": run_id}, status_code=202)
+
+    async def fork(self, request: Request) -> Response:
+        source = self._run_id(request)
+        body = await json_body(request, self.cap)
+        if not isinstance(body, dict) or set(body) - {"from_step", "run_id"}:
+            raise bad_input('the body must be {"from_step": N, "run_id"?: "..."}')
+        step = body.get("from_step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**31:
+            raise bad_input("from_step must be a non-negative integer (a durable call's seq)")
+        new_id = body.get("run_id")
+        if new_id is not None:
+            new_id = check_name(new_id, "run_id")
+        handle = await self.conductor.fork(source, from_step=step, run_id=new_id)
+        return JSONResponse({"run_id": handle.run_id}, status_code=201)
+
+    async def workers(self, request: Request) -> Response:
+        return JSONResponse({"workers": [worker_doc(w) for w in await self.conductor.workers()]})
 
     @staticmethod
     def _run_id(request: Request) -> str:

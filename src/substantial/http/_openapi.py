@@ -183,6 +183,45 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {"revert": {"type": "boolean", "default": False}},
     },
+    "ForkRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["from_step"],
+        "properties": {
+            "from_step": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+            "run_id": {"type": "string"},
+        },
+    },
+    "Workers": {
+        "type": "object",
+        "required": ["workers"],
+        "properties": {
+            "workers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "worker_id",
+                        "host",
+                        "pid",
+                        "queues",
+                        "workflows",
+                        "started_at",
+                        "last_beat",
+                    ],
+                    "properties": {
+                        "worker_id": {"type": "string"},
+                        "host": {"type": "string"},
+                        "pid": {"type": "integer"},
+                        "queues": {"type": "array", "items": {"type": "string"}},
+                        "workflows": {"type": "array", "items": {"type": "string"}},
+                        "started_at": {"type": "string"},
+                        "last_beat": {"type": "string"},
+                    },
+                },
+            }
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -194,7 +233,7 @@ _WHY = {
     "400": "bad input: malformed JSON, a bad field, filter, limit or cursor",
     "401": "missing or wrong bearer token",
     "404": "no run has this id",
-    "409": "the run already finished",
+    "409": "the run already finished, or cannot be resumed in its status",
     "413": "the body or a value in it is over the conductor's max_payload_bytes",
     "501": "not supported yet",
     "503": "the store cannot be reached",
@@ -351,9 +390,9 @@ def _paths(secured: bool) -> dict[str, Any]:
         },
         "/api/runs/{run_id}/cancel": {
             "post": _op(
-                "ask for cancellation (a finished run: no-op)",
+                "ask for cancellation, with revert: compensations first (a finished run: no-op)",
                 {"202": _json("Accepted", "cancellation requested")},
-                "400 404 413 501 503" + auth,
+                "400 404 413 503" + auth,
                 parameters=[_RUN_ID],
                 requestBody={
                     "required": False,
@@ -363,6 +402,39 @@ def _paths(secured: bool) -> dict[str, Any]:
                         }
                     },
                 },
+            )
+        },
+        "/api/runs/{run_id}/resume": {
+            "post": _op(
+                "replay a FAILED or CANCELLED run with the deployed code",
+                {"202": _json("Accepted", "the run is PENDING again")},
+                "400 404 409 413 503" + auth,
+                parameters=[_RUN_ID],
+                requestBody={
+                    "required": False,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            )
+        },
+        "/api/runs/{run_id}/fork": {
+            "post": _op(
+                "a new run whose log is this run's before durable call from_step",
+                {"201": _json("RunId", "the new run")},
+                "400 404 413 503" + auth,
+                parameters=[_RUN_ID],
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ForkRequest"}}
+                    },
+                },
+            )
+        },
+        "/api/workers": {
+            "get": _op(
+                "the live workers of the store",
+                {"200": _json("Workers", "workers by id")},
+                "503" + auth,
             )
         },
     }
