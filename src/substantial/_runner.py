@@ -63,24 +63,11 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         return None  # (a revert replays first: the compensations are in the code)
     ctx = Context(session, hot_wait=hot_wait)
     try:
-        await session.pull_if_needed()
-        result = await wf.fn(ctx, **ctx.kwargs)
-        ctx.check_complete()
-        value = to_json(
-            result,
-            what=f"the return value of workflow {wf.name!r}",
-            limit=session.journal.max_payload,
-        )
+        status, value = await _workflow(session, wf, ctx)
     except Suspend as s:
         _raise_if_lost(session)
         await session.suspend(s.due, ctx.flush_records())
         return s.due
-    except CancelRun:
-        _raise_if_lost(session)
-        if session.run.revert_requested:
-            return await _cancel_reverting(session, wf, ctx)
-        await _cancel(session, ctx.flush_records())
-        return None
     except StopRun as stop:
         _raise_if_lost(session)
         await _stopped(session, stop, ctx.flush_records())
@@ -94,8 +81,33 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
         await _failed(session, wf, exc, ctx.flush_records())
         return None
     _raise_if_lost(session)
-    await _end(session, RunStatus.COMPLETED, result=value, extra=ctx.flush_records())
+    if status == RunStatus.COMPLETED:
+        await _end(session, status, result=value, extra=ctx.flush_records())
+    else:
+        await _cancel(session, ctx.flush_records(), status=status)
     return None
+
+
+async def _workflow(session: RunSession, wf: Workflow[Any], ctx: Context) -> tuple[RunStatus, Any]:
+    """Run the workflow's code: COMPLETED with its JSON value, or CANCELLED when a
+    cancel stopped it. ``cancel(revert=True)`` runs the compensations first, newest
+    first, and ends REVERTED; a compensation waiting out a retry suspends the run
+    (the next claim replays to here and goes on), one that fails for good fails
+    it, as in ``revert()``: ``drive`` handles those as it does the workflow's own."""
+    try:
+        await session.pull_if_needed()
+        result = await wf.fn(ctx, **ctx.kwargs)
+    except CancelRun:
+        _raise_if_lost(session)
+        if not session.run.revert_requested:
+            return RunStatus.CANCELLED, None
+        await ctx.cancel_revert()
+        return RunStatus.REVERTED, None
+    ctx.check_complete()
+    value = to_json(
+        result, what=f"the return value of workflow {wf.name!r}", limit=session.journal.max_payload
+    )
+    return RunStatus.COMPLETED, value
 
 
 async def _stopped(session: RunSession, stop: StopRun, pending: list[Any]) -> None:
@@ -163,29 +175,6 @@ async def _end(
         with contextlib.suppress(RunNotFound, RunFinished):
             origin = session.start.get("origin", session.run_id)
             await session.journal.deliver(parent, child_event(origin), outcome)
-
-
-async def _cancel_reverting(session: RunSession, wf: Workflow[Any], ctx: Context) -> float | None:
-    """``cancel(revert=True)``: the compensations first, then the end, REVERTED. A
-    compensation waiting out a retry suspends the run (the next claim replays to
-    here and goes on); one that fails for good fails the run, as in ``revert()``."""
-    try:
-        await ctx.cancel_revert()
-    except Suspend as s:
-        _raise_if_lost(session)
-        await session.suspend(s.due, ctx.flush_records())
-        return s.due
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        _raise_if_lost(session)
-        if isinstance(exc, BackendError):
-            raise
-        await _failed(session, wf, exc, ctx.flush_records())
-        return None
-    _raise_if_lost(session)
-    await _cancel(session, ctx.flush_records(), status=RunStatus.REVERTED)
-    return None
 
 
 async def _cancel(
