@@ -7,11 +7,10 @@ the live edge, and the rule that calls of one run are made one at a time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
@@ -55,16 +54,23 @@ def one_at_a_time(
     scheduling, so it is refused with a clear error instead of corrupting replay.
     """
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: CoreT, *args: P.args, **kwargs: P.kwargs) -> T:
-        with self._sole_call(fn.__name__):
+        self._enter_call(name)
+        try:
             return await fn(self, *args, **kwargs)
+        finally:
+            self._in_call = None
 
     return wrapper  # type: ignore[return-value]
 
 
 class CallCore:
     """The replay index, the write buffer and the live edge of one run."""
+
+    _reverting = False  # compensations of a cancel-revert run: a cancel no longer stops
 
     def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
         self._session = session
@@ -77,10 +83,10 @@ class CallCore:
         self._in_call: str | None = None
         self._poisoned = False
 
-    @contextlib.contextmanager
-    def _sole_call(self, name: str) -> Iterator[None]:
-        """The durable call ``name`` is in flight; a second one at once is refused
-        (see ``one_at_a_time``)."""
+    def _enter_call(self, name: str) -> None:
+        """The durable call ``name`` is in flight until its caller resets
+        ``_in_call`` (in a ``finally``); a second one at once is refused (see
+        ``one_at_a_time``). Not a context manager: this runs on every call."""
         if self._in_call is not None:
             self._poisoned = True  # the call already in flight must not write either
             raise WorkflowError(
@@ -89,10 +95,6 @@ class CallCore:
                 "over Context calls is not supported)"
             )
         self._in_call = name
-        try:
-            yield
-        finally:
-            self._in_call = None
 
     def _feed_handlers(self, event: R.Record) -> None:
         for name, cb in self._handlers:
@@ -123,12 +125,15 @@ class CallCore:
         return rec
 
     async def _sync(self) -> None:
-        """Live edge: take in pending events, check for cancellation."""
-        await self._session.pull_if_needed()
-        if self._session.run.cancel_requested:
+        """Live edge: take in pending events, check for cancellation (but while a
+        cancel-revert runs its compensations: that cancel is what they answer)."""
+        session = self._session
+        if session.needs_pull:
+            await session.pull()
+        if session.run.cancel_requested and not self._reverting:
             raise CancelRun()
         self._replay.index_new()
-        self._replay.advance(len(self._session.records))
+        self._replay.advance(len(session.records))
 
     def _check_writable(self) -> None:
         if self._poisoned:

@@ -143,8 +143,11 @@ class Context(Composition):
         attempt. ``key`` names the value for :meth:`compact`. ``name`` is how the
         run's history shows the step (default: ``f``'s qualified name, a lambda
         by its code location); it is display only, not checked on replay."""
-        with self._sole_call("save"):
+        self._enter_call("save")  # (one_at_a_time, inlined: save has overloads)
+        try:
             return await self._save("save", f, compensate_with, retry, timeout, type, key, name)
+        finally:
+            self._in_call = None
 
     @one_at_a_time
     async def now(self) -> datetime:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +127,9 @@ class RunSession:
         if self._staged or self._staged_inbox is not None:
             await self.append([], None, "event")
 
-    async def write(self, recs: Sequence[R.Record], *, what: str, waiting: bool = False) -> int:
+    def write(
+        self, recs: Sequence[R.Record], *, what: str, waiting: bool = False
+    ) -> Awaitable[int]:
         """The engine's append of a durable call's records; returns the position of
         the first.
 
@@ -136,8 +138,18 @@ class RunSession:
         backoff), and the store shows SUSPENDED with them while this worker
         keeps the lease; the first write after a wait shows RUNNING again."""
         status = RunStatus.SUSPENDED if waiting else RunStatus.RUNNING
-        update = None if status == self._shown else RunUpdate(status=status)
-        return await self.append(recs, update, what)
+        update = None if status is self._shown else RunUpdate(status=status)
+        return self.append(recs, update, what)  # (not a coroutine of its own: hot path)
+
+    @property
+    def shown(self) -> RunStatus:
+        """The status the store shows for the run (see :meth:`show`)."""
+        return self._shown
+
+    @property
+    def needs_pull(self) -> bool:
+        """The inbox may hold items that :meth:`pull` would take in."""
+        return self._dirty
 
     async def show(self, status: RunStatus) -> None:
         """Make the store show ``status`` (RUNNING or SUSPENDED) if it does not.

@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,9 +44,10 @@ class Done:
         yield
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Attempts:
-    """What one save's attempts need to know."""
+    """What one save's attempts need to know. (Not frozen: a frozen dataclass
+    costs a few microseconds to make, and one is made per executed save.)"""
 
     seq: int
     p: str
@@ -120,22 +122,27 @@ class Steps(Waits):
         """One call of ``f``: its final record, or None after recording a failure
         that will be retried and waiting out its backoff. Each record says when
         the effect started (``t0``) and how long it took (``ms``)."""
-        await self._session.show(RunStatus.RUNNING)  # user code runs: say so first
-        limit = self._session.journal.max_payload
+        session = self._session
+        if session.shown is not RunStatus.RUNNING:  # user code runs: say so first
+            await session.show(RunStatus.RUNNING)
+        wf = session.run.workflow
         t0 = self._clock()
         timing: dict[str, Any] = {"step": run.name, "t0": t0}
         try:
-            wf = self._session.run.workflow
-            out = await telemetry.step(_invoke(f, run.limit), self.run_id, wf, run.name, run.at, n)
-            timing["ms"] = _ms_since(t0, self._clock())
-            value = to_json(out, what=run.what, limit=limit)
+            p0 = time.perf_counter()  # (the metric's clock: t0 may be a virtual one)
+            try:
+                out = await telemetry.step(
+                    _invoke(f, run.limit), self.run_id, wf, run.name, run.at, n
+                )
+            finally:
+                telemetry.step_took(wf, time.perf_counter() - p0)
+                timing["ms"] = _ms_since(t0, self._clock())
+            value = to_json(out, what=run.what, limit=session.journal.max_payload)
             return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **timing, **run.keyed)
         except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
-            timing.setdefault("ms", _ms_since(t0, self._clock()))
             err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
             return self._rec(R.CALL, run.seq, run.p, run.at, err=err, **timing, **run.keyed)
         except Exception as exc:
-            timing.setdefault("ms", _ms_since(t0, self._clock()))
             err = {"type": type(exc).__name__, "msg": str(exc) or type(exc).__name__}
             if n >= run.policy.max_attempts or isinstance(exc, run.policy.non_retryable):
                 final_err = {**err, "n": n}

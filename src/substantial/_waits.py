@@ -21,17 +21,6 @@ from ._types import RunStatus, Seconds, to_seconds
 
 
 class Waits(CallCore):
-    _reverting = False  # compensations of a cancel-revert run: a cancel no longer stops
-
-    async def _sync(self) -> None:
-        """The live edge; while a cancel-revert runs its compensations, without the
-        cancel check (that cancel is what they are answering)."""
-        if not self._reverting:
-            return await super()._sync()
-        await self._session.pull_if_needed()
-        self._replay.index_new()
-        self._replay.advance(len(self._session.records))
-
     def _budget(self) -> float:
         """When an in-place wait that starts now must give up and suspend."""
         return self._clock() + self._hot_wait

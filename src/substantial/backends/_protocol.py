@@ -48,15 +48,19 @@ store included.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 from .._types import RunStatus
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class RunRecord:
-    """A run's row: everything but its log and inbox."""
+    """A run's row: everything but its log and inbox.
+
+    Immutable: a store's rules make a changed copy with :meth:`evolve`. (No
+    ``slots``: ``evolve`` copies the instance dict, which is what makes it cheap.)
+    """
 
     run_id: str
     workflow: str
@@ -77,6 +81,21 @@ class RunRecord:
     cancel_requested: bool = False
     parent_id: str | None = None
     revert_requested: bool = False  # the cancel asks for the compensations first
+
+    def evolve(self, **changes: Any) -> RunRecord:
+        """A copy with ``changes``: ``dataclasses.replace`` without its per-field
+        work, several times cheaper; the stores' rules call it on every append."""
+        unknown = changes.keys() - _RUN_FIELDS
+        if unknown:
+            raise TypeError(f"RunRecord has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(RunRecord)
+        state = new.__dict__
+        state.update(self.__dict__)
+        state.update(changes)
+        return new
+
+
+_RUN_FIELDS = frozenset(f.name for f in fields(RunRecord))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

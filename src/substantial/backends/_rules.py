@@ -10,7 +10,6 @@ every store reports the same failure the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -52,8 +51,7 @@ def claimable(rec: RunRecord, queue: str, workflows: Iterable[str], now: float) 
 
 def claimed(rec: RunRecord, *, owner: str, lease_seconds: float, now: float) -> RunRecord:
     """The claim: RUNNING, started (once), a new lease with the next token."""
-    return replace(
-        rec,
+    return rec.evolve(
         status=RunStatus.RUNNING,
         started_at=now if rec.started_at is None else rec.started_at,
         lease_token=rec.lease_token + 1,
@@ -77,7 +75,7 @@ def apply_update(rec: RunRecord, u: RunUpdate) -> RunRecord:
         changes["ended_at"] = u.ended_at
     if u.inbox_pos is not None:
         changes["inbox_pos"] = u.inbox_pos
-    return replace(rec, **changes) if changes else rec
+    return rec.evolve(**changes) if changes else rec
 
 
 def releases(rec: RunRecord, u: RunUpdate | None) -> bool:
@@ -93,21 +91,20 @@ def apply_release(rec: RunRecord, due_at: float | None, now: float, pending: boo
         due_at = None
     elif pending or rec.cancel_requested:
         due_at = now if due_at is None else min(due_at, now)
-    return replace(rec, due_at=due_at, lease_owner=None, lease_expires_at=None)
+    return rec.evolve(due_at=due_at, lease_owner=None, lease_expires_at=None)
 
 
 def released(
     rec: RunRecord, *, status: RunStatus, due_at: float | None, now: float, pending: bool
 ) -> RunRecord:
     """``release``: the status (unless already terminal), then the release rule."""
-    rec = rec if rec.status.is_terminal else replace(rec, status=status)
+    rec = rec if rec.status.is_terminal else rec.evolve(status=status)
     return apply_release(rec, due_at, now, pending)
 
 
 def reopened(rec: RunRecord, *, keep_len: int, now: float) -> RunRecord:
     """``reopen``: PENDING and due now, as if never ended, with a log of ``keep_len``."""
-    return replace(
-        rec,
+    return rec.evolve(
         status=RunStatus.PENDING,
         ended_at=None,
         result=None,

@@ -359,7 +359,7 @@ class FSBackend(FsRegistry):
                 st, rec = t.st, t.st.rec
                 rules.check_fence(run_id, rec, token, expected_len)
                 self._files.append_at(log_path(t.dir, st), st.log_bytes, data)
-                rec = replace(rec, log_len=rec.log_len + len(records))
+                rec = rec.evolve(log_len=rec.log_len + len(records))
                 if update is not None:
                     rec = rules.apply_update(rec, update)
                 released = rules.releases(rec, update)
@@ -391,7 +391,7 @@ class FSBackend(FsRegistry):
                 if t is None:
                     raise RunNotFound(run_id)
                 rules.check_fence(run_id, t.st.rec, token, expected_len)
-                rec = replace(t.st.rec, log_len=len(records))
+                rec = t.st.rec.evolve(log_len=len(records))
                 st = replace(t.st, rec=rec, log_bytes=len(data), log_gen=t.st.log_gen + 1)
                 new = log_path(t.dir, st)
                 self._files.write_new(new, data)  # unseen until run.json names it
@@ -418,7 +418,7 @@ class FSBackend(FsRegistry):
                         return False
                     expires, old = now + lease_seconds, t.st.rec.lease_expires_at
                     if indexed or old is None or expires >= old:
-                        rec = replace(t.st.rec, lease_expires_at=expires)
+                        rec = t.st.rec.evolve(lease_expires_at=expires)
                         self._commit(t, replace(t.st, rec=rec))
                         return True
             raise AssertionError("unreachable")
@@ -466,7 +466,7 @@ class FSBackend(FsRegistry):
                 item = t.st.last_inbox_id + 1
                 self._files.write_new(t.dir / "inbox" / f"{item:08d}", data)  # unseen until commit
                 self._files.sync_dir(t.dir / "inbox")
-                rec = replace(t.st.rec, due_at=now)
+                rec = t.st.rec.evolve(due_at=now)
                 self._commit(t, replace(t.st, rec=rec, last_inbox_id=item))
                 return item
 

@@ -119,7 +119,7 @@ class MemoryBackend:
         self._count("append")
         r = self._owned(run_id, token, expected_len)
         r.log.extend(records)
-        rec = replace(r.rec, log_len=len(r.log))
+        rec = r.rec.evolve(log_len=len(r.log))
         if update is not None:
             rec = rules.apply_update(rec, update)
         ends = rules.releases(rec, update)
@@ -142,7 +142,7 @@ class MemoryBackend:
         self._count("rewrite_log")
         r = self._owned(run_id, token, expected_len)
         r.log = list(records)
-        r.rec = replace(r.rec, log_len=len(r.log))
+        r.rec = r.rec.evolve(log_len=len(r.log))
         return r.rec.log_len
 
     async def renew(
@@ -154,7 +154,7 @@ class MemoryBackend:
             r = self._runs.get(run_id)
             if r is None or not rules.holds_lease(r.rec, token):
                 continue
-            r.rec = replace(r.rec, lease_expires_at=now + lease_seconds)
+            r.rec = r.rec.evolve(lease_expires_at=now + lease_seconds)
             held.add(run_id)
         return held
 
@@ -185,7 +185,7 @@ class MemoryBackend:
             raise RunFinished(run_id, r.rec.status.value)
         r.last_inbox_id += 1
         r.inbox.append(InboxItem(id=r.last_inbox_id, data=data))
-        r.rec = replace(r.rec, due_at=now)
+        r.rec = r.rec.evolve(due_at=now)
         self._hub.publish(run_id)
         return r.last_inbox_id
 
@@ -197,7 +197,7 @@ class MemoryBackend:
         if r.rec.status.is_terminal:
             return
         revert = revert or r.rec.revert_requested
-        r.rec = replace(r.rec, cancel_requested=True, revert_requested=revert, due_at=now)
+        r.rec = r.rec.evolve(cancel_requested=True, revert_requested=revert, due_at=now)
         self._hub.publish(run_id)
 
     async def reopen(

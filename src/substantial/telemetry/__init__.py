@@ -40,7 +40,6 @@ OpenTelemetry side.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -133,27 +132,29 @@ def _count_end(m: M.Metrics, session: RunSession, workflow: str) -> None:
         m.leases_lost.inc()
 
 
-async def step(
+def step(
     aw: Awaitable[T],
     run_id: str,
     workflow: str,
     name: Callable[..., Any] | str,
     at: str,
     attempt: int,
-) -> T:
-    """Steps: one executed attempt of a save (``aw``, the effect), timed and
-    under a ``substantial.step <name>`` span. ``name``: the step's name or its
+) -> Awaitable[T]:
+    """Steps: one executed attempt of a save (``aw``, the effect), under a
+    ``substantial.step <name>`` span while the stretch is traced; ``aw`` itself
+    otherwise (no wrapper on the hot path). ``name``: the step's name or its
     callable (named by :func:`step_name`)."""
+    tracer = TR.stretch_tracer.get()
+    if tracer is None:
+        return aw
+    return TR.traced_step(tracer, aw, run_id, workflow, step_name(name, at), attempt)
+
+
+def step_took(workflow: str, seconds: float) -> None:
+    """Steps: an executed attempt spent ``seconds`` in its effect."""
     m = M.current()
-    t0 = time.perf_counter()
-    try:
-        tracer = TR.stretch_tracer.get()
-        if tracer is None:
-            return await aw
-        return await TR.traced_step(tracer, aw, run_id, workflow, step_name(name, at), attempt)
-    finally:
-        if m is not None:
-            m.steps.observe(workflow, time.perf_counter() - t0)
+    if m is not None:
+        m.steps.observe(workflow, seconds)
 
 
 def step_ended(workflow: str, final: R.Record) -> None:
