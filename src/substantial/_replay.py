@@ -165,7 +165,8 @@ class Replay:
                 self._skip_tail(lambda rec: _same(rec, p, name, key))
         seq = self.next_seq
         self.next_seq += 1
-        recs = [self.records[i] for i in self.calls.get(seq, ())]
+        positions = self.calls.get(seq)
+        recs = [self.records[i] for i in positions] if positions else []
         if recs:
             first = recs[0]
             if not _same(first, p, name, key):

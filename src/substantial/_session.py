@@ -93,9 +93,11 @@ class RunSession:
         the first of ``recs``. Fenced."""
         if self.lost is not None:
             raise self.lost
-        staged = self.records[len(self.records) - self._staged :] if self._staged else []
-        encoded = [self.journal.encode(r, "event") for r in staged]
-        encoded += [self.journal.encode(r, what) for r in recs]
+        encode = self.journal.encode
+        encoded = [encode(r, what) for r in recs]
+        if self._staged:
+            staged = self.records[len(self.records) - self._staged :]
+            encoded[:0] = [encode(r, "event") for r in staged]
         if self._staged_inbox is not None:
             moved = RunUpdate(inbox_pos=self._staged_inbox)
             update = moved if update is None else replace(update, inbox_pos=self._staged_inbox)

@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
+from inspect import CO_COROUTINE
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from . import _records as R
@@ -114,7 +116,6 @@ class Steps(Waits):
             attempt += 1
             final = await self._attempt(run, f, attempt)
             if final is not None:
-                telemetry.step_ended(self._session.run.workflow, final)
                 await self._write(final, what=run.what)
                 return final
 
@@ -127,33 +128,34 @@ class Steps(Waits):
             await session.show(RunStatus.RUNNING)
         wf = session.run.workflow
         t0 = self._clock()
-        timing: dict[str, Any] = {"step": run.name, "t0": t0}
+        p0 = time.perf_counter()  # (the metric's clock: t0 may be a virtual one)
+        fields: dict[str, Any] = {"step": run.name, "t0": t0, **run.keyed}
+        final: R.Record | None = None
         try:
-            p0 = time.perf_counter()  # (the metric's clock: t0 may be a virtual one)
             try:
                 out = await telemetry.step(
                     _invoke(f, run.limit), self.run_id, wf, run.name, run.at, n
                 )
             finally:
-                telemetry.step_took(wf, time.perf_counter() - p0)
-                timing["ms"] = _ms_since(t0, self._clock())
+                fields["ms"] = _ms_since(t0, self._clock())
             value = to_json(out, what=run.what, limit=session.journal.max_payload)
-            return self._rec(R.CALL, run.seq, run.p, run.at, v=value, **timing, **run.keyed)
+            final = self._rec(R.CALL, run.seq, run.p, run.at, v=value, **fields)
         except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
             err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
-            return self._rec(R.CALL, run.seq, run.p, run.at, err=err, **timing, **run.keyed)
+            final = self._rec(R.CALL, run.seq, run.p, run.at, err=err, **fields)
         except Exception as exc:
             err = {"type": type(exc).__name__, "msg": str(exc) or type(exc).__name__}
             if n >= run.policy.max_attempts or isinstance(exc, run.policy.non_retryable):
                 final_err = {**err, "n": n}
-                return self._rec(
-                    R.CALL, run.seq, run.p, run.at, err=final_err, **timing, **run.keyed
-                )
+                final = self._rec(R.CALL, run.seq, run.p, run.at, err=final_err, **fields)
+        except BaseException:  # interrupted (the worker stops): timed, not counted
+            telemetry.step_done(wf, None, time.perf_counter() - p0, interrupted=True)
+            raise
+        telemetry.step_done(wf, final, time.perf_counter() - p0)
+        if final is not None:
+            return final
         retry_at = self._clock() + run.policy.delay_after(n)
-        telemetry.step_retried(self._session.run.workflow)
-        attempt = self._rec(
-            R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **timing, **run.keyed
-        )
+        attempt = self._rec(R.TRY, run.seq, run.p, run.at, n=n, err=err, retry=retry_at, **fields)
         await self._write(attempt, what=run.what, waiting=True)
         await self._wait(retry_at, events=False, budget_end=self._budget())
         return None
@@ -193,6 +195,10 @@ def step_name(f: Callable[[], Any]) -> str:
     code location (``file.py:12``), as its qualified name says little.
     Display only: stored as ``step``, never compared on replay, so renaming a
     function (or moving a lambda) keeps old logs replaying."""
+    if type(f) is FunctionType:  # the usual case, first: one check per executed save
+        plain: str = f.__qualname__
+        if not plain.endswith("<lambda>"):
+            return plain
     target: Any = f
     while isinstance(target, functools.partial):
         target = target.func
@@ -205,6 +211,9 @@ def step_name(f: Callable[[], Any]) -> str:
     return qualname
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
+
 def _ms_since(t0: float, t1: float) -> float:
     return round(max(0.0, t1 - t0) * 1000.0, 3)
 
@@ -212,12 +221,16 @@ def _ms_since(t0: float, t1: float) -> float:
 async def _invoke(f: Callable[[], Any], timeout: float | None) -> Any:
     """Call ``f``: coroutine functions on the loop, plain callables in a thread
     (so a long blocking step cannot starve lease heartbeats; see ``_threads``)."""
-    if inspect.iscoroutinefunction(f):
+    if (type(f) is FunctionType and f.__code__.co_flags & CO_COROUTINE) or (
+        inspect.iscoroutinefunction(f)
+    ):
         aw: Awaitable[Any] = f()
     else:
         aw = run_in_thread(f)
     if timeout is None:
         result = await aw
+        if type(result) in _PLAIN:  # (isawaitable is slow on a plain value)
+            return result
         return (await result) if inspect.isawaitable(result) else result
     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
     async with asyncio.timeout(timeout):

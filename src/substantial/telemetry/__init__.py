@@ -94,7 +94,7 @@ def claimed() -> None:
     """Worker: a run was claimed."""
     m = M.current()
     if m is not None:
-        m.claims.inc()
+        m.add(M.CLAIMS)
 
 
 async def run_stretch(session: RunSession, workflow: str, aw: Awaitable[T]) -> T:
@@ -106,10 +106,10 @@ async def run_stretch(session: RunSession, workflow: str, aw: Awaitable[T]) -> T
     m = M.current()
     if m is not None:
         if session.token == 1:  # tokens grow by one per claim: this is the run's first
-            m.started.labels(workflow).inc()
+            m.run_started(workflow)
         if len(session.records) > 1:  # the workflow re-runs over what it recorded
-            m.replays.inc()
-        m.active.inc()
+            m.add(M.REPLAYS)
+        m.add(M.ACTIVE)
     try:
         tracer = TR.tracer()
         if tracer is None:
@@ -121,15 +121,13 @@ async def run_stretch(session: RunSession, workflow: str, aw: Awaitable[T]) -> T
 
 
 def _count_end(m: M.Metrics, session: RunSession, workflow: str) -> None:
-    m.active.dec()
+    m.add(M.ACTIVE, -1.0)
     end = TR.end_record(session)
     if end is not None:
-        m.ended.labels(workflow, str(end.get("status"))).inc()
-        m.run_seconds.labels(workflow).observe(
-            max(session.journal.clock() - session.run.created_at, 0.0)
-        )
+        seconds = max(session.journal.clock() - session.run.created_at, 0.0)
+        m.run_ended(workflow, str(end.get("status")), seconds)
     if isinstance(session.lost, LeaseLost):
-        m.leases_lost.inc()
+        m.add(M.LEASES_LOST)
 
 
 def step(
@@ -150,23 +148,16 @@ def step(
     return TR.traced_step(tracer, aw, run_id, workflow, step_name(name, at), attempt)
 
 
-def step_took(workflow: str, seconds: float) -> None:
-    """Steps: an executed attempt spent ``seconds`` in its effect."""
+def step_done(
+    workflow: str, final: R.Record | None, seconds: float, *, interrupted: bool = False
+) -> None:
+    """Steps: an executed attempt of a save spent ``seconds`` in its effect and
+    ended with ``final`` (its value or its last error; None: it will be retried).
+    An ``interrupted`` attempt (the worker stopping) is timed but not counted."""
     m = M.current()
     if m is not None:
-        m.steps.observe(workflow, seconds)
-
-
-def step_ended(workflow: str, final: R.Record) -> None:
-    """Steps: an executed save's final record (its value, or its last error) is
-    about to be written."""
-    m = M.current()
-    if m is not None:
-        m.steps.count(workflow, M.ERROR if "err" in final else M.OK)
-
-
-def step_retried(workflow: str) -> None:
-    """Steps: a failed attempt will be retried (its ``try`` record is written)."""
-    m = M.current()
-    if m is not None:
-        m.steps.count(workflow, M.RETRY)
+        if interrupted:
+            outcome = None
+        else:
+            outcome = M.RETRY if final is None else M.ERROR if "err" in final else M.OK
+        m.step_done(workflow, outcome, seconds)

@@ -1,10 +1,10 @@
-"""The Prometheus side: metric families on a registry, the exposition, a server.
+"""The Prometheus side: the figures, their exposition, a server.
 
-prometheus_client is imported on first use only. Per-run figures use its
-ordinary Counter, Histogram and Gauge. Per-step figures (the step counter and
-the step histogram, touched on every executed attempt) are kept in plain
-per-thread lists instead and read by a collector at scrape time: no lock and
-no label lookup on the hot path, the same exposition.
+prometheus_client is imported on first use only, and stays off the hot path:
+every figure is kept in plain per-thread rows of floats (:class:`Tally`), with
+no lock and no label lookup when a step or a run counts, and read by one
+collector (:class:`Metrics`) that adds the threads' rows up at scrape time.
+The exposition is what Counter, Histogram and Gauge would print.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("substantial.telemetry")
@@ -28,131 +28,169 @@ log = logging.getLogger("substantial.telemetry")
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 OUTCOMES = ("ok", "error", "retry")
-OK, ERROR, RETRY, _SUM, _BUCKETS = 0, 1, 2, 3, 4  # positions in a step row
+OK, ERROR, RETRY = 0, 1, 2  # positions in a step row: [ok, error, retry, sum, buckets...]
+_STEP_SUM = 3
+STARTED, _RUN_SUM = 0, 1  # a run row: [started, seconds sum, buckets...]
+CLAIMS, LEASES_LOST, REPLAYS, ACTIVE = 0, 1, 2, 3  # the process row
+Key = tuple[str, ...]
 
 
-class StepCounts:
-    """``substantial_steps_total`` and ``substantial_step_duration_seconds``.
+class Tally:
+    """Rows of ``width`` floats by label values, kept per thread.
 
-    Each thread that counts (an event loop's) writes its own rows, one per
-    workflow: ``[ok, error, retry, seconds, bucket..., +Inf]``; the collector
-    adds the threads' rows up when scraped. Nothing is ever subtracted, so a
-    scrape racing a step sees it or not, never half of it in a way that makes
-    a counter go down."""
+    Each thread that counts (an event loop's) writes rows of its own; the
+    collector adds the threads' rows up when scraped. A counter's slots only
+    grow, so a scrape racing a count sees it or not, never a counter going down;
+    the active-runs gauge is a slot that goes up and down."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
+        self.width = width
         self._local = threading.local()
-        self._threads: list[dict[str, list[float]]] = []
+        self._threads: list[dict[Key, list[float]]] = []
         self._lock = threading.Lock()  # taken only by a thread's first count
 
-    def _row(self, workflow: str) -> list[float]:
+    def row(self, key: Key) -> list[float]:
         try:
-            rows: dict[str, list[float]] = self._local.rows
+            rows: dict[Key, list[float]] = self._local.rows
         except AttributeError:
             rows = self._local.rows = {}
             with self._lock:
                 self._threads.append(rows)
-        row = rows.get(workflow)
-        if row is None:
-            row = rows[workflow] = [0.0] * (_BUCKETS + len(STEP_BUCKETS) + 1)
-        return row
+        found = rows.get(key)
+        if found is None:
+            found = rows[key] = [0.0] * self.width
+        return found
 
-    def count(self, workflow: str, outcome: int) -> None:
-        self._row(workflow)[outcome] += 1
-
-    def observe(self, workflow: str, seconds: float) -> None:
-        row = self._row(workflow)
-        row[_SUM] += seconds
-        row[_BUCKETS + bisect.bisect_left(STEP_BUCKETS, seconds)] += 1  # le: bound >= value
-
-    def _totals(self) -> dict[str, list[float]]:
+    def totals(self) -> dict[Key, list[float]]:
         with self._lock:
             threads = list(self._threads)
-        out: dict[str, list[float]] = {}
+        out: dict[Key, list[float]] = {}
         for rows in threads:
-            for wf, row in rows.copy().items():  # (a copy: a thread may add a row)
-                acc = out.setdefault(wf, [0.0] * len(row))
+            for key, row in rows.copy().items():  # (a copy: a thread may add a row)
+                acc = out.setdefault(key, [0.0] * self.width)
                 for i, v in enumerate(list(row)):
                     acc[i] += v
         return out
 
-    def describe(self) -> Iterator[Metric]:
-        return self._families({})
 
-    def collect(self) -> Iterator[Metric]:
-        return self._families(self._totals())
-
-    def _families(self, totals: dict[str, list[float]]) -> Iterator[Metric]:
-        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
-
-        steps = CounterMetricFamily(
-            "substantial_steps",
-            "Executed attempts of a save, by outcome (ok, error, retry).",
-            labels=("workflow", "outcome"),
-        )
-        seconds = HistogramMetricFamily(
-            "substantial_step_duration_seconds",
-            "Time spent in a save's effect, per attempt.",
-            labels=("workflow",),
-        )
-        bounds = [str(float(b)) for b in STEP_BUCKETS] + ["+Inf"]  # as prometheus_client
-        for wf, row in sorted(totals.items()):
-            for i, outcome in enumerate(OUTCOMES):
-                steps.add_metric((wf, outcome), row[i])
-            cumulative, running = [], 0.0
-            for bound, n in zip(bounds, row[_BUCKETS:], strict=True):
-                running += n
-                cumulative.append((bound, running))
-            seconds.add_metric((wf,), cumulative, sum_value=row[_SUM])
-        yield steps
-        yield seconds
+def _observe(row: list[float], at: int, bounds: tuple[float, ...], seconds: float) -> None:
+    """A histogram observation in ``row``: the sum at ``at``, the buckets after it."""
+    row[at] += seconds
+    row[at + 1 + bisect.bisect_left(bounds, seconds)] += 1  # le: bound >= value
 
 
-@dataclass(slots=True)
 class Metrics:
-    """The metric families on one registry, per-run children cached per workflow."""
+    """Substantial's figures on one registry (a collector of its own)."""
 
-    steps: StepCounts
-    started: Counter
-    ended: Counter
-    run_seconds: Histogram
-    claims: Counter
-    leases_lost: Counter
-    replays: Counter
-    active: Gauge
+    def __init__(self) -> None:
+        self.steps = Tally(_STEP_SUM + 1 + len(STEP_BUCKETS) + 1)  # by (workflow,)
+        self.runs = Tally(_RUN_SUM + 1 + len(RUN_BUCKETS) + 1)  # by (workflow,)
+        self.ended = Tally(1)  # by (workflow, status)
+        self.process = Tally(4)  # one row, key ()
 
     @classmethod
     def on(cls, reg: CollectorRegistry) -> Metrics:
-        from prometheus_client import Counter, Gauge, Histogram
+        m = cls()
+        reg.register(m)  # ValueError if our names are taken there
+        return m
 
-        steps = StepCounts()
-        reg.register(steps)
-        return cls(
-            steps=steps,
-            started=Counter(
-                "substantial_runs_started", "Runs a worker began to drive.", ("workflow",),
-                registry=reg,
-            ),
-            ended=Counter(
-                "substantial_runs_ended", "Runs that ended, by final status.",
-                ("workflow", "status"), registry=reg,
-            ),
-            run_seconds=Histogram(
-                "substantial_run_duration_seconds", "Time from a run's creation to its end.",
-                ("workflow",), buckets=RUN_BUCKETS, registry=reg,
-            ),
-            claims=Counter("substantial_claims", "Runs claimed by a worker.", registry=reg),
-            leases_lost=Counter(
-                "substantial_leases_lost", "Leases another worker took over.", registry=reg
-            ),
-            replays=Counter(
-                "substantial_replays", "Stretches that replayed a run's log to resume it.",
-                registry=reg,
-            ),
-            active=Gauge(
-                "substantial_active_runs", "Runs this process is driving now.", registry=reg
-            ),
+    # -- counting (the hot path: plain list arithmetic) ----------------------------
+
+    def step_done(self, workflow: str, outcome: int | None, seconds: float) -> None:
+        """One executed attempt: its outcome counted (None: not counted), its time."""
+        row = self.steps.row((workflow,))
+        if outcome is not None:
+            row[outcome] += 1
+        _observe(row, _STEP_SUM, STEP_BUCKETS, seconds)
+
+    def run_started(self, workflow: str) -> None:
+        self.runs.row((workflow,))[STARTED] += 1
+
+    def run_ended(self, workflow: str, status: str, seconds: float) -> None:
+        self.ended.row((workflow, status))[0] += 1
+        _observe(self.runs.row((workflow,)), _RUN_SUM, RUN_BUCKETS, seconds)
+
+    def add(self, slot: int, amount: float = 1.0) -> None:
+        """The process figures: CLAIMS, LEASES_LOST, REPLAYS, ACTIVE (+1 / -1)."""
+        self.process.row(())[slot] += amount
+
+    # -- the exposition -------------------------------------------------------------
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(empty=True)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(empty=False)
+
+    def _families(self, *, empty: bool) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        steps, runs = ({}, {}) if empty else (self.steps.totals(), self.runs.totals())
+        ended = {} if empty else self.ended.totals()
+        proc = [0.0] * 4 if empty else self.process.totals().get((), [0.0] * 4)
+        yield from _step_families(steps)
+        started = CounterMetricFamily(
+            "substantial_runs_started", "Runs a worker began to drive.", labels=("workflow",)
+        )
+        for key, row in sorted(runs.items()):
+            started.add_metric(key, row[STARTED])
+        yield started
+        ends = CounterMetricFamily(
+            "substantial_runs_ended", "Runs that ended, by final status.",
+            labels=("workflow", "status"),
         )  # fmt: skip
+        for key, row in sorted(ended.items()):
+            ends.add_metric(key, row[0])
+        yield ends
+        yield _histogram(
+            "substantial_run_duration_seconds", "Time from a run's creation to its end.",
+            {k: r[_RUN_SUM:] for k, r in runs.items() if k in {e[:1] for e in ended}},
+            RUN_BUCKETS,
+        )  # fmt: skip
+        for name, doc, slot in (
+            ("substantial_claims", "Runs claimed by a worker.", CLAIMS),
+            ("substantial_leases_lost", "Leases another worker took over.", LEASES_LOST),
+            ("substantial_replays", "Stretches that replayed a run's log to resume it.", REPLAYS),
+        ):
+            yield CounterMetricFamily(name, doc, value=proc[slot])
+        yield GaugeMetricFamily(
+            "substantial_active_runs", "Runs this process is driving now.", value=proc[ACTIVE]
+        )
+
+
+def _step_families(totals: dict[Key, list[float]]) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    steps = CounterMetricFamily(
+        "substantial_steps",
+        "Executed attempts of a save, by outcome (ok, error, retry).",
+        labels=("workflow", "outcome"),
+    )
+    for key, row in sorted(totals.items()):
+        for i, outcome in enumerate(OUTCOMES):
+            steps.add_metric((*key, outcome), row[i])
+    yield steps
+    yield _histogram(
+        "substantial_step_duration_seconds", "Time spent in a save's effect, per attempt.",
+        {k: r[_STEP_SUM:] for k, r in totals.items()}, STEP_BUCKETS,
+    )  # fmt: skip
+
+
+def _histogram(
+    name: str, doc: str, rows: dict[Key, list[float]], bounds: tuple[float, ...]
+) -> Metric:
+    """A histogram family from rows of ``[sum, bucket..., +Inf]`` by (workflow,)."""
+    from prometheus_client.metrics_core import HistogramMetricFamily
+
+    family = HistogramMetricFamily(name, doc, labels=("workflow",))
+    les = [str(float(b)) for b in bounds] + ["+Inf"]  # as prometheus_client prints them
+    for key, row in sorted(rows.items()):
+        cumulative, running = [], 0.0
+        for le, n in zip(les, row[1:], strict=True):
+            running += n
+            cumulative.append((le, running))
+        family.add_metric(key, cumulative, sum_value=row[0])
+    return family
 
 
 @dataclass(slots=True)
