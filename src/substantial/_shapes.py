@@ -3,13 +3,25 @@ HTTP API (DESIGN.md section 6, "Shapes"), written once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._history import History, HistoryEntry
-from ._types import LogRecord, RunSummary, WorkerInfo
+from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 
-__all__ = ["entry_doc", "history_doc", "iso", "log_doc", "summary_doc", "worker_doc"]
+if TYPE_CHECKING:
+    from .conductor import Conductor
+
+__all__ = [
+    "entry_doc",
+    "history_doc",
+    "iso",
+    "log_doc",
+    "summary_doc",
+    "unserved",
+    "worker_doc",
+]
 
 
 def iso(t: datetime | None) -> str | None:
@@ -17,10 +29,11 @@ def iso(t: datetime | None) -> str | None:
     return None if t is None else t.astimezone(UTC).isoformat()
 
 
-def summary_doc(s: RunSummary) -> dict[str, Any]:
+def summary_doc(s: RunSummary, *, unserved: bool | None = None) -> dict[str, Any]:
     """A run summary: ``run_id, workflow, status, queue, parent_id, started_at,
-    ended_at, result, error, error_type``."""
-    return {
+    ended_at, result, error, error_type``; with ``unserved`` given, that field too
+    (see :func:`unserved`)."""
+    doc: dict[str, Any] = {
         "run_id": s.run_id,
         "workflow": s.workflow,
         "status": str(s.status),
@@ -32,6 +45,24 @@ def summary_doc(s: RunSummary) -> dict[str, Any]:
         "error": s.error,
         "error_type": s.error_type,
     }
+    if unserved is not None:
+        doc["unserved"] = unserved
+    return doc
+
+
+async def unserved(conductor: Conductor, runs: Sequence[RunSummary]) -> list[bool]:
+    """For each run, whether it is PENDING with no live worker serving its workflow
+    on its queue: it waits for a worker that is not there (a mistyped workflow
+    name, a queue nobody serves, every worker down). One ``workers()`` lookup for
+    the lot, and none when no run is PENDING. Only PENDING runs are flagged: a
+    SUSPENDED one waits for its timer or event before it needs a worker."""
+    if not any(s.status == RunStatus.PENDING for s in runs):
+        return [False] * len(runs)
+    workers = await conductor.workers()
+    return [
+        s.status == RunStatus.PENDING and not await conductor.served_by(s, workers=workers)
+        for s in runs
+    ]
 
 
 def log_doc(line: LogRecord) -> dict[str, Any]:

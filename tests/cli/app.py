@@ -8,6 +8,7 @@ below on the ``--backend`` store.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from substantial import Conductor, Context, Retry, workflow
@@ -71,5 +72,24 @@ async def shaky(c: Context, path: str, fixed: str) -> str:
     return await c.save(three, retry=Retry(max_attempts=1))
 
 
+GATE_WAIT = 60.0  # seconds a ``hold`` step waits for its file at most
+
+
+def _through(gate: str) -> str:
+    """Wait for the file ``gate`` (another process makes it; there is no event to
+    await across processes), or give up after GATE_WAIT so a worker still stops."""
+    deadline = time.monotonic() + GATE_WAIT
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "through"
+
+
+@workflow()
+async def hold(c: Context, gate: str) -> str:
+    """Keeps its worker's slot until the file ``gate`` exists."""
+    opened: str = await c.save(lambda: _through(gate), name="through_the_gate")
+    return opened
+
+
 conductor = Conductor()
-conductor.register(double, boom, approval, trip, shaky)
+conductor.register(double, boom, approval, trip, shaky, hold)

@@ -10,7 +10,7 @@ from .conftest import Store, Workers, cli_env, command, one_error_line
 
 SUMMARY_KEYS = {
     "run_id", "workflow", "status", "queue", "parent_id",
-    "started_at", "ended_at", "result", "error", "error_type",
+    "started_at", "ended_at", "result", "error", "error_type", "unserved",
 }  # fmt: skip
 
 
@@ -119,6 +119,8 @@ def test_runs_json_is_the_summary_shape_newest_first(store: Store, workers: Work
         assert set(row) == SUMMARY_KEYS
     pending, bad, done = doc["runs"]
     assert (pending["status"], pending["queue"], pending["started_at"]) == ("PENDING", "slow", None)
+    assert pending["unserved"] is True  # the worker serves "default" only
+    assert bad["unserved"] is False and done["unserved"] is False
     assert (bad["status"], bad["error"], bad["error_type"]) == ("FAILED", "boom", "SaveFailed")
     assert (done["status"], done["result"], done["workflow"]) == ("COMPLETED", 2, "double")
     assert utc(done["started_at"]) <= utc(done["ended_at"])

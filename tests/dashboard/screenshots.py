@@ -65,13 +65,15 @@ async def shoot(out: Path) -> None:
             with contextlib.suppress(RunFailed):
                 await (await c.start(broken)).result(timeout=30)
             await c.start(waiter, {"note": "awaiting a decision"})
+            await c.start("chekout", {"order": "A-1043"})  # mistyped: no worker serves it
             order = await c.start(checkout, {"order": "A-1042", "amount": 120})
             await order.send("approval", {"by": "ops"})
             await order.result(timeout=30)
 
             page = await b.new_page(viewport={"width": 1200, "height": 760})
             await page.goto(served.url + "/")
-            await expect(page.locator("#runs tbody tr")).to_have_count(8)
+            await expect(page.locator("#runs tbody tr")).to_have_count(9)
+            await expect(page.locator("#runs .badge.unserved")).to_have_count(1)
             await page.screenshot(path=str(out / "dashboard-runs.png"), full_page=True)
             await page.goto(f"{served.url}/runs/{order.run_id}")
             await expect(page.locator("#s-status")).to_have_text("COMPLETED")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from substantial import Context, workflow
@@ -62,4 +64,21 @@ async def shipping(c: Context) -> Any:
     return await c.save(_third)
 
 
-ALL = (double, approval, family, chain, refundable, shipping)
+gates: dict[str, asyncio.Event] = {}  # set by the test to let a ``hold`` run end
+
+
+async def _through(key: str) -> str:
+    gate = gates.get(key)  # no gate (a run the fuzzer started): straight through
+    if gate is not None:
+        await gate.wait()
+    return key
+
+
+@workflow()
+async def hold(c: Context, key: str) -> str:
+    """Keeps its worker's slot until the test opens the gate ``key``."""
+    opened: str = await c.save(functools.partial(_through, key), name="through_the_gate")
+    return opened
+
+
+ALL = (double, approval, family, chain, refundable, shipping, hold)

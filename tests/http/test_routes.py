@@ -24,6 +24,7 @@ SUMMARY_KEYS = {
     "result",
     "error",
     "error_type",
+    "unserved",
 }
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import LogRecord, RunStatus, RunSummary
-from .._shapes import iso, log_doc, summary_doc
+from .._shapes import iso, log_doc, summary_doc, unserved
 from ..conductor import Conductor, RunHandle
 from ..errors import RunError
 from ..filters import parse_filter_json
@@ -159,12 +159,12 @@ def runs(
 
     async def body(c: Conductor) -> None:
         page = await c.search_page(workflow, expr, limit=limit, cursor=cursor)
+        flags = await unserved(c, page.runs)  # one workers() lookup for the page
         if wants_json(ctx, json_):
-            emit_json(
-                {"runs": [summary_doc(s) for s in page.runs], "next_cursor": page.next_cursor}
-            )
+            docs = [summary_doc(s, unserved=f) for s, f in zip(page.runs, flags, strict=True)]
+            emit_json({"runs": docs, "next_cursor": page.next_cursor})
             return
-        _print_runs(page.runs, page.next_cursor)
+        _print_runs(page.runs, flags, page.next_cursor)
 
     with_conductor(ctx, body)
 
@@ -177,12 +177,13 @@ def _status(text: str) -> str:
         raise usage(f"unknown --status {text!r}; expected one of {names}") from None
 
 
-def _print_runs(found: list[RunSummary], next_cursor: str | None) -> None:
+def _print_runs(found: list[RunSummary], flags: list[bool], next_cursor: str | None) -> None:
     table = Table("run id", "workflow", "status", "started", "duration", "result / error")
     table.columns[0].no_wrap = True
     now = datetime.now(UTC)
-    for s in found:
-        cells = (s.run_id, s.workflow, str(s.status), _when(s.started_at), _duration(s, now))
+    for s, waits in zip(found, flags, strict=True):
+        status = f"{s.status} (no worker)" if waits else str(s.status)
+        cells = (s.run_id, s.workflow, status, _when(s.started_at), _duration(s, now))
         # Text, not str: values from the store are never read as rich markup.
         table.add_row(*(Text(c) for c in (*cells, _outcome(s))))
     out = console()

@@ -17,7 +17,7 @@ from rich.text import Text
 from .. import RunStatus
 from .._composition import child_event
 from .._history import History, HistoryEntry
-from .._shapes import history_doc, summary_doc
+from .._shapes import history_doc, summary_doc, unserved
 from ..conductor import Conductor
 from ._common import console, cut, emit_json, wants_json, with_conductor
 
@@ -43,22 +43,28 @@ def show(
         bool, typer.Option("--json", help='Print {"run": summary, "run_id", "entries", ...}.')
     ] = False,
 ) -> None:
-    """Show a run's summary and timeline: every durable call, event and the end."""
+    """Show a run's summary and timeline: every durable call, event and the end.
+
+    A PENDING run that no live worker serves says so (``"unserved": true``)."""
 
     async def body(c: Conductor) -> None:
         history = await c.history(run_id, limit=limit, cursor=cursor)
+        s = history.summary
+        [waits] = [False] if s is None else await unserved(c, [s])
         if wants_json(ctx, json_):
-            run = None if history.summary is None else summary_doc(history.summary)
+            run = None if s is None else summary_doc(s, unserved=waits)
             emit_json({"run": run, **history_doc(history)})
         else:
-            _draw(history)
+            _draw(history, unserved=waits)
 
     with_conductor(ctx, body)
 
 
-def _draw(history: History) -> None:
+def _draw(history: History, *, unserved: bool) -> None:
     out = console()
     s = history.summary
+    if s is not None and unserved:
+        out.print(Text(unserved_warning(s.workflow, s.queue), style="bold yellow"), soft_wrap=True)
     if s is not None:
         head = Text()
         for label, value in (
@@ -85,6 +91,14 @@ def _draw(history: History) -> None:
         out.print(Text(end.traceback.rstrip()))
     if history.next_cursor is not None:
         out.print(f"more: --cursor {history.next_cursor}", highlight=False, markup=False)
+
+
+def unserved_warning(workflow: str, queue: str) -> str:
+    """The line that says a PENDING run waits for a worker that is not there."""
+    return (
+        f"warning: no live worker serves workflow {workflow!r} on queue {queue!r}; "
+        "this run waits until one does"
+    )
 
 
 def _table(entries: list[HistoryEntry]) -> Table:

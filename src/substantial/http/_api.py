@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._shapes import history_doc, log_doc, summary_doc, worker_doc
+from .._shapes import history_doc, log_doc, summary_doc, unserved, worker_doc
 from ..conductor import Conductor
 from ..errors import ClientError, RunNotFound
 from . import _reads
@@ -129,7 +129,8 @@ class Api:
         page = await self.conductor.search_page(
             workflow, expr, limit=limit_param(q.get("limit")), cursor=cursor_param(q.get("cursor"))
         )
-        runs = [summary_doc(s) for s in page.runs]
+        flags = await unserved(self.conductor, page.runs)  # one workers() lookup per page
+        runs = [summary_doc(s, unserved=f) for s, f in zip(page.runs, flags, strict=True)]
         return JSONResponse({"runs": runs, "next_cursor": page.next_cursor})
 
     async def start(self, request: Request) -> Response:
@@ -163,7 +164,8 @@ class Api:
 
     async def run(self, request: Request) -> Response:
         found = await self.conductor.details(self._run_id(request))
-        doc: dict[str, Any] = summary_doc(found.summary)
+        [waits] = await unserved(self.conductor, [found.summary])
+        doc: dict[str, Any] = summary_doc(found.summary, unserved=waits)
         doc["kwargs"] = found.kwargs
         doc["children"] = found.children
         return JSONResponse(doc)

@@ -31,6 +31,7 @@ _SUMMARY_FIELDS = (
     "result",
     "error",
     "error_type",
+    "unserved",
 )
 
 _SCHEMAS: dict[str, Any] = {
@@ -59,6 +60,10 @@ _SCHEMAS: dict[str, Any] = {
             "result": _ANY,
             "error": _TEXT,
             "error_type": _TEXT,
+            "unserved": {
+                "type": "boolean",
+                "description": "a PENDING run that no live worker serves (workflow and queue)",
+            },
         },
     },
     "RunDetail": {

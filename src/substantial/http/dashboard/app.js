@@ -10,6 +10,7 @@ const REFRESH_MS = 2000;
 const TREE_DEPTH = 3;
 const TREE_BUDGET = 50;
 const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED", "REVERTED", "CONTINUED"]);
+const RESUMABLE = new Set(["FAILED", "CANCELLED"]);
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,6 +27,20 @@ function json(value) {
 
 function notice(text) {
   $("notice").textContent = text || "";
+}
+
+// What an action on the run page did, next to its buttons (and, if it failed, in
+// the header too): an error from the API is never silent.
+function said(text, failed) {
+  const line = $("action-message");
+  line.textContent = text || "";
+  line.className = failed ? "error" : "ok";
+  if (failed) notice(text);
+}
+
+function unservedText(doc) {
+  return `No live worker serves workflow '${doc.workflow}' on queue '${doc.queue}': ` +
+    "this run waits until one does.";
 }
 
 // -- the token: asked once, kept in a cookie, sent as the Bearer header -----------
@@ -71,8 +86,9 @@ async function api(path, options = {}) {
     }
     const body = await response.json().catch(() => null);
     if (!response.ok) {
-      const message = body && body.message ? body.message : response.statusText;
-      throw new Error(`${response.status}: ${message}`);
+      const error = body && body.error ? body.error : {};
+      const what = error.type ? `${response.status} ${error.type}` : String(response.status);
+      throw new Error(`${what}: ${error.message || response.statusText}`);
     }
     return body;
   }
@@ -136,7 +152,13 @@ function drawRuns(runs) {
     link.href = `${ROOT}/runs/${encodeURIComponent(r.run_id)}`;
     const id = el("td");
     id.append(link);
-    row.append(id, el("td", r.workflow), el("td", r.status, `status status-${r.status}`));
+    const status = el("td", r.status, `status status-${r.status}`);
+    if (r.unserved) {
+      const badge = el("span", "no worker", "badge unserved");
+      badge.title = unservedText(r);
+      status.append(badge);
+    }
+    row.append(id, el("td", r.workflow), status);
     row.append(el("td", r.started_at || ""), el("td", r.ended_at || ""));
     body.append(row);
   }
@@ -195,6 +217,7 @@ function showList() {
 const run = {
   id: null,
   status: null,
+  unserved: false,
   cursor: null,
   span: null,
   timer: null,
@@ -235,8 +258,13 @@ function drawSummary(doc) {
   if (!(doc.children || []).length) children.append(el("li", "none", "empty"));
   run.tree += 1; // a tree still drawing for an earlier redraw stops adding
   drawTree(children, doc.children || [], { left: TREE_BUDGET, tree: run.tree }, 1);
+  const waits = $("unserved");
+  waits.hidden = !doc.unserved;
+  waits.textContent = doc.unserved ? unservedText(doc) : "";
   const done = TERMINAL.has(doc.status);
   $("cancel").disabled = done;
+  $("revert").disabled = done;
+  $("resume").disabled = !RESUMABLE.has(doc.status);
   $("send").querySelector("button").disabled = done;
 }
 
@@ -297,7 +325,10 @@ function drawEntry(entry) {
   row.dataset.kind = entry.kind;
   row.dataset.seq = entry.seq === null ? "" : String(entry.seq);
   const label = el("div", undefined, "label");
-  label.append(el("span", entry.kind, "kind"), el("span", entry.name || "", "name"));
+  // the step number that "Fork from step" takes (an event shows its receive's)
+  const seq = entry.seq === null || entry.kind === "event" ? "" : `#${entry.seq}`;
+  label.append(el("span", seq, "seq"), el("span", entry.kind, "kind"));
+  label.append(el("span", entry.name || "", "name"));
   for (const [cls, text, title] of marksOf(entry)) {
     const mark = el("span", text, `mark ${cls}`);
     mark.title = title;
@@ -356,6 +387,7 @@ async function loadRun() {
   try {
     const doc = await api(`/api/runs/${encodeURIComponent(run.id)}`);
     run.status = doc.status;
+    run.unserved = Boolean(doc.unserved);
     run.span = runSpan(doc);
     drawSummary(doc);
     await Promise.all([loadHistory(true), loadLogs()]);
@@ -373,9 +405,26 @@ async function watchRun() {
   if (run.loading || run.status === null || TERMINAL.has(run.status)) return;
   try {
     const doc = await api(`/api/runs/${encodeURIComponent(run.id)}`);
-    if (doc.status !== run.status) await loadRun();
+    if (doc.status !== run.status || Boolean(doc.unserved) !== run.unserved) await loadRun();
   } catch (err) {
     notice(err.message);
+  }
+}
+
+// POST to one of the run's action routes; the page says what happened either way.
+async function act(route, body, done) {
+  try {
+    const options = { method: "POST" };
+    if (body !== undefined) {
+      options.headers = { "Content-Type": "application/json" };
+      options.body = JSON.stringify(body);
+    }
+    const answer = await api(`/api/runs/${encodeURIComponent(run.id)}/${route}`, options);
+    said(done);
+    return answer;
+  } catch (err) {
+    said(err.message, true);
+    return null;
   }
 }
 
@@ -385,29 +434,30 @@ async function sendEvent(ev) {
   try {
     payload = JSON.parse($("e-payload").value || "null");
   } catch (err) {
-    notice(`the payload is not JSON: ${err.message}`);
+    said(`the payload is not JSON: ${err.message}`, true);
     return;
   }
-  const name = encodeURIComponent($("e-name").value);
-  try {
-    await api(`/api/runs/${encodeURIComponent(run.id)}/events/${name}`, {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(payload),
-    });
-    notice(`event ${$("e-name").value} sent`);
-  } catch (err) {
-    notice(err.message);
-  }
+  const name = $("e-name").value;
+  await act(`events/${encodeURIComponent(name)}`, payload, `event ${name} sent`);
 }
 
 async function cancelRun() {
-  try {
-    await api(`/api/runs/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
-    notice("cancel requested");
-  } catch (err) {
-    notice(err.message);
-  }
+  await act("cancel", undefined, "cancel requested");
+}
+
+async function revertRun() {
+  await act("cancel", { revert: true }, "cancel with revert requested: compensating");
+}
+
+async function resumeRun() {
+  if (await act("resume", undefined, "resumed: the run is PENDING again")) await loadRun();
+}
+
+async function forkRun(ev) {
+  ev.preventDefault();
+  const step = Number($("fork-step").value);
+  const answer = await act("fork", { from_step: step }, `forked from step ${step}`);
+  if (answer) location.assign(`${ROOT}/runs/${encodeURIComponent(answer.run_id)}`);
 }
 
 function showRun(id) {
@@ -426,6 +476,9 @@ function showRun(id) {
   };
   $("send").onsubmit = sendEvent;
   $("cancel").onclick = cancelRun;
+  $("revert").onclick = revertRun;
+  $("resume").onclick = resumeRun;
+  $("fork").onsubmit = forkRun;
   loadRun();
   run.timer = setInterval(watchRun, 1000);
 }
