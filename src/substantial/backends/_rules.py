@@ -60,9 +60,12 @@ def claimed(rec: RunRecord, *, owner: str, lease_seconds: float, now: float) -> 
     )
 
 
-def apply_update(rec: RunRecord, u: RunUpdate) -> RunRecord:
-    """The fields of ``u`` that are set (the release rule is :func:`apply_release`)."""
-    changes: dict[str, Any] = {}
+def apply_update(rec: RunRecord, u: RunUpdate | None, *, log_len: int | None = None) -> RunRecord:
+    """The fields of ``u`` that are set (the release rule is :func:`apply_release`),
+    and the new ``log_len`` of an append, in one copy."""
+    changes: dict[str, Any] = {} if log_len is None else {"log_len": log_len}
+    if u is None:
+        return rec.evolve(**changes) if changes else rec
     if u.status is not None:
         changes["status"] = u.status
     if u.has_result:
@@ -76,6 +79,20 @@ def apply_update(rec: RunRecord, u: RunUpdate) -> RunRecord:
     if u.inbox_pos is not None:
         changes["inbox_pos"] = u.inbox_pos
     return rec.evolve(**changes) if changes else rec
+
+
+def appended(
+    rec: RunRecord, u: RunUpdate | None, *, log_len: int, last_inbox_id: int, now: float
+) -> tuple[RunRecord, bool]:
+    """The row after an append that made the log ``log_len`` long with update ``u``
+    (``last_inbox_id``: the newest inbox item's id), and whether the append
+    dropped the lease (the run ended or was released): the stores that keep the
+    row as a record (memory, files) share this."""
+    rec = apply_update(rec, u, log_len=log_len)
+    ends = releases(rec, u)
+    if ends and u is not None:
+        rec = apply_release(rec, u.due_at, now, last_inbox_id > rec.inbox_pos)
+    return rec, ends
 
 
 def releases(rec: RunRecord, u: RunUpdate | None) -> bool:

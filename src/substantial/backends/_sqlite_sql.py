@@ -56,7 +56,7 @@ COLS = (
     "cancel_requested, parent_id, revert_requested"
 )
 
-# The release rule of memory.apply_release, in SQL. {st} is the run's status after
+# The release rule of _rules.apply_release, in SQL. {st} is the run's status after
 # the change, {pos} its inbox_pos after the change (UPDATE reads old column values).
 RELEASED_DUE = (
     "CASE WHEN {st} IN " + TERMINAL + " THEN NULL"

@@ -359,13 +359,13 @@ class FSBackend(FsRegistry):
                 st, rec = t.st, t.st.rec
                 rules.check_fence(run_id, rec, token, expected_len)
                 self._files.append_at(log_path(t.dir, st), st.log_bytes, data)
-                rec = rec.evolve(log_len=rec.log_len + len(records))
-                if update is not None:
-                    rec = rules.apply_update(rec, update)
-                released = rules.releases(rec, update)
-                if released and update is not None:
-                    pending = st.last_inbox_id > rec.inbox_pos
-                    rec = rules.apply_release(rec, update.due_at, now, pending)
+                rec, released = rules.appended(
+                    rec,
+                    update,
+                    log_len=rec.log_len + len(records),
+                    last_inbox_id=st.last_inbox_id,
+                    now=now,
+                )
                 self._commit(t, replace(st, rec=rec, log_bytes=st.log_bytes + len(data)))
                 return rec.log_len, released
 

@@ -119,12 +119,9 @@ class MemoryBackend:
         self._count("append")
         r = self._owned(run_id, token, expected_len)
         r.log.extend(records)
-        rec = r.rec.evolve(log_len=len(r.log))
-        if update is not None:
-            rec = rules.apply_update(rec, update)
-        ends = rules.releases(rec, update)
-        if ends and update is not None:
-            rec = rules.apply_release(rec, update.due_at, now, r.last_inbox_id > rec.inbox_pos)
+        rec, ends = rules.appended(
+            r.rec, update, log_len=len(r.log), last_inbox_id=r.last_inbox_id, now=now
+        )
         r.rec = rec
         if ends:
             self._hub.publish(run_id)
