@@ -10,20 +10,24 @@ and is what the engine appends through.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import _records as R
 from . import telemetry
+from ._group_commit import GroupCommit, append_alone
 from ._records import decode_record
 from ._recovery import decoded, fork_point, resume_point
 from ._session import RunSession
 from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
+    Append,
+    AppendsInBatches,
     Backend,
     Claim,
     JoinsTransactions,
@@ -97,6 +101,14 @@ class Journal:
         self.label = label or type(backend).__name__
         self.max_payload = max_payload_bytes
         self.clock = clock
+        self._group = GroupCommit(backend)
+        # Sessions append through this: batched with the other runs' appends where
+        # the store commits them together (see _group_commit), else straight through.
+        self.append: Callable[[Append], Awaitable[int]] = (
+            self._group.append
+            if isinstance(backend, AppendsInBatches)
+            else functools.partial(append_alone, backend)
+        )
 
     # -- the store's lifecycle and hints (nothing else touches the backend) --------
 
@@ -105,6 +117,7 @@ class Journal:
         await self.backend.open()
 
     async def close(self) -> None:
+        await self._group.close()
         await self.backend.close()
 
     async def migrate(self) -> int | None:

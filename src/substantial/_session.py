@@ -19,7 +19,7 @@ import orjson
 from . import _records as R
 from ._records import decode_record
 from ._types import RunStatus
-from .backends import Claim, RunRecord, RunUpdate, Snapshot
+from .backends import Append, Claim, RunRecord, RunUpdate, Snapshot
 from .errors import BackendError, CorruptRecord, LeaseLost, RunNotFound
 
 if TYPE_CHECKING:
@@ -103,13 +103,15 @@ class RunSession:
             update = moved if update is None else replace(update, inbox_pos=self._staged_inbox)
         first = len(self.records)
         try:
-            await self.journal.backend.append(
-                self.run_id,
-                token=self.token,
-                expected_len=self.durable_len,
-                records=encoded,
-                update=update,
-                now=self.journal.clock(),
+            await self.journal.append(
+                Append(
+                    run_id=self.run_id,
+                    token=self.token,
+                    expected_len=self.durable_len,
+                    records=encoded,
+                    update=update,
+                    now=self.journal.clock(),
+                )
             )
         except BackendError as exc:  # lease lost, or store unreachable: stop writing
             self.lost = exc

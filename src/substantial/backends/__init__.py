@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..errors import ConfigurationError
 from ._protocol import (
     ALL_RUNS,
+    Append,
+    AppendsInBatches,
     Backend,
     Claim,
     InboxItem,
@@ -29,6 +31,8 @@ from ._protocol import (
 
 __all__ = [
     "ALL_RUNS",
+    "Append",
+    "AppendsInBatches",
     "Backend",
     "Claim",
     "InboxItem",

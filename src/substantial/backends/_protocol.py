@@ -347,6 +347,34 @@ class JoinsTransactions(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Append:
+    """One run's append, as :meth:`Backend.append` takes it, for a batch."""
+
+    run_id: str
+    token: int
+    expected_len: int
+    records: Sequence[bytes]
+    update: RunUpdate | None = None
+    now: float
+
+
+@runtime_checkable
+class AppendsInBatches(Protocol):
+    """A capability: committing the appends of several runs together (group
+    commit: one transaction on SQLite and PostgreSQL, one round trip on Redis).
+
+    Each append is fenced on its own, exactly as :meth:`Backend.append`: one
+    whose lease or length is stale changes nothing and gets its error in the
+    result, and the others still commit. An error raised instead of returned
+    means the batch as a whole failed (nothing of it is known to be durable)."""
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
+        """Per append, in order: the log's new length, or why it was refused
+        (RunNotFound, LeaseLost, a "log moved" BackendError)."""
+        ...
+
+
 @runtime_checkable
 class Migrates(Protocol):
     """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""

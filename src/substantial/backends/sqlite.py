@@ -25,8 +25,9 @@ Why it is built this way:
   instead of failing with SQLITE_BUSY when a deferred reader upgrades.
 * **One worker thread** owns the one connection: sqlite calls block (on lock
   waits and I/O), so they run off the event loop, serialised in one place.
-  Each operation is one function run there: one executor hop, one
-  transaction. An append without an update is BEGIN, one fenced UPDATE
+  Each operation is one function run there (see ``_sqlite_tx``): one
+  executor hop, one transaction; a batch of appends (group commit) is one
+  transaction too. An append without an update is BEGIN, one fenced UPDATE
   (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
@@ -56,77 +57,42 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from .._types import RunStatus
 from ..errors import (
     BackendError,
-    BackendUnavailable,
-    LeaseLost,
     RunFinished,
     RunNotFound,
     SchemaVersionError,
 )
-from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Append,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import SQLiteRegistry
+from ._sqlite_tx import (
+    append_in,
+    fence_error,
+    hints_after,
+    is_busy,
+    to_record,
+    transact,
+    wrap,
+)
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
 SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
 # 3: the workers table (the worker registry); 4: runs.revert_requested
-
-
-def _record(row: Row) -> RunRecord:
-    f = dict(zip(sql.FIELDS, row, strict=True))
-    f["status"] = RunStatus(f["status"])
-    f["result"] = None if f["result"] is None else orjson.loads(f["result"])
-    f["cancel_requested"] = bool(f["cancel_requested"])
-    f["revert_requested"] = bool(f["revert_requested"])
-    return RunRecord(**f)
-
-
-def _transact(
-    conn: sqlite3.Connection, begin: str | None, fn: Callable[[sqlite3.Connection], T]
-) -> T:
-    """``fn`` in one transaction opened with ``begin`` (None: no transaction)."""
-    if begin is None:
-        return fn(conn)
-    conn.execute(begin)
-    try:
-        out = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return out
-
-
-def _fence_error(c: sqlite3.Connection, run_id: str, token: int, expected: int) -> Exception:
-    """Why an UPDATE with ``sql.FENCE`` matched no row."""
-    row = c.execute("SELECT lease_token, log_len FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    if row is None:
-        return RunNotFound(run_id)
-    if row[0] != token:
-        return LeaseLost(run_id)
-    return rules.log_moved(run_id, row[1], expected)
-
-
-def _busy(exc: BaseException) -> bool:
-    """Whether SQLite refused because another connection holds the file."""
-    text = str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
-
-
-def _wrap(exc: sqlite3.Error) -> BackendError:
-    msg = f"sqlite: {exc}"
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
-        return BackendUnavailable(msg)
-    return BackendError(msg)
 
 
 class SQLiteBackend(SQLiteRegistry):
@@ -191,14 +157,14 @@ class SQLiteBackend(SQLiteRegistry):
             try:
                 conn = self._connect()
             except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
+                if not is_busy(exc) or time.monotonic() > deadline:
                     raise
             else:
                 try:
                     self._prepare(conn)
                 except BaseException as exc:
                     conn.close()
-                    if not _busy(exc) or time.monotonic() > deadline:
+                    if not is_busy(exc) or time.monotonic() > deadline:
                         raise
                 else:
                     self._conn = conn
@@ -211,7 +177,7 @@ class SQLiteBackend(SQLiteRegistry):
         transaction (BEGIN IMMEDIATE: concurrent openers take turns, then see it done)."""
         if self._version(conn) == SCHEMA_VERSION:
             return
-        _transact(conn, "BEGIN IMMEDIATE", self._create_schema)
+        transact(conn, "BEGIN IMMEDIATE", self._create_schema)
 
     @staticmethod
     def _version(c: sqlite3.Connection) -> int | None:
@@ -254,12 +220,12 @@ class SQLiteBackend(SQLiteRegistry):
         def job() -> T:
             if self._conn is None:  # open() failed while this job was queued
                 raise BackendError(f"SQLite store {self.path} is not open")
-            return _transact(self._conn, begin, fn)
+            return transact(self._conn, begin, fn)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, job)
         except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
+            raise wrap(exc) from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(fn, "BEGIN IMMEDIATE")
@@ -282,7 +248,7 @@ class SQLiteBackend(SQLiteRegistry):
             self._executor = None
             executor.shutdown(wait=False)
             if isinstance(exc, sqlite3.Error):
-                raise _wrap(exc) from exc
+                raise wrap(exc) from exc
             raise
 
     async def close(self) -> None:
@@ -373,7 +339,7 @@ class SQLiteBackend(SQLiteRegistry):
             row = c.execute(f"SELECT {sql.COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            rec = _record(row)
+            rec = to_record(row)
             start = log_from if log_from >= 0 else max(0, rec.log_len + log_from)
             log = [
                 r[0]
@@ -404,46 +370,37 @@ class SQLiteBackend(SQLiteRegistry):
         now: float,
     ) -> int:
         self._count("append")
-        params: dict[str, Any] = {
-            "run_id": run_id,
-            "token": token,
-            "expected": expected_len,
-            "n": len(records),
-        }
-        if update is not None:
-            params.update(
-                status=None if update.status is None else update.status.value,
-                has_result=update.has_result,
-                result=(
-                    None
-                    if not update.has_result or update.result is None
-                    else orjson.dumps(update.result).decode()
-                ),
-                error=update.error,
-                error_type=update.error_type,
-                ended_at=update.ended_at,
-                inbox_pos=update.inbox_pos,
-                release=update.release,
-                due_at=update.due_at,
-                now=now,
-            )
-        rows = [(run_id, expected_len + i, data) for i, data in enumerate(records)]
-
-        def tx(c: sqlite3.Connection) -> int:
-            if c.execute(sql.APPEND if update is None else sql.APPEND_UPDATE, params).rowcount != 1:
-                raise _fence_error(c, run_id, token, expected_len)
-            if rows:
-                c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
-            return expected_len + len(rows)
-
-        new_len = await self._write(tx)
-        # A run already terminal before this append had its lease and due time cleared
-        # (and was hinted) then, so re-applying the release changes nothing worth a hint.
-        if update is not None and (
-            update.release or (update.status is not None and update.status.is_terminal)
-        ):
+        op = Append(
+            run_id=run_id,
+            token=token,
+            expected_len=expected_len,
+            records=records,
+            update=update,
+            now=now,
+        )
+        new_len = await self._write(lambda c: append_in(c, op))
+        if hints_after(update):
             self._hub.publish(run_id)
         return new_len
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
+        """Group commit: every append in one transaction, each fenced on its own."""
+        self._count("append_batch")
+
+        def tx(c: sqlite3.Connection) -> list[int | Exception]:
+            out: list[int | Exception] = []
+            for op in appends:
+                try:
+                    out.append(append_in(c, op))
+                except (BackendError, RunNotFound) as exc:  # refused: it changed nothing
+                    out.append(exc)
+            return out
+
+        results = await self._write(tx)
+        for op, res in zip(appends, results, strict=True):
+            if isinstance(res, int) and hints_after(op.update):
+                self._hub.publish(op.run_id)
+        return results
 
     async def rewrite_log(
         self,
@@ -460,7 +417,7 @@ class SQLiteBackend(SQLiteRegistry):
 
         def tx(c: sqlite3.Connection) -> int:
             if c.execute(sql.REWRITE, params).rowcount != 1:
-                raise _fence_error(c, run_id, token, expected_len)
+                raise fence_error(c, run_id, token, expected_len)
             c.execute("DELETE FROM log WHERE run_id = ?", (run_id,))
             c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
             return len(rows)
@@ -565,13 +522,13 @@ class SQLiteBackend(SQLiteRegistry):
         self._count("get_run")
         stmt = f"SELECT {sql.COLS} FROM runs WHERE run_id = ?"
         row: Row | None = await self._run(lambda c: c.execute(stmt, (run_id,)).fetchone(), None)
-        return None if row is None else _record(row)
+        return None if row is None else to_record(row)
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         stmt, args = sql.list_query(query)
         rows: list[Row] = await self._run(lambda c: c.execute(stmt, args).fetchall(), None)
-        return [_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     # -- test helpers -------------------------------------------------------
 
