@@ -10,6 +10,8 @@ import pytest
 
 from substantial import RunStatus
 from substantial.backends import (
+    Append,
+    AppendsInBatches,
     Backend,
     Claim,
     NewRun,
@@ -781,3 +783,72 @@ async def test_create_run_with_more_records_starts_with_that_log(backend: Backen
     await backend.append("fork", token=c.token, expected_len=4, records=[b"d"], now=T0)
     snap = await backend.read("fork", log_from=3)
     assert snap is not None and snap.log == [b"c", b"d"]
+
+
+# -- group commit (the stores that declare AppendsInBatches) -------------------------
+
+
+def batching(backend: Backend) -> AppendsInBatches:
+    if not isinstance(backend, AppendsInBatches):
+        pytest.skip("this store commits each append on its own (no group commit)")
+    return backend
+
+
+async def test_a_batch_commits_the_appends_of_several_runs(backend: Backend) -> None:
+    b = batching(backend)
+    for rid in ("a", "b", "c"):
+        await backend.create_run(new_run(rid, first=b"0"))
+    claims = await backend.claim_due(
+        queue="default", workflows=WF, limit=3, owner="w1", lease_seconds=10.0, now=T0
+    )
+    tokens = {c.run_id: c.token for c in claims}
+    done = RunUpdate(status=RunStatus.COMPLETED, result={"ok": 1}, ended_at=T0)
+    results = await b.append_batch(
+        [
+            Append(run_id="a", token=tokens["a"], expected_len=1, records=[b"1"], now=T0),
+            Append(run_id="b", token=tokens["b"], expected_len=1, records=[b"1", b"2"], now=T0),
+            Append(run_id="c", token=tokens["c"], expected_len=1, records=[b"e"], update=done,
+                   now=T0),
+        ]
+    )  # fmt: skip
+    assert results == [2, 3, 2]
+    logs = {rid: (await backend.read(rid)) for rid in ("a", "b", "c")}
+    assert [s.log if s else None for s in logs.values()] == [
+        [b"0", b"1"],
+        [b"0", b"1", b"2"],
+        [b"0", b"e"],
+    ]
+    c = logs["c"]
+    assert c is not None and c.run.status == RunStatus.COMPLETED and c.run.result == {"ok": 1}
+    assert c.run.lease_owner is None  # an end in a batch releases the run as alone
+
+
+async def test_a_fenced_append_in_a_batch_fails_alone(backend: Backend) -> None:
+    b = batching(backend)
+    for rid in ("a", "stale", "moved", "c"):
+        await backend.create_run(new_run(rid, first=b"0"))
+    claims = await backend.claim_due(
+        queue="default", workflows=WF, limit=4, owner="w1", lease_seconds=10.0, now=T0
+    )
+    tok = {c.run_id: c.token for c in claims}
+    results = await b.append_batch(
+        [
+            Append(run_id="a", token=tok["a"], expected_len=1, records=[b"1"], now=T0),
+            Append(run_id="stale", token=tok["stale"] + 7, expected_len=1, records=[b"x"], now=T0),
+            Append(run_id="moved", token=tok["moved"], expected_len=4, records=[b"x"], now=T0),
+            Append(run_id="gone", token=1, expected_len=1, records=[b"x"], now=T0),
+            Append(run_id="c", token=tok["c"], expected_len=1, records=[b"1"], now=T0),
+        ]
+    )  # fmt: skip
+    assert results[0] == 2 and results[4] == 2
+    assert isinstance(results[1], LeaseLost) and isinstance(results[2], LeaseLost)
+    assert isinstance(results[3], RunNotFound)
+    for rid, log in (
+        ("a", [b"0", b"1"]),
+        ("stale", [b"0"]),
+        ("moved", [b"0"]),
+        ("c", [b"0", b"1"]),
+    ):
+        snap = await backend.read(rid)
+        assert snap is not None and snap.log == log, rid
+        assert snap.run.log_len == len(log)

@@ -262,6 +262,21 @@ FROM {s}.runs r WHERE r.run_id = $1"""
 APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 18))
 APPEND += ")"
 REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"
+# Group commit: append_step for every append of a batch, in one statement (one round
+# trip, one transaction), in order. Records travel flattened in $16; each append
+# takes its slice [lo:hi] (lo > hi: none). Each call fences its own run and returns
+# a code instead of raising, so a refused append changes nothing and the rest commit.
+APPEND_BATCH = """SELECT a.i, s.o_code, s.o_len
+  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::int[], $6::boolean[],
+              $7::text[], $8::boolean[], $9::text[], $10::text[], $11::text[], $12::float8[],
+              $13::bigint[], $14::boolean[], $15::float8[], $17::float8[])
+       WITH ORDINALITY AS a(run_id, token, expected, lo, hi, has_update, status, set_result,
+                            result, error, error_type, ended_at, inbox_pos, release, due_at,
+                            now, i)
+ CROSS JOIN LATERAL {s}.append_step(a.run_id, a.token, a.expected, ($16::bytea[])[a.lo:a.hi],
+       a.has_update, a.status, a.set_result, a.result, a.error, a.error_type, a.ended_at,
+       a.inbox_pos, a.release, a.due_at, a.now, $18::text[], $19::text) AS s
+ ORDER BY a.i"""
 # The common case, records and no run update: one INSERT. The share lock on the run
 # row is the fence: it conflicts with every UPDATE of the row (a claim changing the
 # token waits for this append to commit, or this append sees the new token and

@@ -95,6 +95,13 @@ def appended(
     return rec, ends
 
 
+def ends_lease(u: RunUpdate | None) -> bool:
+    """Whether an append with ``u`` releases or ends the run (so it is hinted, and
+    the file store updates the queue index). A run already terminal before had
+    its lease and due time cleared, and was hinted, then."""
+    return u is not None and (u.release or (u.status is not None and u.status.is_terminal))
+
+
 def releases(rec: RunRecord, u: RunUpdate | None) -> bool:
     """Whether an append with ``u`` (already applied to ``rec``) drops the lease."""
     return u is not None and (u.release or rec.status.is_terminal)

@@ -13,7 +13,7 @@ from .._types import RunStatus
 from ..errors import BackendError, BackendUnavailable, LeaseLost, RunNotFound
 from . import _rules as rules
 from . import _sqlite_sql as sql
-from ._protocol import Append, RunRecord, RunUpdate
+from ._protocol import Append, RunRecord
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -86,13 +86,6 @@ def append_in(c: sqlite3.Connection, op: Append) -> int:
         rows = [(op.run_id, op.expected_len + i, data) for i, data in enumerate(op.records)]
         c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
     return op.expected_len + len(op.records)
-
-
-def hints_after(u: RunUpdate | None) -> bool:
-    """Whether an append with ``u`` is worth a hint: it released or ended the run.
-    (A run already terminal before had its lease and due time cleared, and was
-    hinted, then; re-applying the release changes nothing worth another.)"""
-    return u is not None and (u.release or (u.status is not None and u.status.is_terminal))
 
 
 def is_busy(exc: BaseException) -> bool:

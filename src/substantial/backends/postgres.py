@@ -72,7 +72,17 @@ from ..errors import (
 from . import _postgres_sql as sql
 from . import _rules as rules
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Append,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import PostgresRegistry
 
 T = TypeVar("T")
@@ -435,6 +445,33 @@ class PostgresBackend(PostgresRegistry):
                 u.has_result, result, u.error, u.error_type, u.ended_at, u.inbox_pos,
                 u.release, u.due_at, now, _TERMINAL, self._channel)  # fmt: skip
         return sql.fenced(run_id, expected_len, await self._q("fetchrow", sql.APPEND, *args))
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
+        """Group commit: every append in one statement, one transaction (see
+        ``sql.APPEND_BATCH``), each fenced on its own. Retried like ``append``: a
+        landed first attempt makes each retried append refuse (the log moved)."""
+        self._count("append_batch")
+        cols: list[list[Any]] = [[] for _ in range(16)]
+        flat: list[bytes] = []
+        for op in appends:
+            u = op.update or RunUpdate()
+            lo = len(flat) + 1
+            flat.extend(op.records)
+            row = (op.run_id, op.token, op.expected_len, lo, len(flat), op.update is not None,
+                   None if u.status is None else u.status.value, u.has_result,
+                   orjson.dumps(u.result).decode() if u.has_result else None, u.error,
+                   u.error_type, u.ended_at, u.inbox_pos, u.release, u.due_at, op.now)  # fmt: skip
+            for col, v in zip(cols, row, strict=True):
+                col.append(v)
+        args = (*cols[:15], flat, cols[15], _TERMINAL, self._channel)
+        rows = await self._q("fetch", sql.APPEND_BATCH, *args)
+        out: list[int | Exception] = []
+        for op, row in zip(appends, rows, strict=True):
+            try:
+                out.append(sql.fenced(op.run_id, op.expected_len, row))
+            except (BackendError, RunNotFound) as exc:
+                out.append(exc)
+        return out
 
     async def rewrite_log(
         self,

@@ -72,7 +72,17 @@ from ..errors import (
 )
 from . import _redis_lua as lua
 from . import _rules as rules
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Append,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
@@ -135,6 +145,18 @@ def _raise_if_cancelled() -> None:
 def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[Any]:
     """One raw command (redis-py's typed wrappers return ``Awaitable | value`` unions)."""
     return c.execute_command(*args)
+
+
+def _fence_outcome(run_id: str, expected_len: int, reply: Any) -> int:
+    """A log-writing script's reply: the new log length, or the fencing error."""
+    code, *rest = reply
+    if code == -1:
+        raise RunNotFound(run_id)
+    if code == -2:
+        raise LeaseLost(run_id)
+    if code == -3:
+        raise rules.log_moved(run_id, rest[0], expected_len)
+    return int(rest[0])
 
 
 class RedisBackend(RedisRegistry):
@@ -315,12 +337,52 @@ class RedisBackend(RedisRegistry):
         update: RunUpdate | None = None,
         now: float,
     ) -> int:
-        u = update or RunUpdate()
+        op = Append(
+            run_id=run_id,
+            token=token,
+            expected_len=expected_len,
+            records=records,
+            update=update,
+            now=now,
+        )
+        return await self._fenced("append", "append", run_id, expected_len, self._append_args(op))
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
+        """Group commit: the append scripts of every run in one pipeline (one round
+        trip); each script is atomic and fenced on its own. A retry after a lost
+        reply re-sends the pipeline with the same nonces, so no append lands twice."""
+        self._count("append_batch")
+        script = self._scripts["append"]
+        calls = [
+            ([self._key("run", op.run_id), self._key("log", op.run_id)], self._append_args(op))
+            for op in appends
+        ]
+
+        async def send(c: aioredis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute(raise_on_error=False))
+
+        replies = await self._exec("append_batch", send)
+        out: list[int | Exception] = []
+        for op, reply in zip(appends, replies, strict=True):
+            if isinstance(reply, Exception):
+                out.append(BackendError(self._describe("failed append", reply)))
+                continue
+            try:
+                out.append(_fence_outcome(op.run_id, op.expected_len, reply))
+            except (BackendError, RunNotFound) as exc:
+                out.append(exc)
+        return out
+
+    def _append_args(self, op: Append) -> list[Any]:
+        u = op.update or RunUpdate()
         result = _opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
-        args: list[Any] = [
-            token,
-            expected_len,
-            _num(now),
+        return [
+            op.token,
+            op.expected_len,
+            _num(op.now),
             self._channel,
             uuid.uuid4().hex,
             _opt(u.status.value if u.status is not None else None),
@@ -329,12 +391,11 @@ class RedisBackend(RedisRegistry):
             _opt(u.ended_at),
             _opt(u.inbox_pos),
             "1" if u.release else "0",
-            "0" if update is None else "1",
+            "0" if op.update is None else "1",
             _opt(u.due_at),
             _opt(u.error_type),
-            *records,
+            *op.records,
         ]
-        return await self._fenced("append", "append", run_id, expected_len, args)
 
     async def rewrite_log(
         self,
@@ -353,14 +414,7 @@ class RedisBackend(RedisRegistry):
     ) -> int:
         """Run a log-writing script (token and length fence); returns the new log length."""
         keys = [self._key("run", run_id), self._key("log", run_id)]
-        code, *rest = await self._script(op, script, keys, args)
-        if code == -1:
-            raise RunNotFound(run_id)
-        if code == -2:
-            raise LeaseLost(run_id)
-        if code == -3:
-            raise rules.log_moved(run_id, rest[0], expected_len)
-        return int(rest[0])
+        return _fence_outcome(run_id, expected_len, await self._script(op, script, keys, args))
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float

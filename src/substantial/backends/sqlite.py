@@ -64,6 +64,7 @@ from ..errors import (
     RunNotFound,
     SchemaVersionError,
 )
+from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
 from ._protocol import (
@@ -81,7 +82,6 @@ from ._registry import SQLiteRegistry
 from ._sqlite_tx import (
     append_in,
     fence_error,
-    hints_after,
     is_busy,
     to_record,
     transact,
@@ -379,7 +379,7 @@ class SQLiteBackend(SQLiteRegistry):
             now=now,
         )
         new_len = await self._write(lambda c: append_in(c, op))
-        if hints_after(update):
+        if rules.ends_lease(update):
             self._hub.publish(run_id)
         return new_len
 
@@ -398,7 +398,7 @@ class SQLiteBackend(SQLiteRegistry):
 
         results = await self._write(tx)
         for op, res in zip(appends, results, strict=True):
-            if isinstance(res, int) and hints_after(op.update):
+            if isinstance(res, int) and rules.ends_lease(op.update):
                 self._hub.publish(op.run_id)
         return results
 
