@@ -169,7 +169,8 @@ def noted(notes: Path) -> list[tuple[str, str, int]]:
 def test_processes_restart_a_killed_child_and_every_run_completes_once(
     store: Store, workers: Workers
 ) -> None:
-    sup = workers.spawn(APP, "--processes", str(PROCESSES), "--lease", "2")
+    # the module: every workflow in it (``tally`` too), on the --backend store
+    sup = workers.spawn("tests.cli.app", "--processes", str(PROCESSES), "--lease", "2")
     wait_until(lambda: sup.stderr().count(" started: ") == PROCESSES, "the worker processes", 90)
     first = live_children(sup.proc.pid)
     assert len(first) == PROCESSES
