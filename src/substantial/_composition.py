@@ -3,7 +3,10 @@
 A child is a run of its own, ``<parent id>.<seq>``, created before the
 parent records it (so a replay creates the same id again, a no-op); when it
 ends, the journal delivers its outcome to the parent as an internal event,
-which ``ChildHandle.result()`` receives like any event. ``continue_using``
+which ``ChildHandle.result()`` receives like any event. The parent sends it
+again if it finds the child ended and no outcome in its log (the child's worker
+may have died before its notice); its log can lag its inbox, so both may send
+it, and the session takes each child's outcome in once. ``continue_using``
 ends the run CONTINUED and creates its successor; ``revert`` runs the
 compensations of the saves that succeeded, newest first, each as a durable
 step; ``compact`` rewrites the log through the pure function of
@@ -33,7 +36,7 @@ REVERT = "revert"  # the marker record of a cancel-revert (see Composition.cance
 
 def child_event(run_id: str) -> str:
     """The internal event that carries the outcome of child ``run_id``."""
-    return f"substantial.child:{run_id}"
+    return f"{R.CHILD_OUTCOME}{run_id}"
 
 
 def child_outcome(run: Any) -> dict[str, Any]:
@@ -103,7 +106,8 @@ class Composition(Steps):
         return value if isinstance(value, dict) else {}
 
     async def _redeliver_if_ended(self, child_id: str, name: str) -> None:
-        """If the child already ended but its notice was lost, send it again."""
+        """If the child already ended but its notice was lost, send it again (it may
+        only be late: a second copy is dropped as the parent takes it in)."""
         journal = self._session.journal
         child: RunRecord | None = await journal.get_or_none(child_id)
         while (  # a child that continued ends in the last run of its chain

@@ -29,6 +29,7 @@ end        status, v | err {type, msg, tb (the workflow code's traceback)}
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final
 
 import orjson
@@ -46,7 +47,19 @@ MARK: Final = "mark"  # where compact() rewrote the log
 
 KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END, MARK})
 
+CHILD_OUTCOME: Final = "substantial.child:"  # prefix of the event carrying a child's outcome
+
 Record = dict[str, Any]
+
+
+def child_outcomes(records: Iterable[Record]) -> set[str]:
+    """The names of the child outcomes already in ``records``: a parent takes each
+    in once, though both the child's worker and the parent itself may send it."""
+    return {
+        name
+        for r in records
+        if r["k"] == EVENT and (name := str(r.get("name"))).startswith(CHILD_OUTCOME)
+    }
 
 
 def is_final(rec: Record) -> bool:

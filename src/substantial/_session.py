@@ -54,6 +54,7 @@ class RunSession:
         # in costs no round trip of its own (see ``pull``).
         self._staged = 0
         self._staged_inbox: int | None = None
+        self._outcomes: set[str] | None = None  # child outcomes in the log, once one comes
 
     @classmethod
     def loaded(cls, journal: Journal, claim: Claim, snap: Snapshot, lease: float) -> RunSession:
@@ -207,6 +208,8 @@ class RunSession:
             try:
                 body = orjson.loads(item.data)
                 name = str(body["name"])
+                if name.startswith(R.CHILD_OUTCOME) and self._logged_before(name):
+                    continue  # sent by the child's worker and by the parent: taken in once
                 events.append(
                     {"k": R.EVENT, "name": name, "v": body.get("v"), "id": item.id, "t": now}
                 )
@@ -215,6 +218,13 @@ class RunSession:
         self.records.extend(events)
         self._staged += len(events)
         self._staged_inbox = items[-1].id
+
+    def _logged_before(self, outcome: str) -> bool:
+        if self._outcomes is None:
+            self._outcomes = R.child_outcomes(self.records)
+        seen = outcome in self._outcomes
+        self._outcomes.add(outcome)
+        return seen
 
     async def pull_if_needed(self) -> None:
         if self._dirty:

@@ -59,6 +59,17 @@ async def trip(c: Context, path: str) -> str:
 
 
 @workflow()
+async def tally(c: Context, path: str, tag: str) -> Any:
+    """A step, a wait for the event ``go``, a step: each step notes ``tag`` and the
+    pid of the process that ran it, so a test can count how often each step ran.
+    Not registered with ``conductor``: served as part of the module ``tests.cli.app``."""
+    await c.save(lambda: _note(path, f"before {tag} {os.getpid()}"))
+    go = await c.receive("go")
+    await c.save(lambda: _note(path, f"after {tag} {os.getpid()}"))
+    return go
+
+
+@workflow()
 async def shaky(c: Context, path: str, fixed: str) -> str:
     """Fails in its third step until the file ``fixed`` exists (the deployed fix)."""
     await c.save(lambda: _note(path, "one"))

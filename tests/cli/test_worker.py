@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -134,30 +136,72 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.crash
-def test_processes_restart_a_killed_child_and_stop_cleanly(store: Store, workers: Workers) -> None:
-    sup = workers.spawn(APP, "--processes", "2", "--lease", "2")
-    wait_until(lambda: sup.stderr().count(" started: ") == 2, "two worker processes")
-    first = live_children(sup.proc.pid)
-    assert len(first) == 2
-    waiting = [start(store, "approval") for _ in range(4)]
-    wait_until(lambda: all(status(store, r) == "SUSPENDED" for r in waiting), "runs waiting")
+PROCESSES = 4
+RUNS = 8
 
-    victim = min(first)
+
+async def start_waiting_runs(url: str, notes: Path, tags: list[str]) -> list[str]:
+    """Start a ``tally`` run per tag and return once every one waits for its event
+    (its first step recorded: the wait's record follows it)."""
+    async with Conductor(url) as c:
+        handles = [await c.start("tally", {"path": str(notes), "tag": t}) for t in tags]
+        deadline = time.monotonic() + 60
+        while {await h.status() for h in handles} != {RunStatus.SUSPENDED}:
+            assert time.monotonic() < deadline, "timed out waiting for the runs to wait"
+            await asyncio.sleep(0.05)  # another process's progress: nothing to await here
+        return [h.run_id for h in handles]
+
+
+async def finish_runs(url: str, run_ids: list[str], tags: list[str]) -> list[object]:
+    async with Conductor(url) as c:
+        for run_id, tag in zip(run_ids, tags, strict=True):
+            await c.handle(run_id).send("go", tag)
+        return list(await asyncio.gather(*(c.handle(r).result(timeout=90) for r in run_ids)))
+
+
+def noted(notes: Path) -> list[tuple[str, str, int]]:
+    """(phase, tag, pid) for every step effect that ran, in the order they ran."""
+    rows = [line.split() for line in notes.read_text().splitlines()]
+    return [(phase, tag, int(pid)) for phase, tag, pid in rows]
+
+
+@pytest.mark.crash
+def test_processes_restart_a_killed_child_and_every_run_completes_once(
+    store: Store, workers: Workers
+) -> None:
+    # the module: every workflow in it (``tally`` too), on the --backend store
+    sup = workers.spawn("tests.cli.app", "--processes", str(PROCESSES), "--lease", "2")
+    wait_until(lambda: sup.stderr().count(" started: ") == PROCESSES, "the worker processes", 90)
+    first = live_children(sup.proc.pid)
+    assert len(first) == PROCESSES
+    notes = store.tmp / "notes.txt"
+    tags = [f"run-{n}" for n in range(RUNS)]
+    run_ids = asyncio.run(start_waiting_runs(store.url, notes, tags))
+
+    # The victim is the child that drove the most runs: those wait in it, leased.
+    drove = Counter(pid for phase, _, pid in noted(notes) if phase == "before")
+    [(victim, _)] = drove.most_common(1)
+    assert victim in first
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: sup.stderr().count(" started: ") == 3, "the replacement process")
+    wait_until(lambda: sup.stderr().count(" started: ") == PROCESSES + 1, "a replacement", 90)
     second = live_children(sup.proc.pid)
-    assert len(second) == 2 and victim not in second and len(second & first) == 1
+    assert len(second) == PROCESSES and victim not in second
+    assert len(second & first) == PROCESSES - 1  # only the killed one was replaced
     assert f"(pid {victim}) exited with SIGKILL; starting it again" in sup.stderr()
 
-    for run_id in waiting:
-        store.ok("send", run_id, "decision", json.dumps(run_id))
-    more = [start(store, "double", "--kwargs", json.dumps({"n": n})) for n in range(4)]
-    for run_id in waiting:
-        assert json.loads(store.ok("result", run_id, "--timeout", "60")) == {"decision": run_id}
-    assert [json.loads(store.ok("result", r, "--timeout", "60")) for r in more] == [0, 2, 4, 6]
+    assert asyncio.run(finish_runs(store.url, run_ids, tags)) == tags
+    ran = noted(notes)
+    # Every step of every run ran exactly once: none was in flight at the kill, and
+    # the victim's runs were replayed elsewhere without repeating their first step.
+    assert Counter((phase, tag) for phase, tag, _ in ran) == {
+        (phase, tag): 1 for phase in ("before", "after") for tag in tags
+    }
+    victims_runs = {tag for phase, tag, pid in ran if phase == "before" and pid == victim}
+    assert victims_runs and all(
+        pid in second for phase, tag, pid in ran if phase == "after" and tag in victims_runs
+    )
     listed = json.loads(store.ok("runs", "--json"))["runs"]
-    assert sorted(r["run_id"] for r in listed) == sorted(waiting + more)
+    assert sorted(r["run_id"] for r in listed) == sorted(run_ids)
     assert {r["status"] for r in listed} == {"COMPLETED"}
 
     assert sup.signal(signal.SIGTERM) == 0

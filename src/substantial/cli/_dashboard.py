@@ -1,4 +1,4 @@
-"""``substantial dashboard``: serve the HTTP API (and, later, the dashboard) with uvicorn.
+"""``substantial dashboard``: serve the HTTP API and the dashboard with uvicorn.
 
 The token comes from ``--token`` or ``SUBSTANTIAL_TOKEN``; without one the server
 refuses a non-loopback ``--host`` (exit 2, one line naming the address).
@@ -37,7 +37,7 @@ def dashboard(
         ),
     ] = None,
 ) -> None:
-    """Serve the HTTP API (docs/reference/http.md) until SIGTERM or SIGINT."""
+    """Serve the HTTP API and the dashboard (docs/reference/http.md) until SIGTERM or SIGINT."""
     from ..http import check_bind, serve  # ConfigurationError (exit 2) without the extra
 
     check_bind(host, token or None)

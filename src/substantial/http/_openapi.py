@@ -245,9 +245,16 @@ _WHY = {
 }
 
 
+def _ref(schema: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
+
+def _body(schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
 def _json(schema: str, description: str) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"description": description, "content": {"application/json": {"schema": ref}}}
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
 def _op(summary: str, ok: dict[str, Any], errors: str, **extra: Any) -> dict[str, Any]:
@@ -298,8 +305,16 @@ _BODY_ANY = {
 
 
 def _paths(secured: bool) -> dict[str, Any]:
+    """Every route, in the order of the API's route table; ``secured`` adds the 401
+    that a token makes possible to each ``/api`` operation."""
     auth = " 401" if secured else ""
-    paths: dict[str, Any] = {
+    return {**_open_paths(), **_read_paths(auth), **_action_paths(auth)}
+
+
+def _open_paths() -> dict[str, Any]:
+    """The routes that never want a token (load balancers and scrapers)."""
+    metrics_text = {"text/plain": {"schema": {"type": "string"}}}
+    return {
         "/healthz": {
             "get": {
                 "summary": "200 while the store answers",
@@ -315,14 +330,26 @@ def _paths(secured: bool) -> dict[str, Any]:
                 "summary": "Prometheus metrics of this process (text exposition)",
                 "security": [],
                 "responses": {
-                    "200": {
-                        "description": "the metrics",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
+                    "200": {"description": "the metrics", "content": metrics_text},
                     "501": _json("Error", "prometheus-client is not installed"),
                 },
             }
         },
+    }
+
+
+def _read_paths(auth: str) -> dict[str, Any]:
+    """The document itself, the workflow counts, and the runs (listed, started, read)."""
+    start = _op(
+        "start a run (idempotent on run_id)",
+        {
+            "201": _json("RunId", "started"),
+            "200": _json("RunId", "a run with this run_id exists; nothing changed"),
+        },
+        "400 413 503" + auth,
+        requestBody=_body(_ref("StartRequest"), required=True),
+    )
+    return {
         "/api/openapi.json": {
             "get": _op("this document", {"200": {"description": "OpenAPI 3.0"}}, auth)
         },
@@ -340,56 +367,44 @@ def _paths(secured: bool) -> dict[str, Any]:
                 "400 503" + auth,
                 parameters=_LIST,
             ),
-            "post": _op(
-                "start a run (idempotent on run_id)",
-                {
-                    "201": _json("RunId", "started"),
-                    "200": _json("RunId", "a run with this run_id exists; nothing changed"),
-                },
-                "400 413 503" + auth,
-                requestBody={
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/StartRequest"}
-                        }
-                    },
-                },
-            ),
+            "post": start,
         },
-        "/api/runs/{run_id}": {
-            "get": _op(
-                "the run's summary, kwargs and children",
-                {"200": _json("RunDetail", "the run")},
-                "400 404 503" + auth,
-                parameters=[_RUN_ID],
-            )
-        },
-        "/api/runs/{run_id}/history": {
-            "get": _op(
-                "one page of the run's timeline: every durable call, event and the end",
-                {"200": _json("History", "timeline entries in call order")},
-                "400 404 503" + auth,
-                parameters=[_RUN_ID, _LIMIT, _HISTORY_CURSOR],
-            )
-        },
-        "/api/runs/{run_id}/logs": {
-            "get": _op(
-                "the run's log lines (and those of the runs it continued into)",
-                {"200": _json("Logs", "log lines in order")},
-                "400 404 503" + auth,
-                parameters=[_RUN_ID],
-            )
-        },
+        "/api/runs/{run_id}": _run_read(
+            "the run's summary, kwargs and children", "RunDetail", "the run", auth
+        ),
+        "/api/runs/{run_id}/history": _run_read(
+            "one page of the run's timeline: every durable call, event and the end",
+            "History",
+            "timeline entries in call order",
+            auth,
+            _LIMIT,
+            _HISTORY_CURSOR,
+        ),
+        "/api/runs/{run_id}/logs": _run_read(
+            "the run's log lines (and those of the runs it continued into)",
+            "Logs",
+            "log lines in order",
+            auth,
+        ),
+    }
+
+
+def _run_read(summary: str, schema: str, what: str, auth: str, *params: Any) -> dict[str, Any]:
+    """A GET of one run's document: 200, or 400, 404, 503 (and 401 with a token)."""
+    ok = {"200": _json(schema, what)}
+    return {"get": _op(summary, ok, "400 404 503" + auth, parameters=[_RUN_ID, *params])}
+
+
+def _action_paths(auth: str) -> dict[str, Any]:
+    """What changes a run (events, cancel, resume, fork), and the worker registry."""
+    event_name = _param("name", "path", {"type": "string"}, "the event's name", required=True)
+    return {
         "/api/runs/{run_id}/events/{name}": {
             "post": _op(
                 "send an event; once answered it is never lost",
                 {"202": _json("Accepted", "delivered")},
                 "400 404 409 413 503" + auth,
-                parameters=[
-                    _RUN_ID,
-                    _param("name", "path", {"type": "string"}, "the event's name", required=True),
-                ],
+                parameters=[_RUN_ID, event_name],
                 requestBody=_BODY_ANY,
             )
         },
@@ -399,14 +414,7 @@ def _paths(secured: bool) -> dict[str, Any]:
                 {"202": _json("Accepted", "cancellation requested")},
                 "400 404 413 503" + auth,
                 parameters=[_RUN_ID],
-                requestBody={
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/CancelRequest"}
-                        }
-                    },
-                },
+                requestBody=_body(_ref("CancelRequest"), required=False),
             )
         },
         "/api/runs/{run_id}/resume": {
@@ -415,10 +423,7 @@ def _paths(secured: bool) -> dict[str, Any]:
                 {"202": _json("Accepted", "the run is PENDING again")},
                 "400 404 409 413 503" + auth,
                 parameters=[_RUN_ID],
-                requestBody={
-                    "required": False,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
+                requestBody=_body({"type": "object"}, required=False),
             )
         },
         "/api/runs/{run_id}/fork": {
@@ -427,12 +432,7 @@ def _paths(secured: bool) -> dict[str, Any]:
                 {"201": _json("RunId", "the new run")},
                 "400 404 413 503" + auth,
                 parameters=[_RUN_ID],
-                requestBody={
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ForkRequest"}}
-                    },
-                },
+                requestBody=_body(_ref("ForkRequest"), required=True),
             )
         },
         "/api/workers": {
@@ -443,7 +443,6 @@ def _paths(secured: bool) -> dict[str, Any]:
             )
         },
     }
-    return paths
 
 
 def document(*, root_path: str = "", secured: bool = False) -> dict[str, Any]:
