@@ -266,6 +266,7 @@ REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"
 # trip, one transaction), in order. Records travel flattened in $16; each append
 # takes its slice [lo:hi] (lo > hi: none). Each call fences its own run and returns
 # a code instead of raising, so a refused append changes nothing and the rest commit.
+# The caller sorts the appends by run_id: rows are locked in that order (see RENEW).
 APPEND_BATCH = """SELECT a.i, s.o_code, s.o_len
   FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::int[], $6::boolean[],
               $7::text[], $8::boolean[], $9::text[], $10::text[], $11::text[], $12::float8[],
@@ -294,9 +295,15 @@ APPEND_ONE = """INSERT INTO {s}.log (run_id, pos, data) SELECT $1, $3::bigint, $
 # Why a records-only append wrote nothing, in append_step's codes (see _fenced).
 FENCE = """SELECT CASE WHEN r.lease_token <> $2 THEN 2 ELSE 3 END AS o_code, {n} AS o_len
   FROM {s}.runs r WHERE r.run_id = $1"""
-RENEW = """UPDATE {s}.runs r SET lease_expires_at = $3::float8
-  FROM unnest($1::text[], $2::bigint[]) AS h(run_id, token)
- WHERE r.run_id = h.run_id AND r.lease_token = h.token AND r.lease_owner IS NOT NULL
+# The rows are locked in run_id order, as a batch of appends locks them (the only
+# other statement that locks several run rows): the two cannot deadlock.
+RENEW = """WITH held AS (
+    SELECT r.run_id FROM {s}.runs r
+      JOIN unnest($1::text[], $2::bigint[]) AS h(run_id, token) ON r.run_id = h.run_id
+     WHERE r.lease_token = h.token AND r.lease_owner IS NOT NULL
+     ORDER BY r.run_id FOR NO KEY UPDATE OF r
+)
+UPDATE {s}.runs r SET lease_expires_at = $3::float8 FROM held WHERE r.run_id = held.run_id
 RETURNING r.run_id"""
 RELEASE = """WITH u AS (
     UPDATE {s}.runs SET

@@ -451,9 +451,10 @@ class PostgresBackend(PostgresRegistry):
         ``sql.APPEND_BATCH``), each fenced on its own. Retried like ``append``: a
         landed first attempt makes each retried append refuse (the log moved)."""
         self._count("append_batch")
+        order = sorted(range(len(appends)), key=lambda i: appends[i].run_id)  # lock order
         cols: list[list[Any]] = [[] for _ in range(16)]
         flat: list[bytes] = []
-        for op in appends:
+        for op in (appends[i] for i in order):
             u = op.update or RunUpdate()
             lo = len(flat) + 1
             flat.extend(op.records)
@@ -465,12 +466,13 @@ class PostgresBackend(PostgresRegistry):
                 col.append(v)
         args = (*cols[:15], flat, cols[15], _TERMINAL, self._channel)
         rows = await self._q("fetch", sql.APPEND_BATCH, *args)
-        out: list[int | Exception] = []
-        for op, row in zip(appends, rows, strict=True):
+        out: list[int | Exception] = [0] * len(appends)
+        for i, row in zip(order, rows, strict=True):
+            op = appends[i]
             try:
-                out.append(sql.fenced(op.run_id, op.expected_len, row))
+                out[i] = sql.fenced(op.run_id, op.expected_len, row)
             except (BackendError, RunNotFound) as exc:
-                out.append(exc)
+                out[i] = exc
         return out
 
     async def rewrite_log(
@@ -501,7 +503,8 @@ class PostgresBackend(PostgresRegistry):
         if not leases:
             return set()
         # No deadlock: only this worker's heartbeat renews these rows (one renewal at a
-        # time), and every other statement locks one row or skips locked ones.
+        # time); a batch of appends locks rows in the same (run_id) order, and every
+        # other statement locks one row or skips locked ones.
         ids = list(leases)
         tokens, expires = [leases[r] for r in ids], now + lease_seconds
         rows = await self._q("fetch", sql.RENEW, ids, tokens, expires, control=True)
