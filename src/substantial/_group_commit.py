@@ -41,6 +41,11 @@ class GroupCommit:
     def enabled(self) -> bool:
         return self._batches is not None
 
+    @property
+    def queued(self) -> int:
+        """Appends waiting for the one in flight to land (they go next, together)."""
+        return len(self._queue)
+
     async def append(self, op: Append) -> int:
         """Commit ``op`` (with whatever else is waiting); the log's new length."""
         if self._busy:

@@ -116,6 +116,11 @@ class Journal:
         """Connect and set up the store (idempotent)."""
         await self.backend.open()
 
+    @property
+    def appends_queued(self) -> int:
+        """Sessions' appends waiting to go to the store as the next batch."""
+        return self._group.queued
+
     async def close(self) -> None:
         await self._group.close()
         await self.backend.close()

@@ -48,9 +48,11 @@ switch or recovery in another connection) make setup retry until the busy timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +93,7 @@ from ._sqlite_tx import (
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
+CHECKPOINT_EVERY = 1000  # writes between two WAL checkpoints (SQLite's default: 1000 pages)
 SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
 # 3: the workers table (the worker registry); 4: runs.revert_requested
 
@@ -109,7 +112,11 @@ class SQLiteBackend(SQLiteRegistry):
         self._busy_timeout = busy_timeout
         self._poll_interval = poll_interval
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
+        self._conn: sqlite3.Connection | None = None
+        # Whoever uses the connection holds this: a job on the executor's thread, or
+        # a write made inline on the event loop (see _write).
+        self._lock = threading.Lock()
+        self._commits = 0  # writes since the last checkpoint (see _committed)
         # Hints reach every backend object on this file in this process, not only this one.
         self._hub = shared_hub(f"sqlite:{self.path.resolve()}")
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
@@ -132,7 +139,9 @@ class SQLiteBackend(SQLiteRegistry):
         The busy timeout comes first, so every later statement waits for a
         concurrent opener instead of failing; switching to WAL is skipped when the
         file is already in WAL mode (the switch needs the file to itself)."""
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -167,6 +176,10 @@ class SQLiteBackend(SQLiteRegistry):
                     if not is_busy(exc) or time.monotonic() > deadline:
                         raise
                 else:
+                    # From now on a statement never waits unless a job asks to (see
+                    # _job), and checkpoints run on this thread (see _committed).
+                    conn.execute("PRAGMA busy_timeout = 0")
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
                     self._conn = conn
                     return
             time.sleep(pause * (1 + random.random()))
@@ -207,28 +220,77 @@ class SQLiteBackend(SQLiteRegistry):
         c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def _teardown(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
         """Run ``fn`` on the worker thread, in a transaction unless ``begin`` is None."""
         executor = self._executor
         if executor is None:
             raise BackendError(f"SQLite store {self.path} is not open")
-
-        def job() -> T:
-            if self._conn is None:  # open() failed while this job was queued
-                raise BackendError(f"SQLite store {self.path} is not open")
-            return transact(self._conn, begin, fn)
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, job)
+            return await asyncio.get_running_loop().run_in_executor(executor, self._job, fn, begin)
         except sqlite3.Error as exc:
             raise wrap(exc) from exc
 
+    def _job(self, fn: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+        """On the worker thread: ``fn`` in its transaction, waiting for locks other
+        processes hold up to the busy timeout."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:  # open() failed, or close() ran, while this job was queued
+                raise BackendError(f"SQLite store {self.path} is not open")
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            try:
+                out = transact(conn, begin, fn)
+            finally:
+                conn.execute("PRAGMA busy_timeout = 0")
+        if begin is not None and begin != "BEGIN":
+            self._committed()
+        return out
+
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A write transaction: inline on the event loop when the connection is free
+        and no other process holds the write lock, else on the worker thread.
+
+        Inline, a write costs what SQLite does (BEGIN IMMEDIATE, the statements,
+        COMMIT: no fsync in WAL with synchronous=NORMAL), not a hop to a thread and
+        back; it never waits, since the busy timeout is 0 outside jobs: a lock held
+        elsewhere sends the write to the thread, which waits for it there. Under
+        such waits, appends queue up behind and go as one batch (group commit)."""
+        conn = self._conn
+        if conn is not None and self._executor is not None and self._lock.acquire(False):
+            try:
+                out = transact(conn, "BEGIN IMMEDIATE", fn)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise wrap(exc) from exc
+                # another process holds the write lock: wait for it on the thread
+            except sqlite3.Error as exc:
+                raise wrap(exc) from exc
+            else:
+                self._committed()
+                return out
+            finally:
+                self._lock.release()
         return await self._run(fn, "BEGIN IMMEDIATE")
+
+    def _committed(self) -> None:
+        """Count a write; every CHECKPOINT_EVERY, checkpoint the WAL on the thread
+        (never inline: a checkpoint syncs the database file)."""
+        self._commits += 1
+        executor = self._executor
+        if self._commits >= CHECKPOINT_EVERY and executor is not None:
+            self._commits = 0
+            executor.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):  # busy: the next one catches up
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- lifecycle ------------------------------------------------------------
 
