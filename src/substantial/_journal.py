@@ -26,9 +26,11 @@ from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
     Backend,
     Claim,
+    CountsRuns,
     JoinsTransactions,
     Migrates,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     WorkerRecord,
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 DEFAULT_MAX_PAYLOAD = 1_048_576
+COUNT_PAGE = 500  # runs per page when counting a store that cannot count (CountsRuns)
 
 
 def to_datetime(t: float | None) -> datetime | None:
@@ -253,6 +256,21 @@ class Journal:
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         """Runs matching ``query``, newest first (one page of at most ``query.limit``)."""
         return await self.backend.list_runs(query)
+
+    async def counts(self) -> RunCounts:
+        """Runs per (workflow, status): counted by the store where it can (CountsRuns:
+        every store of this package), else in one pass over ``list_runs`` pages."""
+        if isinstance(self.backend, CountsRuns):
+            return await self.backend.count_runs()
+        found: RunCounts = {}
+        before: tuple[float, str] | None = None
+        while True:
+            page = await self.backend.list_runs(RunQuery(limit=COUNT_PAGE, before=before))
+            for run in page:
+                found[run.workflow, run.status] = found.get((run.workflow, run.status), 0) + 1
+            if len(page) < COUNT_PAGE:
+                return found
+            before = (page[-1].created_at, page[-1].run_id)
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         snap = await self.backend.read(run_id)

@@ -502,6 +502,18 @@ class Conductor:
             if last_batch:
                 return RunPage(runs=found, next_cursor=None)
 
+    async def counts(self) -> dict[str, dict[RunStatus, int]]:
+        """How many runs each workflow has in each status, counted by the store (an
+        index on SQLite and PostgreSQL, counters kept with each status change on
+        Redis, a scan on the memory and file stores). Every workflow registered
+        here or with runs in the store is a key; each maps every status to its
+        count, zeros included. A run is counted once, in its current status."""
+        await self._ensure_open()
+        found = {name: dict.fromkeys(RunStatus, 0) for name in self.workflows}
+        for (name, status), n in (await self.journal.counts()).items():
+            found.setdefault(name, dict.fromkeys(RunStatus, 0))[status] = n
+        return found
+
     async def details(self, run_id: str) -> RunDetails:
         """Run ``run_id``'s summary, start kwargs and children (one store read).
         Raises RunNotFound."""

@@ -211,6 +211,11 @@ $fn$;
     """
 ALTER TABLE {s}.runs ADD COLUMN revert_requested boolean NOT NULL DEFAULT false;
 """,
+    # 7: count_runs reads this index only (an index-only scan once vacuum has marked
+    # the pages all-visible), never the table
+    """
+CREATE INDEX runs_wf_status_idx ON {s}.runs (workflow, status);
+""",
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -318,6 +323,7 @@ GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
 # list_runs: WHERE terms built from the set fields of a RunQuery (see list_query);
 # newest first walks runs_created_idx (or runs_wf_created_idx) backwards.
 LIST = "SELECT {c} FROM {s}.runs r"
+COUNT = "SELECT workflow, status, count(*) AS n FROM {s}.runs GROUP BY workflow, status"
 CORRUPT = "UPDATE {s}.log SET data = $3 WHERE run_id = $1 AND pos = $2"
 DROP = "DROP SCHEMA IF EXISTS {s} CASCADE"
 

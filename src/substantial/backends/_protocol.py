@@ -328,6 +328,22 @@ class JoinsTransactions(Protocol):
         ...
 
 
+RunCounts = dict[tuple[str, RunStatus], int]  # (workflow, status) -> runs
+
+
+@runtime_checkable
+class CountsRuns(Protocol):
+    """A capability: counting runs by workflow and status in the store itself (a
+    GROUP BY over an index, counters kept with each status change), so the count
+    never pages every run through the client. Every store of this package has it;
+    ``Journal.counts`` pages through ``list_runs`` for a store without it."""
+
+    async def count_runs(self) -> RunCounts:
+        """How many runs each (workflow, status) pair has right now; pairs with no
+        run may be left out. A run is counted once, in its current status."""
+        ...
+
+
 @runtime_checkable
 class Migrates(Protocol):
     """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""

@@ -79,7 +79,17 @@ from ._fs_layout import (
     unframe,
 )
 from ._hub import shared_hub
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunCounts,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import FsRegistry
 
 
@@ -536,6 +546,17 @@ class FSBackend(FsRegistry):
                 dirs = self._runs.iterdir()
             states = (self._load(d) for d in dirs)
             return rules.newest_first((st.rec for st in states if st is not None), query)
+
+        return await asyncio.to_thread(scan)
+
+    async def count_runs(self) -> RunCounts:
+        """Reads every run.json, like ``list_runs``: the status lives only there (the
+        queue indexes hold due runs only), and one pass in a thread is all it costs."""
+        self._count("count_runs")
+
+        def scan() -> RunCounts:
+            states = (self._load(d) for d in self._runs.iterdir())
+            return rules.tally(st.rec for st in states if st is not None)
 
         return await asyncio.to_thread(scan)
 

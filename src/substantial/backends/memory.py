@@ -20,6 +20,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -222,6 +223,10 @@ class MemoryBackend:
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         return rules.newest_first((r.rec for r in self._runs.values()), query)
+
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        return rules.tally(r.rec for r in self._runs.values())
 
     # -- the worker registry ------------------------------------------------------
 

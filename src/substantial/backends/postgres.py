@@ -11,6 +11,9 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
 * ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
   length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
 * ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
+* Indexes on ``runs``: ``(created_at, run_id)`` and ``(workflow, created_at, run_id)``
+  for ``list_runs`` read backwards, ``(workflow, status)`` for ``count_runs``
+  (migration 7).
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
@@ -70,7 +73,17 @@ from ..errors import (
 from . import _postgres_sql as sql
 from ._postgres_pool import PostgresConnections, is_connection_error
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunCounts,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import PostgresRegistry
 
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,56}$")  # + "_hints" stays <= 63 chars
@@ -358,6 +371,11 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         self._count("list_runs")
         template, args = sql.list_query(query)
         return [sql.to_record(r) for r in await self._q("fetch", template, *args)]
+
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        rows = await self._q("fetch", sql.COUNT)
+        return {(r["workflow"], RunStatus(r["status"])): int(r["n"]) for r in rows}
 
     # -- wake-ups -----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Layout (one file, schema version in ``meta``)::
     runs  (run_id PRIMARY KEY, RunRecord fields..., last_inbox_id)
           index runs_claim (queue, due_at)         -- claim_due's range scan
           index runs_created (created_at, run_id)  -- list_runs' order
+          index runs_wf_created (workflow, created_at, run_id), runs_wf_status (workflow, status)
     log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
     inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
     workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
@@ -70,14 +71,25 @@ from ..errors import (
 from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
-from ._protocol import ALL_RUNS, Claim, InboxItem, NewRun, RunQuery, RunRecord, RunUpdate, Snapshot
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunCounts,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
 from ._registry import SQLiteRegistry
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
-# 3: the workers table (the worker registry); 4: runs.revert_requested
+SCHEMA_VERSION = 5  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+# 3: the workers table (the worker registry); 4: runs.revert_requested; 5: index
+# runs_wf_status (count_runs)
 
 
 def _record(row: Row) -> RunRecord:
@@ -124,9 +136,7 @@ def _busy(exc: BaseException) -> bool:
 
 def _wrap(exc: sqlite3.Error) -> BackendError:
     msg = f"sqlite: {exc}"
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
-        return BackendUnavailable(msg)
-    return BackendError(msg)
+    return BackendUnavailable(msg) if _busy(exc) else BackendError(msg)
 
 
 class SQLiteBackend(SQLiteRegistry):
@@ -572,6 +582,11 @@ class SQLiteBackend(SQLiteRegistry):
         stmt, args = sql.list_query(query)
         rows: list[Row] = await self._run(lambda c: c.execute(stmt, args).fetchall(), None)
         return [_record(row) for row in rows]
+
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        rows: list[Row] = await self._run(lambda c: c.execute(sql.COUNT).fetchall(), None)
+        return {(wf, RunStatus(status)): n for wf, status, n in rows}
 
     # -- test helpers -------------------------------------------------------
 
