@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
-from ._history import History, RunDetails, history_page, run_details
+from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -518,7 +518,7 @@ class Conductor:
         """Run ``run_id``'s summary, start kwargs and children (one store read).
         Raises RunNotFound."""
         await self._ensure_open()
-        run, records = await self.journal.read_log(run_id)
+        run, records = await self.journal.details_log(run_id)
         return run_details(summarize(run), records)
 
     async def history(
@@ -528,8 +528,7 @@ class Conductor:
         from ``cursor`` (a previous page's ``next_cursor``), with the run's summary.
         This run only, not the runs it continued into. Raises RunNotFound."""
         await self._ensure_open()
-        run, records = await self.journal.read_log(run_id)
-        entries, next_cursor = history_page(records, run=run_id, limit=limit, cursor=cursor)
+        run, entries, next_cursor = await self.journal.history(run_id, limit=limit, cursor=cursor)
         return History(
             run_id=run_id, entries=entries, next_cursor=next_cursor, summary=summarize(run)
         )

@@ -14,6 +14,7 @@ from substantial.backends import (
     Claim,
     CountsRuns,
     NewRun,
+    PagesLog,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -866,3 +867,22 @@ async def test_count_runs_is_exact_after_concurrent_claims_and_ends(backend: Bac
 
     await asyncio.gather(*(work(f"w{i}") for i in range(4)))
     assert await counts(backend) == {("wf", C): 16, ("wf", F): 8}
+
+
+async def test_read_log_page_returns_the_run_and_a_slice_of_its_log(backend: Backend) -> None:
+    assert isinstance(backend, PagesLog)
+    assert await backend.read_log_page("ghost", start=0, stop=5) is None
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    more = [b"1", b"2", b"\x003", b"4"]
+    await backend.append("r1", token=c.token, expected_len=1, records=more, now=T0)
+    found = await backend.read_log_page("r1", start=1, stop=3)
+    assert found is not None
+    run, log = found
+    assert log == [b"1", b"2"]
+    assert run.run_id == "r1" and run.status == R and run.log_len == 5
+    for start, stop, expected in [(0, 5, [b"0", *more]), (3, 100, [b"\x003", b"4"]),
+                                  (5, 9, []), (2, 2, []), (4, 1, []), (0, 1, [b"0"])]:  # fmt: skip
+        found = await backend.read_log_page("r1", start=start, stop=stop)
+        assert found is not None and found[1] == expected, (start, stop)

@@ -264,6 +264,10 @@ READ = """SELECT {c},
     ARRAY(SELECT b.data FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
          ORDER BY b.id) AS inbox_data
 FROM {s}.runs r WHERE r.run_id = $1"""
+READ_PAGE = """SELECT {c},
+    ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
+           AND l.pos >= $2::bigint AND l.pos < $3::bigint ORDER BY l.pos) AS log_data
+FROM {s}.runs r WHERE r.run_id = $1"""
 APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 18))
 APPEND += ")"
 REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"

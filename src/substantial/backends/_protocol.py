@@ -345,6 +345,20 @@ class CountsRuns(Protocol):
 
 
 @runtime_checkable
+class PagesLog(Protocol):
+    """A capability: reading a slice of a run's log, so a page of a long run's
+    history costs the records it shows, not the whole log. Every store of this
+    package has it; for a store without it the journal reads from ``start`` on."""
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        """The run and its log records at positions ``start <= pos < stop`` (fewer
+        past the log's end), in one read; None for an unknown run."""
+        ...
+
+
+@runtime_checkable
 class Migrates(Protocol):
     """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""
 

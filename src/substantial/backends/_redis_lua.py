@@ -119,6 +119,14 @@ local pos = redis.call('HGET', KEYS[1], 'inbox_pos')
 return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1)}
 """
 
+# KEYS run, log; ARGV start, stop (exclusive)
+_READ_PAGE = """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then return {h, {}} end
+return {h, redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)}
+"""
+
 # KEYS run, log; ARGV token, expected_len, now, channel, nonce, status?, result?, error?,
 # ended_at?, inbox_pos?, release, has_update, due?, error_type?, records...
 _APPEND = """
@@ -258,6 +266,7 @@ SCRIPTS = dict(
     create=_CREATE,
     claim=_CLAIM,
     read=_READ,
+    read_page=_READ_PAGE,
     append=_APPEND,
     rewrite=_REWRITE,
     renew=_RENEW,

@@ -99,6 +99,13 @@ class MemoryBackend:
         pending = [i for i in r.inbox if i.id > r.rec.inbox_pos]
         return Snapshot(run=r.rec, log=r.log[log_from:], inbox=pending)
 
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        r = self._runs.get(run_id)
+        return None if r is None else (r.rec, r.log[start : max(start, stop)])
+
     def _owned(self, run_id: str, token: int, expected_len: int) -> _Run:
         """The run, if ``token`` and ``expected_len`` are current (the append fence)."""
         r = self._runs.get(run_id)

@@ -249,6 +249,13 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
             inbox=[InboxItem(id=i, data=bytes(d)) for i, d in pairs],
         )
 
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        row = await self._q("fetchrow", sql.READ_PAGE, run_id, start, stop)
+        return None if row is None else (sql.to_record(row), [bytes(d) for d in row["log_data"]])
+
     async def append(
         self,
         run_id: str,

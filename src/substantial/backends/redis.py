@@ -327,6 +327,15 @@ class RedisBackend(RedisRegistry):
         inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
         return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
 
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        keys = [self._key("run", run_id), self._key("log", run_id)]
+        reply = await self._script("read_log_page", "read_page", keys, [start, stop])
+        if reply is None:
+            return None
+        return _record(dict(zip(reply[0][::2], reply[0][1::2], strict=True))), list(reply[1])
+
     async def append(
         self,
         run_id: str,

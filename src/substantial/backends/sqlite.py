@@ -222,6 +222,20 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
 
         return await self._run(tx, "BEGIN")  # one read snapshot for all three
 
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        stmt = "SELECT data FROM log WHERE run_id = ? AND pos >= ? AND pos < ? ORDER BY pos"
+
+        def tx(c: sqlite3.Connection) -> tuple[RunRecord, list[bytes]] | None:
+            row = c.execute(f"SELECT {sql.COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            return _record(row), [r[0] for r in c.execute(stmt, (run_id, start, stop))]
+
+        return await self._run(tx, "BEGIN")  # the run and its records from one snapshot
+
     async def append(
         self,
         run_id: str,
