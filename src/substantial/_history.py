@@ -313,7 +313,8 @@ class PageScan:
 
 
 class _Seen:
-    """The records a scan has read (and recalled), by position."""
+    """The records a scan has read (and recalled), by position; ``{}`` for one it
+    could not recall (a log cut by a resume between two reads)."""
 
     def __init__(self, known: dict[int, R.Record], size: int) -> None:
         self._known, self._size = known, size
@@ -322,7 +323,7 @@ class _Seen:
         return self._size
 
     def __getitem__(self, pos: int, /) -> R.Record:
-        return self._known[pos]
+        return self._known.get(pos, {})
 
 
 _CALL_KINDS: Final = frozenset({R.CALL, R.TRY, R.ARM, R.LOG})
