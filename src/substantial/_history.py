@@ -5,6 +5,11 @@ Pure over records (no store, no clock), so the CLI's ``show``, the HTTP API's
 records written before the history fields existed (``t0``, ``ms``, ``step``,
 an event's ``t``; see ``_records``) give entries without times or names.
 
+A page can also be built from the log read forward a slice at a time
+(:class:`PageScan`), so a page of a long run costs about the records it shows;
+its cursor says where in the log the next page starts. Both ways give the same
+entries and the same cursors.
+
 Entries come in log order, which is call order: a call sits where its first
 record is (a save's first attempt, a wait's arm), an event where the run took
 it in, a compaction where its mark is, and the end last. Kinds are the
@@ -36,13 +41,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from . import _records as R
 from ._types import RunSummary
 from .errors import ClientError
 
-__all__ = ["KINDS", "History", "HistoryEntry", "history_page", "page", "timeline"]
+__all__ = [
+    "KINDS",
+    "History",
+    "HistoryEntry",
+    "PageScan",
+    "history_page",
+    "page",
+    "parse_cursor",
+    "timeline",
+]
 
 KINDS: Final = frozenset(
     {"save", "sleep", "receive", "ensure", "now", "random", "uuid4", "log", "child"}
@@ -128,10 +142,18 @@ def history_page(
 ) -> tuple[list[HistoryEntry], str | None]:
     """One page of ``timeline(records)`` (see :func:`page`), building only the
     entries on it: a page of a 10,000-record log costs an index, not 10,000
-    entries."""
+    entries. The cursor is the one :class:`PageScan` gives for the same page."""
     index = _Index(records)
-    start, end, next_cursor = _bounds(index.size, limit, cursor)
-    return index.entries(start, end), next_cursor
+    start, end, _ = _bounds(index.size, limit, cursor)
+    return index.entries(start, end), index.cursor(end) if end < index.size else None
+
+
+class _Records(Protocol):
+    """Records by log position: the whole log, or the part of it a scan has read."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, pos: int, /) -> R.Record: ...
 
 
 class _Index:
@@ -142,6 +164,7 @@ class _Index:
         self.calls: dict[int, list[R.Record]] = {}
         self.order: list[tuple[int | None, int]] = []  # (seq of a call | None, position)
         self.consumer: dict[int, R.Record] = {}  # event position -> the receive that took it
+        self.final_at: dict[int, int] = {}  # seq -> position of its (first) final record
         for pos, rec in enumerate(records):
             k = rec.get("k")
             seq = rec.get("s")
@@ -152,6 +175,8 @@ class _Index:
                     self.order.append((seq, pos))
                 else:
                     recs.append(rec)
+                if seq not in self.final_at and R.is_final(rec):
+                    self.final_at[seq] = pos
                 if k == R.CALL and isinstance(rec.get("ev"), int):
                     self.consumer[rec["ev"]] = rec
             elif k in _OTHER_KINDS:
@@ -167,12 +192,145 @@ class _Index:
                 out.append(_other(self.records[pos], self.consumer.get(pos)))
         return out
 
+    def cursor(self, end: int) -> str:
+        """The cursor of the page starting at entry ``end`` (< ``size``)."""
+        at = self.order[end][1]
+        begun = {seq for seq, _ in self.order[:end] if seq is not None}
+        return _cursor(end, at, begun, self.final_at)
+
+
+def _cursor(index: int, at: int, begun: set[int], final_at: dict[int, int]) -> str:
+    """``h<index>.<at>[.<seq>...]``: the page starts with entry ``index``, whose first
+    record is at log position ``at``; the seqs are the calls begun before ``at``
+    whose final record is not before it (their records from ``at`` on are theirs,
+    not new entries)."""
+    still = sorted(s for s in begun if final_at.get(s, at) >= at)
+    return "h" + ".".join(str(n) for n in (index, at, *still))
+
+
+def parse_cursor(cursor: str | None) -> tuple[int, int | None, frozenset[int]]:
+    """A history cursor's entry index, log position (None for ``h<index>``, a
+    cursor without one) and calls still open; ClientError if it is none."""
+    if cursor is None:
+        return 0, 0, frozenset()
+    parts = cursor[1:].split(".")
+    if not cursor.startswith("h") or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ClientError(f"{cursor!r} is not a history cursor")
+    numbers = [int(p) for p in parts]
+    return numbers[0], numbers[1] if len(numbers) > 1 else None, frozenset(numbers[2:])
+
+
+class PageScan:
+    """One page of the timeline, built from the log read forward from where the
+    page starts (``feed`` one record after the other), not from the whole log.
+
+    The page is done once it holds ``limit`` entries, the first record of the entry
+    after them is found (where the next page starts) and each of its entries has
+    what it is drawn from: a call its final record, an event the receive that took
+    it. Until then the scan reads on, to the log's end at worst (a sleep still
+    armed, an event no receive took yet). A receive's value is the event it names,
+    which may lie before the page: ``missing`` lists those positions, ``recall``
+    adds them. The entries and cursors are those of :func:`history_page`."""
+
+    def __init__(self, *, limit: int, cursor: str | None) -> None:
+        if limit < 1:
+            raise ClientError(f"limit must be at least 1, got {limit}")
+        index, at, still = parse_cursor(cursor)
+        if at is None:
+            raise ValueError("a cursor without a log position: page the whole timeline")
+        self.limit, self.index, self.end = limit, index, at  # end: the next position to read
+        self._open = set(still)  # calls of earlier pages that may have records from here
+        self._known: dict[int, R.Record] = {}
+        self._calls: dict[int, list[R.Record]] = {}
+        self._order: list[tuple[int | None, int]] = []
+        self._consumer: dict[int, R.Record] = {}
+        self._final_at: dict[int, int] = {}
+        self._unfinished: set[int] = set()  # calls of this page without a final record yet
+        self._untaken: set[int] = set()  # events of this page no receive took yet
+        self._next_at: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._next_at is not None and not self._unfinished and not self._untaken
+
+    def feed(self, rec: R.Record) -> None:
+        """The record at position ``end`` (decoded)."""
+        pos, self.end = self.end, self.end + 1
+        self._known[pos] = rec
+        k, seq = rec.get("k"), rec.get("s")
+        if k == R.CALL and isinstance(rec.get("ev"), int):
+            self._consumer[rec["ev"]] = rec
+            self._untaken.discard(rec["ev"])
+        if k in _CALL_KINDS and isinstance(seq, int):
+            if seq in self._open or seq in self._calls:
+                if seq in self._calls:
+                    self._calls[seq].append(rec)
+                if seq not in self._final_at and R.is_final(rec):
+                    self._final_at[seq] = pos
+                    self._unfinished.discard(seq)
+            elif self._starts(pos):
+                self._calls[seq] = [rec]
+                self._order.append((seq, pos))
+                if R.is_final(rec):
+                    self._final_at[seq] = pos
+                else:
+                    self._unfinished.add(seq)
+        elif k in _OTHER_KINDS and self._starts(pos):
+            self._order.append((None, pos))
+            if k == R.EVENT:
+                self._untaken.add(pos)
+
+    def _starts(self, pos: int) -> bool:
+        """Whether the entry whose first record is at ``pos`` is on this page; if not,
+        the next page starts there."""
+        if len(self._order) < self.limit:
+            return True
+        if self._next_at is None:
+            self._next_at = pos
+        return False
+
+    def missing(self) -> list[int]:
+        """Positions before the scanned ones that the page's receives name."""
+        named = {r.get("ev") for recs in self._calls.values() for r in recs}
+        return sorted(p for p in named if isinstance(p, int) and p >= 0 and p not in self._known)
+
+    def recall(self, pos: int, rec: R.Record) -> None:
+        self._known[pos] = rec
+
+    def page(self) -> tuple[list[HistoryEntry], str | None]:
+        """The entries, and the next page's cursor (None: the log ends with them)."""
+        view = _Seen(self._known, self.end)
+        out = []
+        for seq, pos in self._order:
+            if seq is not None:
+                out.append(_call(seq, self._calls[seq], view))
+            else:
+                out.append(_other(self._known[pos], self._consumer.get(pos)))
+        if self._next_at is None:
+            return out, None
+        begun = self._open | set(self._calls)
+        return out, _cursor(self.index + len(out), self._next_at, begun, self._final_at)
+
+
+class _Seen:
+    """The records a scan has read (and recalled), by position; ``{}`` for one it
+    could not recall (a log cut by a resume between two reads)."""
+
+    def __init__(self, known: dict[int, R.Record], size: int) -> None:
+        self._known, self._size = known, size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, pos: int, /) -> R.Record:
+        return self._known.get(pos, {})
+
 
 _CALL_KINDS: Final = frozenset({R.CALL, R.TRY, R.ARM, R.LOG})
 _OTHER_KINDS: Final = frozenset({R.EVENT, R.MARK, R.END})
 
 
-def _call(seq: int, recs: list[R.Record], records: Sequence[R.Record]) -> HistoryEntry:
+def _call(seq: int, recs: list[R.Record], records: _Records) -> HistoryEntry:
     first = recs[0]
     p = str(first.get("p", "?"))
     kind = _KIND_OF.get(p, p)
@@ -221,7 +379,7 @@ def _wait(
     base: dict[str, Any],
     recs: list[R.Record],
     final: R.Record | None,
-    records: Sequence[R.Record],
+    records: _Records,
 ) -> HistoryEntry:
     first = recs[0]
     t0 = first.get("t0")
@@ -293,10 +451,6 @@ def page(
 def _bounds(size: int, limit: int | None, cursor: str | None) -> tuple[int, int, str | None]:
     if limit is not None and limit < 1:
         raise ClientError(f"limit must be at least 1, got {limit}")
-    start = 0
-    if cursor is not None:
-        if not cursor.startswith("h") or not cursor[1:].isdigit():
-            raise ClientError(f"{cursor!r} is not a history cursor")
-        start = int(cursor[1:])
+    start = parse_cursor(cursor)[0]
     end = size if limit is None else min(size, start + limit)
     return start, end, (f"h{end}" if end < size else None)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from . import _records as R
 from . import telemetry
 from ._group_commit import GroupCommit, append_alone
+from ._history import HistoryEntry, PageScan, history_page, parse_cursor
 from ._records import decode_record
 from ._recovery import decoded, fork_point, resume_point
 from ._session import RunSession
@@ -30,9 +31,12 @@ from .backends import (
     AppendsInBatches,
     Backend,
     Claim,
+    CountsRuns,
     JoinsTransactions,
     Migrates,
     NewRun,
+    PagesLog,
+    RunCounts,
     RunQuery,
     RunRecord,
     WorkerRecord,
@@ -53,6 +57,8 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 DEFAULT_MAX_PAYLOAD = 1_048_576
+COUNT_PAGE = 500  # runs per page when counting a store that cannot count (CountsRuns)
+SCAN_MAX = 4096  # records per read at most while a history page reads on
 
 
 def to_datetime(t: float | None) -> datetime | None:
@@ -272,6 +278,21 @@ class Journal:
         """Runs matching ``query``, newest first (one page of at most ``query.limit``)."""
         return await self.backend.list_runs(query)
 
+    async def counts(self) -> RunCounts:
+        """Runs per (workflow, status): counted by the store where it can (CountsRuns:
+        every store of this package), else in one pass over ``list_runs`` pages."""
+        if isinstance(self.backend, CountsRuns):
+            return await self.backend.count_runs()
+        found: RunCounts = {}
+        before: tuple[float, str] | None = None
+        while True:
+            page = await self.backend.list_runs(RunQuery(limit=COUNT_PAGE, before=before))
+            for run in page:
+                found[run.workflow, run.status] = found.get((run.workflow, run.status), 0) + 1
+            if len(page) < COUNT_PAGE:
+                return found
+            before = (page[-1].created_at, page[-1].run_id)
+
     async def logs(self, run_id: str) -> list[LogRecord]:
         snap = await self.backend.read(run_id)
         if snap is None:
@@ -290,9 +311,22 @@ class Journal:
                 )
         return out
 
+    async def details_log(self, run_id: str) -> tuple[RunRecord, list[R.Record]]:
+        """The run and the records ``run_details`` draws on: its start and its
+        ``start_child`` calls. A child can be anywhere in the log, so it is read
+        whole, but only the records whose bytes name that primitive are decoded (a
+        superset: the JSON of such a record holds ``"start_child"`` verbatim)."""
+        snap = await self.backend.read(run_id)
+        if snap is None:
+            raise RunNotFound(run_id)
+        return snap.run, [
+            decode_record(run_id, i, data)
+            for i, data in enumerate(snap.log)
+            if i == 0 or b'"start_child"' in data
+        ]
+
     async def read_log(self, run_id: str) -> tuple[RunRecord, list[R.Record]]:
-        """The run and its whole decoded log, in one store read (the history pages
-        it in memory for now; a paged store read can come later)."""
+        """The run and its whole decoded log, in one store read."""
         snap = await self.backend.read(run_id)
         if snap is None:
             raise RunNotFound(run_id)
@@ -330,3 +364,48 @@ class Journal:
         if snap is None:
             return None
         return RunSession.loaded(self, claim, snap, lease)
+
+    # -- a run's history, a page at a time -------------------------------------------
+
+    async def history(
+        self, run_id: str, *, limit: int | None, cursor: str | None
+    ) -> tuple[RunRecord, list[HistoryEntry], str | None]:
+        """One page of the run's timeline and the next page's cursor.
+
+        A page is read from the store a slice at a time from where it starts (see
+        ``PageScan``), the first slice a little over ``limit`` records, doubling
+        while the page needs more; only the whole timeline (no ``limit``) or a
+        cursor of an older version (``h<index>``) reads the whole log. Slices are
+        separate reads: a compaction between them can mix two logs in one page."""
+        at = parse_cursor(cursor)[1]
+        if limit is None or at is None:
+            run, records = await self.read_log(run_id)
+            return run, *history_page(records, run=run_id, limit=limit, cursor=cursor)
+        scan = PageScan(limit=limit, cursor=cursor)
+        first: RunRecord | None = None
+        size = 2 * limit + 16
+        while not scan.done:
+            run, raw = await self._log_slice(run_id, scan.end, scan.end + size)
+            first = first or run
+            for data in raw:
+                scan.feed(decode_record(run_id, scan.end, data))
+            if len(raw) < size:  # the log's end
+                break
+            size = min(2 * size, SCAN_MAX)
+        for pos in scan.missing():  # events a receive on the page took before it
+            _, raw = await self._log_slice(run_id, pos, pos + 1)
+            if raw:
+                scan.recall(pos, decode_record(run_id, pos, raw[0]))
+        run = first or (await self._log_slice(run_id, 0, 0))[0]
+        return run, *scan.page()
+
+    async def _log_slice(self, run_id: str, start: int, stop: int) -> tuple[RunRecord, list[bytes]]:
+        """The run and its records ``start <= pos < stop``; RunNotFound."""
+        if isinstance(self.backend, PagesLog):
+            found = await self.backend.read_log_page(run_id, start=start, stop=stop)
+        else:  # a store that cannot read a slice: from start on, then cut
+            snap = await self.backend.read(run_id, log_from=start)
+            found = None if snap is None else (snap.run, snap.log[: max(0, stop - start)])
+        if found is None:
+            raise RunNotFound(run_id)
+        return found

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._hints import HintRelay
-from ._history import History, RunDetails, history_page, run_details
+from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -502,11 +502,23 @@ class Conductor:
             if last_batch:
                 return RunPage(runs=found, next_cursor=None)
 
+    async def counts(self) -> dict[str, dict[RunStatus, int]]:
+        """How many runs each workflow has in each status, counted by the store (an
+        index on SQLite and PostgreSQL, counters kept with each status change on
+        Redis, a scan on the memory and file stores). Every workflow registered
+        here or with runs in the store is a key; each maps every status to its
+        count, zeros included. A run is counted once, in its current status."""
+        await self._ensure_open()
+        found = {name: dict.fromkeys(RunStatus, 0) for name in self.workflows}
+        for (name, status), n in (await self.journal.counts()).items():
+            found.setdefault(name, dict.fromkeys(RunStatus, 0))[status] = n
+        return found
+
     async def details(self, run_id: str) -> RunDetails:
         """Run ``run_id``'s summary, start kwargs and children (one store read).
         Raises RunNotFound."""
         await self._ensure_open()
-        run, records = await self.journal.read_log(run_id)
+        run, records = await self.journal.details_log(run_id)
         return run_details(summarize(run), records)
 
     async def history(
@@ -516,8 +528,7 @@ class Conductor:
         from ``cursor`` (a previous page's ``next_cursor``), with the run's summary.
         This run only, not the runs it continued into. Raises RunNotFound."""
         await self._ensure_open()
-        run, records = await self.journal.read_log(run_id)
-        entries, next_cursor = history_page(records, run=run_id, limit=limit, cursor=cursor)
+        run, entries, next_cursor = await self.journal.history(run_id, limit=limit, cursor=cursor)
         return History(
             run_id=run_id, entries=entries, next_cursor=next_cursor, summary=summarize(run)
         )

@@ -14,7 +14,9 @@ from substantial.backends import (
     AppendsInBatches,
     Backend,
     Claim,
+    CountsRuns,
     NewRun,
+    PagesLog,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -852,3 +854,106 @@ async def test_a_fenced_append_in_a_batch_fails_alone(backend: Backend) -> None:
         snap = await backend.read(rid)
         assert snap is not None and snap.log == log, rid
         assert snap.run.log_len == len(log)
+
+
+# -- counting runs by workflow and status --------------------------------------------
+
+P, R, S, C, F = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.SUSPENDED,
+                 RunStatus.COMPLETED, RunStatus.FAILED)  # fmt: skip
+
+
+async def counts(b: Backend) -> dict[tuple[str, RunStatus], int]:
+    """The store's count, pairs with no run left out (a store may list them as 0)."""
+    assert isinstance(b, CountsRuns)
+    return {key: n for key, n in (await b.count_runs()).items() if n}
+
+
+async def test_count_runs_counts_each_run_once_in_its_current_status(backend: Backend) -> None:
+    assert await counts(backend) == {}
+    for i in range(3):
+        await backend.create_run(new_run(f"a{i}", created=T0 + i))
+    await backend.create_run(new_run("b0", wf="other"))
+    assert await counts(backend) == {("wf", P): 3, ("other", P): 1}
+
+    c = await claim_one(backend)  # a0: PENDING -> RUNNING
+    assert c is not None and c.run_id == "a0"
+    assert await counts(backend) == {("wf", P): 2, ("wf", R): 1, ("other", P): 1}
+    done = RunUpdate(status=C, result=1, ended_at=T0)  # a0: RUNNING -> COMPLETED
+    await backend.append("a0", token=c.token, expected_len=1, records=[b"e"], update=done, now=T0)
+    assert await counts(backend) == {("wf", P): 2, ("wf", C): 1, ("other", P): 1}
+
+    c = await claim_one(backend)  # a1: RUNNING, then SUSPENDED by a release
+    assert c is not None and c.run_id == "a1"
+    assert await backend.release("a1", token=c.token, due_at=None, status=S, now=T0)
+    c = await claim_one(backend)  # a2: RUNNING, then FAILED
+    assert c is not None and c.run_id == "a2"
+    failed = RunUpdate(status=F, error="boom", error_type="KeyError", ended_at=T0)
+    await backend.append("a2", token=c.token, expected_len=1, records=[b"e"], update=failed,
+                         now=T0)  # fmt: skip
+    assert await counts(backend) == {("wf", S): 1, ("wf", C): 1, ("wf", F): 1, ("other", P): 1}
+
+    # Resumed: FAILED -> PENDING; re-claimed (RUNNING again), then completed.
+    assert await backend.reopen("a2", status=F, expected_len=2, keep_len=1, now=T0)
+    assert await counts(backend) == {("wf", S): 1, ("wf", C): 1, ("wf", P): 1, ("other", P): 1}
+    c = await claim_one(backend)
+    assert c is not None and c.run_id == "a2"
+    await backend.append("a2", token=c.token, expected_len=1, records=[b"e"], update=done, now=T0)
+    assert await counts(backend) == {("wf", S): 1, ("wf", C): 2, ("other", P): 1}
+    assert not await backend.create_run(new_run("a0"))  # a second create counts nothing
+    assert await counts(backend) == {("wf", S): 1, ("wf", C): 2, ("other", P): 1}
+
+
+async def test_count_runs_follows_suspends_wakeups_and_cancels(backend: Backend) -> None:
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    nap = RunUpdate(status=S, release=True, due_at=T0 + 5)  # an append that suspends
+    await backend.append("r1", token=c.token, expected_len=1, records=[b"s"], update=nap, now=T0)
+    assert await counts(backend) == {("wf", S): 1}
+    await backend.deliver("r1", b"ev", now=T0 + 1)  # due again, still SUSPENDED
+    await backend.request_cancel("r1", now=T0 + 1)
+    assert await counts(backend) == {("wf", S): 1}
+    c = await claim_one(backend, now=T0 + 1)
+    assert c is not None
+    assert await counts(backend) == {("wf", R): 1}
+    end = RunUpdate(status=RunStatus.CANCELLED, ended_at=T0 + 1)
+    await backend.append("r1", token=c.token, expected_len=2, records=[b"e"], update=end,
+                         now=T0 + 1)  # fmt: skip
+    assert await counts(backend) == {("wf", RunStatus.CANCELLED): 1}
+
+
+async def test_count_runs_is_exact_after_concurrent_claims_and_ends(backend: Backend) -> None:
+    """Workers racing on the same runs: each run still counts once, where it ended."""
+    await asyncio.gather(*(backend.create_run(new_run(f"r{i:02d}")) for i in range(24)))
+
+    async def work(owner: str) -> None:
+        while claims := await backend.claim_due(
+            queue="default", workflows=WF, limit=3, owner=owner, lease_seconds=10, now=T0
+        ):
+            for c in claims:
+                status = C if int(c.run_id[1:]) % 3 else F
+                end = RunUpdate(status=status, ended_at=T0)
+                await backend.append(c.run_id, token=c.token, expected_len=1, records=[b"e"],
+                                     update=end, now=T0)  # fmt: skip
+
+    await asyncio.gather(*(work(f"w{i}") for i in range(4)))
+    assert await counts(backend) == {("wf", C): 16, ("wf", F): 8}
+
+
+async def test_read_log_page_returns_the_run_and_a_slice_of_its_log(backend: Backend) -> None:
+    assert isinstance(backend, PagesLog)
+    assert await backend.read_log_page("ghost", start=0, stop=5) is None
+    await backend.create_run(new_run("r1", first=b"0"))
+    c = await claim_one(backend)
+    assert c is not None
+    more = [b"1", b"2", b"\x003", b"4"]
+    await backend.append("r1", token=c.token, expected_len=1, records=more, now=T0)
+    found = await backend.read_log_page("r1", start=1, stop=3)
+    assert found is not None
+    run, log = found
+    assert log == [b"1", b"2"]
+    assert run.run_id == "r1" and run.status == R and run.log_len == 5
+    for start, stop, expected in [(0, 5, [b"0", *more]), (3, 100, [b"\x003", b"4"]),
+                                  (5, 9, []), (2, 2, []), (4, 1, []), (0, 1, [b"0"])]:  # fmt: skip
+        found = await backend.read_log_page("r1", start=start, stop=stop)
+        assert found is not None and found[1] == expected, (start, stop)

@@ -242,3 +242,31 @@ async def test_history_pages_and_an_unknown_run(conductor: Conductor) -> None:
     assert got == whole
     with pytest.raises(RunNotFound):
         await conductor.history("no-such-run")
+    with pytest.raises(RunNotFound):
+        await conductor.history("no-such-run", limit=3)
+
+
+@workflow()
+async def many_steps(c: Context, n: int) -> int:
+    for i in range(n):
+
+        async def step(i: int = i) -> int:
+            return i
+
+        await c.save(step, name="step")
+    return n
+
+
+async def test_a_page_of_a_long_run_reads_a_slice_of_its_log(conductor: Conductor) -> None:
+    """Not the whole log: one store read of about the page's size for each page."""
+    conductor.register(many_steps)
+    async with worker(conductor):
+        h = await conductor.start(many_steps, {"n": 400})
+        assert await h.result(timeout=60) == 400
+    calls: dict[str, int] = conductor.backend.calls  # type: ignore[attr-defined]
+    reads, slices = calls.get("read", 0), calls.get("read_log_page", 0)
+    first = await conductor.history(h.run_id, limit=10)
+    assert [e.seq for e in first.entries] == list(range(10))
+    second = await conductor.history(h.run_id, limit=10, cursor=first.next_cursor)
+    assert [e.seq for e in second.entries] == list(range(10, 20))
+    assert calls.get("read", 0) == reads and calls["read_log_page"] == slices + 2

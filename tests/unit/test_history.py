@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from substantial import ClientError
-from substantial._history import KINDS, History, HistoryEntry, history_page, page, timeline
+from substantial._history import (
+    KINDS,
+    History,
+    HistoryEntry,
+    PageScan,
+    history_page,
+    page,
+    timeline,
+)
 from substantial._shapes import entry_doc, history_doc
 
 T = 1_700_000_000.0
@@ -230,9 +238,10 @@ def test_a_page_built_from_records_is_the_same_page_of_the_whole_timeline(
     records.append({"k": "end", "status": "COMPLETED", "v": None})
     whole = timeline(records, run="r")
     assert len(whole) == 25
-    assert history_page(records, run="r", limit=limit, cursor=cursor) == page(
-        whole, limit=limit, cursor=cursor
-    )
+    entries, next_cursor = history_page(records, run="r", limit=limit, cursor=cursor)
+    want, want_next = page(whole, limit=limit, cursor=cursor)
+    assert entries == want
+    assert (next_cursor is None) == (want_next is None)  # cursors are opaque; these differ
 
 
 @pytest.mark.parametrize("cursor", ["", "x12", "h", "h-1", "12"])
@@ -244,3 +253,94 @@ def test_a_malformed_cursor_is_a_client_error(cursor: str) -> None:
 def test_a_limit_below_one_is_a_client_error() -> None:
     with pytest.raises(ClientError, match="limit"):
         page([], limit=0, cursor=None)
+
+
+# -- pages read forward from the log (PageScan) ----------------------------------------
+
+
+def tangled_log() -> list[dict[str, Any]]:
+    """A log with what makes paging hard: retries, calls overlapping (a sleep armed
+    while other calls end), events taken in long before a receive takes them, an
+    event nobody took, a compaction mark, log lines, and a sleep still armed."""
+    a = "a.py:1"
+    recs: list[dict[str, Any]] = [start()]
+    recs.append({"k": "try", "s": 0, "p": "save", "at": a, "t0": T, "n": 1,
+                 "err": {"type": "E", "msg": "x"}, "retry": T + 1})  # fmt: skip
+    recs.append({"k": "call", "s": 0, "p": "save", "at": a, "t0": T + 1, "v": 0, "ms": 1.0})
+    recs.append({"k": "arm", "s": 1, "p": "sleep", "at": a, "t0": T, "due": T + 60})
+    for s in range(2, 6):
+        recs.append({"k": "call", "s": s, "p": "save", "at": a, "t0": T, "v": s})
+        recs.append({"k": "log", "s": 100 + s, "p": "log", "at": a, "level": "info",
+                     "msg": "m", "fields": {"s": s}, "t": T})  # fmt: skip
+    early = len(recs)
+    recs.append({"k": "event", "name": "go", "v": {"ok": 1}, "id": 1, "t": T})
+    recs.append({"k": "call", "s": 1, "p": "sleep", "at": a, "t0": T + 60})  # the sleep ends
+    for s in range(6, 9):
+        recs.append({"k": "call", "s": s, "p": "random", "at": a, "v": s / 10})
+    recs.append({"k": "arm", "s": 9, "p": "receive", "at": a, "name": "go", "t0": T})
+    recs.append({"k": "call", "s": 9, "p": "receive", "at": a, "name": "go", "t0": T + 2,
+                 "ev": early})  # fmt: skip
+    recs.append({"k": "mark", "p": "compact", "next": 10, "n": 1, "from": 0})
+    recs.append({"k": "event", "name": "late", "v": 2, "id": 2, "t": T})  # never taken
+    recs.append({"k": "call", "s": 10, "p": "now", "at": a, "v": T})
+    recs.append({"k": "arm", "s": 11, "p": "sleep", "at": a, "t0": T, "due": T + 99})
+    return recs
+
+
+def scanned(
+    records: list[dict[str, Any]], limit: int, cursor: str | None, slice_size: int
+) -> tuple[list[HistoryEntry], str | None]:
+    """What the journal does with a store: read slices until the page is done."""
+    scan = PageScan(limit=limit, cursor=cursor)
+    while not scan.done and scan.end < len(records):
+        for rec in records[scan.end : scan.end + slice_size]:
+            scan.feed(rec)
+    for pos in scan.missing():
+        scan.recall(pos, records[pos])
+    return scan.page()
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 100])
+@pytest.mark.parametrize("slice_size", [1, 4, 1000])
+def test_a_scanned_page_is_the_page_of_the_whole_log_with_the_same_cursor(
+    limit: int, slice_size: int
+) -> None:
+    records = tangled_log()
+    whole = timeline(records, run="r")
+    seen: list[HistoryEntry] = []
+    cursor: str | None = None
+    while True:
+        expected = history_page(records, run="r", limit=limit, cursor=cursor)
+        got = scanned(records, limit, cursor, slice_size)
+        assert got == expected, cursor
+        seen += got[0]
+        cursor = got[1]
+        if cursor is None:
+            break
+    assert seen == whole
+
+
+def test_a_page_whose_receive_took_an_event_before_it_recalls_that_event() -> None:
+    records = tangled_log()
+    receive = next(i for i, r in enumerate(records) if r.get("ev") is not None)
+    _, cursor = history_page(records, run="r", limit=14, cursor=None)  # the receive is next
+    scan = PageScan(limit=2, cursor=cursor)
+    while not scan.done:
+        scan.feed(records[scan.end])
+    assert scan.end <= receive + 3  # read on only as far as the page needs
+    assert scan.missing() == [records[receive]["ev"]]
+    scan.recall(records[receive]["ev"], records[records[receive]["ev"]])
+    entries, _ = scan.page()
+    assert only(entries, "receive").value == {"ok": 1}
+
+
+def test_a_cursor_names_the_log_position_and_the_calls_still_open() -> None:
+    records = tangled_log()
+    _, cursor = history_page(records, run="r", limit=2, cursor=None)
+    assert cursor == "h2.4.1"  # entry 2 starts at record 4; the sleep (seq 1) is still open
+    assert (
+        history_page(records, run="r", limit=2, cursor="h2")[0]
+        == (history_page(records, run="r", limit=2, cursor=cursor)[0])
+    )  # a cursor of an older version (an entry index only) still pages
+    with pytest.raises(ValueError):
+        PageScan(limit=2, cursor="h2")

@@ -63,7 +63,7 @@ async def test_migrate_twice_is_idempotent(schema: str) -> None:
         await b.close()
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, 3, 6])
 async def test_an_older_store_is_upgraded_in_place_with_its_runs(
     schema: str, monkeypatch: pytest.MonkeyPatch, version: int
 ) -> None:
@@ -97,6 +97,14 @@ async def test_an_older_store_is_upgraded_in_place_with_its_runs(
                          now=T0)  # fmt: skip
         run = await new.get_run("r1")
         assert run is not None and run.error_type == "KeyError"
+        assert await new.count_runs() == {("wf", RunStatus.FAILED): 1}  # migration 7's index
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            indexes = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1",
+                                       schema)  # fmt: skip
+        finally:
+            await conn.close()
+        assert "runs_wf_status_idx" in {r["indexname"] for r in indexes}
     finally:
         await new.close()
 

@@ -16,7 +16,7 @@ import pytest
 
 from substantial import RunStatus
 from substantial.backends import NewRun, RunQuery, RunUpdate
-from substantial.backends.redis import RedisBackend, redact
+from substantial.backends.redis import RedisBackend, _cmd, redact
 from substantial.errors import BackendUnavailable, LeaseLost
 from tests.backends import REDIS_URL, unavailable
 
@@ -346,3 +346,43 @@ async def test_cancelling_a_fresh_subscription_is_prompt(rb: RedisBackend) -> No
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 3)
+
+
+async def _forget_counts(b: RedisBackend, run_ids: list[str]) -> None:
+    """Make the store look as if written before the counters existed."""
+    client, tag = b._require(), "{" + b._prefix + "}"
+    await _cmd(client, "DEL", f"{tag}:counts", f"{tag}:counted")
+    for rid in run_ids:
+        await _cmd(client, "HDEL", f"{tag}:run:{rid}", "counted")
+
+
+async def test_runs_written_before_the_counters_are_counted_once(rb: RedisBackend) -> None:
+    ids = [f"r{i:04d}" for i in range(2500)]  # more than one ZSCAN batch
+    for i in range(0, len(ids), 250):
+        await asyncio.gather(*(rb.create_run(_new(rid)) for rid in ids[i : i + 250]))
+    await rb.create_run(_new("x", wf="other"))
+    assert await _claim(rb) == ["r0000"]  # RUNNING
+    await _forget_counts(rb, [*ids, "x"])
+    # An older run changed by this version before the first count: counted by the change.
+    assert await _claim(rb) == ["r0001"]
+
+    expected = {("wf", RunStatus.PENDING): 2498, ("wf", RunStatus.RUNNING): 2,
+                ("other", RunStatus.PENDING): 1}  # fmt: skip
+    assert await rb.count_runs() == expected
+    assert await rb.count_runs() == expected  # counted once: the walk ran once
+    assert await _claim(rb, limit=3) == ["r0002", "r0003", "r0004"]
+    assert (await rb.count_runs())[("wf", RunStatus.RUNNING)] == 5
+
+
+async def test_a_status_changed_behind_the_counters_is_recounted_on_its_next_change(
+    rb: RedisBackend,
+) -> None:
+    """A run changed by an older version (no counter update) moves to the right
+    counter the next time this version touches it."""
+    await rb.create_run(_new("r1"))
+    await rb.count_runs()
+    key = "{" + rb._prefix + "}:run:r1"
+    await _cmd(rb._require(), "HSET", key, "status", "SUSPENDED")  # an older worker
+    assert await rb.count_runs() == {("wf", RunStatus.PENDING): 1}  # not seen yet
+    assert await _claim(rb) == ["r1"]
+    assert await rb.count_runs() == {("wf", RunStatus.RUNNING): 1}

@@ -9,6 +9,7 @@ import pytest
 
 from substantial import RunStatus
 from substantial.backends import NewRun, RunUpdate, WorkerRecord
+from substantial.backends import _sqlite_sql as sql
 from substantial.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from substantial.errors import BackendError, SchemaVersionError
 
@@ -164,11 +165,14 @@ async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Pat
                             workflows=("wf",), started_at=T0, lease_seconds=30)  # fmt: skip
         await b.register_worker(info, now=T0)  # version 3: the workers table
         assert [w.worker_id for w in await b.list_workers(now=T0)] == ["w"]
+        assert await b.count_runs() == {("wf", RunStatus.FAILED): 1}
     finally:
         await b.close()
     with sqlite3.connect(path) as conn:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
+        plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql.COUNT}"))
     conn.close()
-    assert row[0] == SCHEMA_VERSION == 4
-    assert "runs_wf_created" in indexes
+    assert row[0] == SCHEMA_VERSION == 5
+    assert {"runs_wf_created", "runs_wf_status"} <= indexes  # versions 2 and 5
+    assert "COVERING INDEX runs_wf_status" in plan  # count_runs never reads the table

@@ -211,6 +211,11 @@ $fn$;
     """
 ALTER TABLE {s}.runs ADD COLUMN revert_requested boolean NOT NULL DEFAULT false;
 """,
+    # 7: count_runs reads this index only (an index-only scan once vacuum has marked
+    # the pages all-visible), never the table
+    """
+CREATE INDEX runs_wf_status_idx ON {s}.runs (workflow, status);
+""",
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -258,6 +263,10 @@ READ = """SELECT {c},
          ORDER BY b.id) AS inbox_ids,
     ARRAY(SELECT b.data FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
          ORDER BY b.id) AS inbox_data
+FROM {s}.runs r WHERE r.run_id = $1"""
+READ_PAGE = """SELECT {c},
+    ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
+           AND l.pos >= $2::bigint AND l.pos < $3::bigint ORDER BY l.pos) AS log_data
 FROM {s}.runs r WHERE r.run_id = $1"""
 APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 18))
 APPEND += ")"
@@ -340,6 +349,7 @@ GET = "SELECT {c} FROM {s}.runs r WHERE r.run_id = $1"
 # list_runs: WHERE terms built from the set fields of a RunQuery (see list_query);
 # newest first walks runs_created_idx (or runs_wf_created_idx) backwards.
 LIST = "SELECT {c} FROM {s}.runs r"
+COUNT = "SELECT workflow, status, count(*) AS n FROM {s}.runs GROUP BY workflow, status"
 CORRUPT = "UPDATE {s}.log SET data = $3 WHERE run_id = $1 AND pos = $2"
 DROP = "DROP SCHEMA IF EXISTS {s} CASCADE"
 

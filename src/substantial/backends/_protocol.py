@@ -375,6 +375,36 @@ class AppendsInBatches(Protocol):
         ...
 
 
+RunCounts = dict[tuple[str, RunStatus], int]  # (workflow, status) -> runs
+
+
+@runtime_checkable
+class CountsRuns(Protocol):
+    """A capability: counting runs by workflow and status in the store itself (a
+    GROUP BY over an index, counters kept with each status change), so the count
+    never pages every run through the client. Every store of this package has it;
+    ``Journal.counts`` pages through ``list_runs`` for a store without it."""
+
+    async def count_runs(self) -> RunCounts:
+        """How many runs each (workflow, status) pair has right now; pairs with no
+        run may be left out. A run is counted once, in its current status."""
+        ...
+
+
+@runtime_checkable
+class PagesLog(Protocol):
+    """A capability: reading a slice of a run's log, so a page of a long run's
+    history costs the records it shows, not the whole log. Every store of this
+    package has it; for a store without it the journal reads from ``start`` on."""
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        """The run and its log records at positions ``start <= pos < stop`` (fewer
+        past the log's end), in one read; None for an unknown run."""
+        ...
+
+
 @runtime_checkable
 class Migrates(Protocol):
     """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""

@@ -1,8 +1,8 @@
 """Lua of the Redis store: one script per protocol operation, each atomic.
 
 Every script is sent with ``PRELUDE`` in front (the terminal statuses, ``opt`` for
-optional arguments, and the shared ``reindex`` / ``release`` rules). Key layout and
-argument conventions are described in ``redis.py``.
+optional arguments, and the shared ``recount`` / ``reindex`` / ``release`` rules).
+Key layout and argument conventions are described in ``redis.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ PRELUDE = (
     + "}\n"
     + """
 local function opt(a) if a == '' then return nil end return string.sub(a, 2) end
+local function recount(rk)
+  local f = redis.call('HMGET', rk, 'run_id', 'workflow', 'status', 'counted')
+  if f[4] == f[3] then return end
+  local ck = string.sub(rk, 1, #rk - #f[1] - 4) .. 'counts'
+  if f[4] then redis.call('HINCRBY', ck, f[4] .. ':' .. f[2], -1) end
+  redis.call('HINCRBY', ck, f[3] .. ':' .. f[2], 1)
+  redis.call('HSET', rk, 'counted', f[3])
+end
 local function reindex(rk)
+  recount(rk)
   local f = redis.call('HMGET', rk, 'run_id', 'dkey', 'status', 'due_at', 'lease_expires_at')
   if TERM[f[3]] or not f[4] then redis.call('ZREM', f[2], f[1]) return end
   local s = f[4]
@@ -110,6 +119,14 @@ local pos = redis.call('HGET', KEYS[1], 'inbox_pos')
 return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1)}
 """
 
+# KEYS run, log; ARGV start, stop (exclusive)
+_READ_PAGE = """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then return {h, {}} end
+return {h, redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)}
+"""
+
 # KEYS run, log; ARGV token, expected_len, now, channel, nonce, status?, result?, error?,
 # ended_at?, inbox_pos?, release, has_update, due?, error_type?, records...
 _APPEND = """
@@ -134,6 +151,8 @@ if ARGV[12] == '1' then
   if ARGV[11] == '1' or TERM[redis.call('HGET', rk, 'status')] then
     release(rk, opt(ARGV[13]), ARGV[3])
     redis.call('PUBLISH', ARGV[4], redis.call('HGET', rk, 'run_id'))
+  elseif ARGV[6] ~= '' then
+    recount(rk)
   end
 end
 return {1, n}
@@ -227,10 +246,27 @@ redis.call('PUBLISH', ARGV[5], f[3])
 return 1
 """
 
+# KEYS counts, counted (set once every run was counted); ARGV -
+_COUNTS = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS counts (it names the slot); ARGV the run-key prefix, run ids (a batch of the walk
+# that counts the runs older than the counters, see redis.py)
+_RECOUNT = """
+for i = 2, #ARGV do
+  local rk = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', rk) == 1 then recount(rk) end
+end
+return #ARGV - 1
+"""
+
 SCRIPTS = dict(
     create=_CREATE,
     claim=_CLAIM,
     read=_READ,
+    read_page=_READ_PAGE,
     append=_APPEND,
     rewrite=_REWRITE,
     renew=_RENEW,
@@ -238,4 +274,6 @@ SCRIPTS = dict(
     deliver=_DELIVER,
     cancel=_CANCEL,
     reopen=_REOPEN,
+    counts=_COUNTS,
+    recount=_RECOUNT,
 )

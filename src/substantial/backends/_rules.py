@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .._types import RunStatus
 from ..errors import LeaseLost
-from ._protocol import NewRun, RunQuery, RunRecord, RunUpdate
+from ._protocol import NewRun, RunCounts, RunQuery, RunRecord, RunUpdate
 
 TERMINAL: tuple[str, ...] = tuple(s.value for s in RunStatus if s.is_terminal)
 
@@ -193,6 +193,15 @@ def newest_first(records: Iterable[RunRecord], q: RunQuery) -> list[RunRecord]:
         reverse=True,
     )
     return out if q.limit is None else out[: max(q.limit, 0)]
+
+
+def tally(records: Iterable[RunRecord]) -> RunCounts:
+    """``count_runs`` for the stores that hold their runs as Python objects."""
+    out: RunCounts = {}
+    for rec in records:
+        key = (rec.workflow, rec.status)
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 # -- credentials ------------------------------------------------------------------

@@ -85,6 +85,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -321,23 +322,30 @@ class FSBackend(FsRegistry):
 
         return await asyncio.to_thread(claim) if limit > 0 else []
 
+    def _committed(self, run_id: str, log_from: int) -> tuple[Path, State, list[bytes]] | None:
+        """run.json and the log it commits, from ``log_from``; lock-free (run.json is a
+        consistent snapshot; a log a rewrite removed meanwhile means: read it again)."""
+        d = self._run_dir(run_id)
+        st = self._load(d)
+        if st is None:
+            return None
+        while True:
+            try:
+                return d, st, self._read_log(run_id, d, st, log_from)
+            except FileNotFoundError:  # a rewrite_log since we read run.json?
+                newer = self._load(d)
+                if newer is None or newer.log_gen == st.log_gen:
+                    raise
+                st = newer
+
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
 
-        def read() -> Snapshot | None:  # lock-free: run.json is a consistent snapshot
-            d = self._run_dir(run_id)
-            st = self._load(d)
-            if st is None:
+        def read() -> Snapshot | None:
+            found = self._committed(run_id, log_from)
+            if found is None:
                 return None
-            while True:
-                try:
-                    log = self._read_log(run_id, d, st, log_from)
-                    break
-                except FileNotFoundError:  # a rewrite_log since we read run.json?
-                    newer = self._load(d)
-                    if newer is None or newer.log_gen == st.log_gen:
-                        raise
-                    st = newer
+            d, st, log = found
             inbox = [
                 InboxItem(id=i, data=(d / "inbox" / f"{i:08d}").read_bytes())
                 for i in range(st.rec.inbox_pos + 1, st.last_inbox_id + 1)
@@ -345,6 +353,15 @@ class FSBackend(FsRegistry):
             return Snapshot(run=st.rec, log=log, inbox=inbox)
 
         return await asyncio.to_thread(read)
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        """The log file is read whole (its records are framed one after the other);
+        only the slice is returned."""
+        self._count("read_log_page")
+        found = await asyncio.to_thread(self._committed, run_id, start)
+        return None if found is None else (found[1].rec, found[2][: max(0, stop - start)])
 
     async def append(
         self,
@@ -575,6 +592,17 @@ class FSBackend(FsRegistry):
                 dirs = self._runs.iterdir()
             states = (self._load(d) for d in dirs)
             return rules.newest_first((st.rec for st in states if st is not None), query)
+
+        return await asyncio.to_thread(scan)
+
+    async def count_runs(self) -> RunCounts:
+        """Reads every run.json, like ``list_runs``: the status lives only there (the
+        queue indexes hold due runs only), and one pass in a thread is all it costs."""
+        self._count("count_runs")
+
+        def scan() -> RunCounts:
+            states = (self._load(d) for d in self._runs.iterdir())
+            return rules.tally(st.rec for st in states if st is not None)
 
         return await asyncio.to_thread(scan)
 

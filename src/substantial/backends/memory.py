@@ -20,6 +20,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -97,6 +98,13 @@ class MemoryBackend:
             return None
         pending = [i for i in r.inbox if i.id > r.rec.inbox_pos]
         return Snapshot(run=r.rec, log=r.log[log_from:], inbox=pending)
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        r = self._runs.get(run_id)
+        return None if r is None else (r.rec, r.log[start : max(start, stop)])
 
     def _owned(self, run_id: str, token: int, expected_len: int) -> _Run:
         """The run, if ``token`` and ``expected_len`` are current (the append fence)."""
@@ -219,6 +227,10 @@ class MemoryBackend:
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         self._count("list_runs")
         return rules.newest_first((r.rec for r in self._runs.values()), query)
+
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        return rules.tally(r.rec for r in self._runs.values())
 
     # -- the worker registry ------------------------------------------------------
 

@@ -11,6 +11,9 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
 * ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
   length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
 * ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
+* Indexes on ``runs``: ``(created_at, run_id)`` and ``(workflow, created_at, run_id)``
+  for ``list_runs`` read backwards, ``(workflow, status)`` for ``count_runs``
+  (migration 7).
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
@@ -29,9 +32,9 @@ notifies, atomically. ``rewrite_log`` (compaction) calls the plpgsql function
 appends' share lock), checks token and length, deletes the run's log and inserts
 the new records at positions 0..n-1, in one transaction (readers see either log).
 
-Connections: statements use a pool, but a connection is kept out of it between
-statements (asyncpg's release costs a third of a step); lease renewals use a
-connection of their own so they never queue behind steps.
+Connections (``_postgres_pool``): statements use a pool, but a connection is kept
+out of it between statements (asyncpg's release costs a third of a step); lease
+renewals use a connection of their own so they never queue behind steps.
 
 Claims use ``FOR UPDATE SKIP LOCKED``: concurrent claimers skip rows another one
 is locking instead of queueing behind it, so they never get the same run and
@@ -51,10 +54,9 @@ the store holds); a landed rewrite that kept the length is simply written again.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any
 
 import asyncpg
 import orjson
@@ -62,7 +64,6 @@ import orjson
 from .._types import RunStatus
 from ..errors import (
     BackendError,
-    BackendUnavailable,
     ConfigurationError,
     LeaseLost,
     RunFinished,
@@ -70,7 +71,7 @@ from ..errors import (
     SchemaVersionError,
 )
 from . import _postgres_sql as sql
-from . import _rules as rules
+from ._postgres_pool import PostgresConnections, is_connection_error
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
 from ._protocol import (
     ALL_RUNS,
@@ -78,6 +79,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -85,33 +87,11 @@ from ._protocol import (
 )
 from ._registry import PostgresRegistry
 
-T = TypeVar("T")
-
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,56}$")  # + "_hints" stays <= 63 chars
 _TERMINAL = [s.value for s in RunStatus if s.is_terminal]
-_RETRY_DELAYS = (0.05, 0.2, 0.5)
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(
-        exc,
-        OSError  # includes TimeoutError and ConnectionError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.exceptions.AdminShutdownError
-        | asyncpg.exceptions.CrashShutdownError
-        | asyncpg.exceptions.CannotConnectNowError
-        | asyncpg.exceptions.TooManyConnectionsError,
-    ):
-        return True
-    # A connection the server killed while it sat idle can refuse its next statement
-    # with "another operation is in progress" before anything is sent: it is dead.
-    if isinstance(exc, asyncpg.exceptions.InternalClientError):
-        return "in progress" in str(exc)
-    # InterfaceError is also misuse; only "connection is closed" / "pool is closing" count
-    return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
-
-
-class PostgresBackend(PostgresRegistry):
+class PostgresBackend(PostgresRegistry, PostgresConnections):
     """PostgreSQL store. ``open_backend("postgresql://user@host/db?schema=s")``.
 
     ``connect_timeout`` bounds each connection attempt (seconds);
@@ -135,21 +115,16 @@ class PostgresBackend(PostgresRegistry):
                 f"invalid PostgreSQL schema name {schema!r}: use at most 57 letters, digits "
                 "and underscores, not starting with a digit"
             )
-        self._url, self._schema, self._channel = url, schema, f"{schema}_hints"
-        self._poll_interval, self._min_size, self._max_size = poll_interval, min_size, max_size
-        self._connect_timeout = connect_timeout
-        self._app = application_name or f"substantial:{schema}"
-        self._pool: Any = None
-        self._control: Any = None  # a one-connection pool for lease renewals
-        # Connections kept checked out of the pool between statements (see _call).
-        self._idle: list[Any] = []
-        self._waiting = 0  # calls waiting in pool.acquire(): they get released connections
-        self._closed = False
-        self._subscribers: set[asyncio.Queue[str | None]] = set()  # to wake them on close()
-        self._open_lock = asyncio.Lock()
+        super().__init__(
+            url,
+            channel=f"{schema}_hints",
+            application_name=application_name or f"substantial:{schema}",
+            min_size=min_size,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+        )
+        self._schema, self._poll_interval = schema, poll_interval
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
-        self._secrets = rules.secrets(url)
-        self._safe_url = rules.redact(url)
         terminal = "'{" + ",".join(_TERMINAL) + "}'::text[]"
         length = (
             f'(SELECT coalesce(max(l.pos) + 1, 0) FROM "{schema}".log l WHERE l.run_id = r.run_id)'
@@ -169,13 +144,6 @@ class PostgresBackend(PostgresRegistry):
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
 
-    def _redact(self, text: str) -> str:
-        return rules.scrub(text, self._secrets)
-
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
-        detail = self._redact(f"{type(exc).__name__}: {exc}")
-        return BackendUnavailable(f"PostgreSQL at {self._safe_url} is unavailable ({detail})")
-
     @property
     def poll_interval(self) -> float | None:
         return self._poll_interval
@@ -187,72 +155,8 @@ class PostgresBackend(PostgresRegistry):
     # -- lifecycle ----------------------------------------------------------------
 
     async def open(self) -> None:
-        async with self._open_lock:
-            if self._pool is not None:
-                return
-            self._closed = False
-            delays = iter(_RETRY_DELAYS)
-            while True:
-                try:
-                    pool = await asyncpg.create_pool(
-                        self._url,
-                        min_size=self._min_size,
-                        max_size=self._max_size,
-                        server_settings={"application_name": self._app[:63]},
-                        timeout=self._connect_timeout,
-                        # asyncpg's default reset costs a round trip per release; our
-                        # operations leave no session state (asyncpg still rolls back
-                        # an open transaction and drops listeners before this runs).
-                        reset=_no_reset,
-                    )
-                    break
-                except Exception as exc:
-                    if _is_connection_error(exc):
-                        if (delay := next(delays, None)) is None:
-                            raise self._unavailable(exc) from exc
-                    elif isinstance(exc, asyncpg.PostgresError):  # auth, unknown database
-                        raise self._unavailable(exc) from exc
-                    elif isinstance(exc, asyncpg.InterfaceError | ValueError):
-                        msg = f"bad PostgreSQL URL {self._safe_url}: {self._redact(str(exc))}"
-                        raise ConfigurationError(msg) from None
-                    else:
-                        raise
-                await asyncio.sleep(delay)
-            try:
-                async with pool.acquire() as conn:
-                    await self._migrate_on(conn)
-                # Heartbeats get their own connection (opened on first use): queued
-                # behind a busy pool they would land after the leases they renew.
-                control = await asyncpg.create_pool(
-                    self._url, min_size=0, max_size=1, reset=_no_reset,
-                    timeout=self._connect_timeout,
-                    server_settings={"application_name": f"{self._app}:beat"[:63]},
-                )  # fmt: skip
-            except BaseException as exc:
-                pool.terminate()
-                if _is_connection_error(exc):
-                    raise self._unavailable(exc) from exc
-                raise
-            self._pool, self._control = pool, control
-
-    async def close(self) -> None:
-        pool, self._pool, self._closed = self._pool, None, True
-        control, self._control = self._control, None
-        idle, self._idle = self._idle, []
-        for queue in self._subscribers:
-            queue.put_nowait(None)
-        if pool is not None:
-            try:
-                for conn in idle:
-                    await pool.release(conn)
-                await asyncio.wait_for(pool.close(), 10)
-            except (TimeoutError, OSError, asyncpg.InterfaceError):
-                pool.terminate()
-        if control is not None:
-            try:
-                await asyncio.wait_for(control.close(), 10)
-            except (TimeoutError, OSError, asyncpg.InterfaceError):
-                control.terminate()
+        """Connect (the pools) and bring the schema to the latest version."""
+        await self._open_pools(self._migrate_on)
 
     async def migrate(self) -> int:
         """Apply pending migrations (idempotent); returns the schema version."""
@@ -283,71 +187,6 @@ class PostgresBackend(PostgresRegistry):
                 f"Substantial only knows versions up to {sql.LATEST_VERSION}: upgrade substantial"
             )
 
-    async def _call(
-        self, fn: Callable[[Any], Awaitable[T]], *, retry: bool, control: bool = False
-    ) -> T:
-        """Run ``fn(connection)`` on a pooled connection, translating failures.
-
-        Connection failures while acquiring are always retried; once the statement
-        may have been sent, only if ``retry`` (the operation is safe to repeat).
-        ``control``: on the heartbeat's own connection, never queued behind steps."""
-        pool = self._control if control else self._pool
-        if pool is None:
-            raise BackendError(f"the PostgreSQL store {self._safe_url} is not open")
-        delays = iter(_RETRY_DELAYS)
-        while True:
-            sent, conn = False, None
-            try:
-                conn = None if control or not self._idle else self._pop_idle()
-                if conn is None:
-                    self._waiting += not control
-                    try:
-                        conn = await pool.acquire()
-                    finally:
-                        self._waiting -= not control
-                sent = True
-                result = await fn(conn)
-            except BaseException as exc:
-                if conn is not None:
-                    if not isinstance(exc, asyncpg.PostgresError):
-                        # Cut off mid-protocol (a cancel, a lost socket): asyncpg may have
-                        # sent Parse without Sync, leaving the server in an open implicit
-                        # transaction that holds table locks. Only closing ends it.
-                        conn.terminate()
-                    await pool.release(conn)
-                if not isinstance(exc, Exception) or not _is_connection_error(exc):
-                    if isinstance(exc, asyncpg.PostgresError):
-                        raise BackendError(f"PostgreSQL error: {self._redact(str(exc))}") from exc
-                    raise
-                delay = next(delays, None)
-                if delay is None or (sent and not retry) or pool not in (self._pool, self._control):
-                    raise self._unavailable(exc) from exc
-            else:
-                if pool is self._pool and not self._waiting:
-                    self._idle.append(conn)
-                else:  # heartbeat, or someone waits in pool.acquire(), or we closed
-                    await pool.release(conn)
-                return result
-            await asyncio.sleep(delay)
-
-    def _pop_idle(self) -> Any:
-        """An idle connection we kept, or None.
-
-        After a statement succeeds its connection is kept here rather than released:
-        asyncpg's ``release`` costs a task and several loop turns (about 70 µs, a
-        third of a step), and these connections carry no session state to reset
-        (no open transaction, no listeners). Dead ones are dropped: asyncpg gives
-        their slot back to the pool when their socket closes."""
-        while self._idle:
-            conn = self._idle.pop()
-            try:
-                if not conn.is_closed():
-                    return conn
-            except asyncpg.InterfaceError:  # "released back to the pool" on close
-                continue
-            conn.terminate()  # closed, not yet released: this hands its slot back
-        return None
-
     async def _q(
         self, method: str, template: str, *args: Any, retry: bool = True, control: bool = False
     ) -> Any:
@@ -376,7 +215,7 @@ class PostgresBackend(PostgresRegistry):
         try:
             return len(await connection.fetch(self._sql(sql.CREATE), *self._create_args(new))) == 1
         except Exception as exc:
-            if _is_connection_error(exc):
+            if is_connection_error(exc):
                 raise self._unavailable(exc) from exc
             raise
 
@@ -410,6 +249,13 @@ class PostgresBackend(PostgresRegistry):
             log=[bytes(d) for d in row["log_data"]],
             inbox=[InboxItem(id=i, data=bytes(d)) for i, d in pairs],
         )
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        row = await self._q("fetchrow", sql.READ_PAGE, run_id, start, stop)
+        return None if row is None else (sql.to_record(row), [bytes(d) for d in row["log_data"]])
 
     async def append(
         self,
@@ -564,78 +410,15 @@ class PostgresBackend(PostgresRegistry):
         template, args = sql.list_query(query)
         return [sql.to_record(r) for r in await self._q("fetch", template, *args)]
 
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        rows = await self._q("fetch", sql.COUNT)
+        return {(r["workflow"], RunStatus(r["status"])): int(r["n"]) for r in rows}
+
     # -- wake-ups -----------------------------------------------------------------
 
     def subscribe(self) -> AsyncIterator[str]:
         return self._listen()
-
-    async def _connect_listener(self) -> Any:
-        """Connect for LISTEN. A cancel that lands mid-connect would leak the socket
-        asyncpg is opening, so the connect is shielded and its result closed."""
-        app = f"{self._app}:hints"[:63]
-        connecting = asyncio.ensure_future(
-            asyncpg.connect(
-                self._url, timeout=self._connect_timeout, server_settings={"application_name": app}
-            )
-        )
-        try:
-            return await asyncio.shield(connecting)
-        except asyncio.CancelledError:
-            connecting.add_done_callback(_terminate_when_connected)
-            raise
-
-    async def _listen(self) -> AsyncIterator[str]:
-        """LISTEN on a dedicated connection; on loss reconnect with backoff, yield "".
-
-        Ends when the backend is closed."""
-        delay = 0.1
-        while not self._closed:
-            conn: Any = None
-            queue: asyncio.Queue[str | None] = asyncio.Queue()  # None = connection lost
-            try:
-                conn = await self._connect_listener()
-                conn.add_termination_listener(lambda _c, q=queue: q.put_nowait(None))
-                await conn.add_listener(
-                    self._channel, lambda _c, _pid, _ch, payload, q=queue: q.put_nowait(payload)
-                )
-            except BaseException as exc:  # a cancel too: never leave the socket open
-                if conn is not None:
-                    conn.terminate()
-                if not (_is_connection_error(exc) or isinstance(exc, asyncpg.PostgresError)):
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self._subscribers.add(queue)
-            try:
-                delay = 0.1
-                # LISTEN is in place: every notification from now on reaches the queue.
-                # The first "" says so; after a reconnect it also says hints may be lost.
-                yield ""
-                while not self._closed:
-                    try:
-                        async with asyncio.timeout(30):  # not wait_for: it can eat a cancel
-                            item = await queue.get()
-                    except TimeoutError:  # idle for long: check the connection still works
-                        try:
-                            await conn.execute("SELECT 1", timeout=10)
-                        except Exception as exc:
-                            if not _is_connection_error(exc):
-                                raise
-                            break
-                        continue
-                    if item is None:
-                        break
-                    yield item
-            finally:
-                self._subscribers.discard(queue)
-                if not conn.is_closed():
-                    try:
-                        async with asyncio.timeout(5):
-                            await conn.close()
-                    except BaseException:
-                        conn.terminate()  # cancelled or stuck: close the socket now
-                        raise
 
     # -- test helpers -------------------------------------------------------------
 
@@ -646,13 +429,3 @@ class PostgresBackend(PostgresRegistry):
     async def drop_everything(self) -> None:
         """Drop the whole schema, tables, functions and all (tests use it to clean up)."""
         await self._q("execute", sql.DROP)
-
-
-def _terminate_when_connected(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().terminate()
-
-
-async def _no_reset(conn: Any) -> None:
-    """Pool reset hook: nothing to undo (see ``open``)."""
-    return None

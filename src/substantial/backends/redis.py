@@ -6,7 +6,8 @@ one Cluster slot and a script may touch any of them)::
     {P}:run:<id>      hash    RunRecord fields (absent = None; floats as repr() text;
                               result as JSON; a flag is true when present) +
                               last_inbox_id, dkey (its due index), create_nonce,
-                              op_nonce/op_result (retry de-duplication)
+                              op_nonce/op_result (retry de-duplication), counted
+                              (the status it is counted under in {P}:counts)
     {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
@@ -17,6 +18,8 @@ one Cluster slot and a script may touch any of them)::
                               terminal
     {P}:runs          zset    every run id by created_at (list_runs order; ties by id)
     {P}:wf:<workflow> zset    the same, per workflow
+    {P}:counts        hash    "<status>:<workflow>" -> how many runs (count_runs)
+    {P}:counted       string  set once every run older than the counters was counted
     {P}:nonce:<hex>   string  a delivery's inbox id, kept 5 minutes (retry de-dup)
     {P}:workers       hash    worker registry: worker id -> entry JSON
     {P}:workers:beat  hash    worker id -> last beat (epoch seconds, repr text)
@@ -27,6 +30,15 @@ claimer serves (``limit`` entries of each, merged), so due runs of a workflow no
 worker registers never starve claims and a claim's work is bounded by
 ``len(workflows) * limit``. Every script recomputes the run's index entry from
 its hash (``reindex``), so the index cannot drift from the record.
+
+The counters follow the status in the script that changes it (``recount``, run by
+every ``reindex``): a run whose ``counted`` differs from its ``status`` moves from
+one counter to the other, so a crash never leaves a counter out of step with the
+records (a script is atomic), and concurrent workers cannot double-count. Runs
+written before the counters existed have no ``counted``; the first ``count_runs``
+on such a store walks ``{P}:runs`` (ZSCAN, batches of one script call) to count
+them, then sets ``{P}:counted``. Counting a run is idempotent, so the walk may race
+with live writes and with another walk.
 
 Times travel to Lua as ``repr`` strings and are stored as given: Lua compares them
 with ``tonumber`` (exact) but never formats a float (``tostring`` keeps 14 digits).
@@ -78,6 +90,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
@@ -327,6 +340,15 @@ class RedisBackend(RedisRegistry):
         inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
         return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
 
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        keys = [self._key("run", run_id), self._key("log", run_id)]
+        reply = await self._script("read_log_page", "read_page", keys, [start, stop])
+        if reply is None:
+            return None
+        return _record(dict(zip(reply[0][::2], reply[0][1::2], strict=True))), list(reply[1])
+
     async def append(
         self,
         run_id: str,
@@ -505,6 +527,36 @@ class RedisBackend(RedisRegistry):
             if len(ids) < batch:
                 break
         return out if query.limit is None else out[: query.limit]
+
+    async def count_runs(self) -> RunCounts:
+        """The ``{P}:counts`` hash (one round trip), after the one-time walk that
+        counts the runs older than it (see the module docstring)."""
+        keys = [f"{self._tag}:counts", f"{self._tag}:counted"]
+        flat = await self._script("count_runs", "counts", keys, [])
+        if flat is None:
+            await self._count_older_runs()
+            await self._exec("count_runs", lambda c: _cmd(c, "SET", keys[1], "1"))
+            flat = await self._script("count_runs", "counts", keys, [])
+        out: RunCounts = {}
+        for field, n in zip(flat[::2], flat[1::2], strict=True):
+            status, _, workflow = field.decode().partition(":")
+            if int(n) > 0:
+                out[(workflow, RunStatus(status))] = int(n)
+        return out
+
+    async def _count_older_runs(self) -> None:
+        """Count every run not yet counted: ZSCAN of ``{P}:runs`` (every run present
+        throughout is seen at least once), each batch in one script call."""
+        index, prefix, cursor = f"{self._tag}:runs", f"{self._tag}:run:", 0
+        while True:
+            args = ("ZSCAN", index, cursor, "COUNT", 1000)
+            cursor_raw, flat = await self._exec("count_runs", lambda c: _cmd(c, *args))  # noqa: B023
+            if flat:
+                ids = [rid.decode() for rid, _score in flat]  # redis-py pairs them
+                await self._script("count_runs", "recount", [f"{self._tag}:counts"], [prefix, *ids])
+            cursor = int(cursor_raw)
+            if cursor == 0:
+                return
 
     async def _hashes(self, run_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The run hashes of ``run_ids`` in one pipelined round trip ({} if missing)."""

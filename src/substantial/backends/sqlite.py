@@ -6,6 +6,7 @@ Layout (one file, schema version in ``meta``)::
     runs  (run_id PRIMARY KEY, RunRecord fields..., last_inbox_id)
           index runs_claim (queue, due_at)         -- claim_due's range scan
           index runs_created (created_at, run_id)  -- list_runs' order
+          index runs_wf_created (workflow, created_at, run_id), runs_wf_status (workflow, status)
     log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
     inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
     workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
@@ -25,9 +26,8 @@ Why it is built this way:
   instead of failing with SQLITE_BUSY when a deferred reader upgrades.
 * **One worker thread** owns the one connection: sqlite calls block (on lock
   waits and I/O), so they run off the event loop, serialised in one place.
-  Each operation is one function run there (see ``_sqlite_tx``): one
-  executor hop, one transaction; a batch of appends (group commit) is one
-  transaction too. An append without an update is BEGIN, one fenced UPDATE
+  Each operation is one function run there: one executor hop, one
+  transaction. An append without an update is BEGIN, one fenced UPDATE
   (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
@@ -38,34 +38,23 @@ Changes made in this process are hinted through the process-wide hub of this fil
 this process is never left to the poll); changes made by other processes are only
 seen by polling every ``poll_interval``.
 
-Opening is safe while other processes open the same fresh file: the busy timeout
-is set first, the WAL switch is skipped when already done, the schema is created
-or upgraded in one BEGIN IMMEDIATE transaction that a second opener waits for and
-then finds done, and the collisions SQLite reports as busy without waiting (a WAL
-switch or recovery in another connection) make setup retry until the busy timeout.
+Opening (``_sqlite_conn``, with the connection and its thread) is safe while other
+processes open the same fresh file: the busy timeout is set first, the WAL switch is
+skipped when already done, the schema is created or upgraded in one BEGIN IMMEDIATE
+transaction that a second opener waits for and then finds done, and the collisions
+SQLite reports as busy without waiting (a WAL switch or recovery in another
+connection) make setup retry until the busy timeout.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import random
 import sqlite3
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any
 
 from .._types import RunStatus
-from ..errors import (
-    BackendError,
-    RunFinished,
-    RunNotFound,
-    SchemaVersionError,
-)
+from ..errors import BackendError, RunFinished, RunNotFound
 from . import _rules as rules
 from . import _sqlite_sql as sql
 from ._hub import shared_hub
@@ -75,30 +64,21 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    RunCounts,
     RunQuery,
     RunRecord,
     RunUpdate,
     Snapshot,
 )
 from ._registry import SQLiteRegistry
-from ._sqlite_tx import (
-    append_in,
-    fence_error,
-    is_busy,
-    to_record,
-    transact,
-    wrap,
-)
+from ._sqlite_conn import SCHEMA_VERSION as SCHEMA_VERSION  # re-exported
+from ._sqlite_conn import SQLiteConnection
+from ._sqlite_tx import append_in, fence_error, to_record
 
-T = TypeVar("T")
 Row = tuple[Any, ...]
 
-CHECKPOINT_EVERY = 1000  # writes between two WAL checkpoints (SQLite's default: 1000 pages)
-SCHEMA_VERSION = 4  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
-# 3: the workers table (the worker registry); 4: runs.revert_requested
 
-
-class SQLiteBackend(SQLiteRegistry):
+class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
     """Store in one SQLite file. ``SQLiteBackend("state.db")`` or ``sqlite:///state.db``."""
 
     def __init__(
@@ -108,15 +88,8 @@ class SQLiteBackend(SQLiteRegistry):
         busy_timeout: float = 10.0,
         poll_interval: float = 0.5,
     ) -> None:
-        self.path = Path(path)
-        self._busy_timeout = busy_timeout
+        super().__init__(path, busy_timeout=busy_timeout)
         self._poll_interval = poll_interval
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        # Whoever uses the connection holds this: a job on the executor's thread, or
-        # a write made inline on the event loop (see _write).
-        self._lock = threading.Lock()
-        self._commits = 0  # writes since the last checkpoint (see _committed)
         # Hints reach every backend object on this file in this process, not only this one.
         self._hub = shared_hub(f"sqlite:{self.path.resolve()}")
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
@@ -130,197 +103,6 @@ class SQLiteBackend(SQLiteRegistry):
 
     def subscribe(self) -> AsyncIterator[str]:
         return self._hub.subscribe()
-
-    # -- plumbing -------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        """A configured connection (autocommit; transactions are explicit).
-
-        The busy timeout comes first, so every later statement waits for a
-        concurrent opener instead of failing; switching to WAL is skipped when the
-        file is already in WAL mode (the switch needs the file to itself)."""
-        conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _setup(self) -> None:
-        """On the worker thread: connect, then create or check the schema.
-
-        Several processes may open a fresh file at the same moment. SQLite reports
-        some of those collisions as busy without waiting (a WAL switch or a WAL
-        recovery in another connection), so setup as a whole is retried until the
-        busy timeout has passed; each attempt is harmless to repeat."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self._busy_timeout
-        pause = 0.005
-        while True:
-            try:
-                conn = self._connect()
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() > deadline:
-                    raise
-            else:
-                try:
-                    self._prepare(conn)
-                except BaseException as exc:
-                    conn.close()
-                    if not is_busy(exc) or time.monotonic() > deadline:
-                        raise
-                else:
-                    # From now on a statement never waits unless a job asks to (see
-                    # _job), and checkpoints run on this thread (see _committed).
-                    conn.execute("PRAGMA busy_timeout = 0")
-                    conn.execute("PRAGMA wal_autocheckpoint = 0")
-                    self._conn = conn
-                    return
-            time.sleep(pause * (1 + random.random()))
-            pause = min(pause * 2, 0.2)
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        """The schema at SCHEMA_VERSION: a read when it already is, else one write
-        transaction (BEGIN IMMEDIATE: concurrent openers take turns, then see it done)."""
-        if self._version(conn) == SCHEMA_VERSION:
-            return
-        transact(conn, "BEGIN IMMEDIATE", self._create_schema)
-
-    @staticmethod
-    def _version(c: sqlite3.Connection) -> int | None:
-        try:
-            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return None
-            raise
-        return None if row is None else int(row[0])
-
-    def _create_schema(self, c: sqlite3.Connection) -> None:
-        c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        found = self._version(c)
-        if found is not None and found > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{self.path} has schema version {found}, written by a newer Substantial; "
-                f"this version understands up to {SCHEMA_VERSION}"
-            )
-        if found is None:  # a fresh file; not executescript(): it would COMMIT first
-            for stmt in filter(str.strip, sql.SCHEMA.split(";")):
-                c.execute(stmt)
-        else:
-            for version in range(found + 1, SCHEMA_VERSION + 1):
-                for stmt in sql.UPGRADES[version]:
-                    c.execute(stmt)
-        c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-
-    def _teardown(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
-        """Run ``fn`` on the worker thread, in a transaction unless ``begin`` is None."""
-        executor = self._executor
-        if executor is None:
-            raise BackendError(f"SQLite store {self.path} is not open")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._job, fn, begin)
-        except sqlite3.Error as exc:
-            raise wrap(exc) from exc
-
-    def _job(self, fn: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
-        """On the worker thread: ``fn`` in its transaction, waiting for locks other
-        processes hold up to the busy timeout."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:  # open() failed, or close() ran, while this job was queued
-                raise BackendError(f"SQLite store {self.path} is not open")
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            try:
-                out = transact(conn, begin, fn)
-            finally:
-                conn.execute("PRAGMA busy_timeout = 0")
-        if begin is not None and begin != "BEGIN":
-            self._committed()
-        return out
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """A write transaction: inline on the event loop when the connection is free
-        and no other process holds the write lock, else on the worker thread.
-
-        Inline, a write costs what SQLite does (BEGIN IMMEDIATE, the statements,
-        COMMIT: no fsync in WAL with synchronous=NORMAL), not a hop to a thread and
-        back; it never waits, since the busy timeout is 0 outside jobs: a lock held
-        elsewhere sends the write to the thread, which waits for it there. Under
-        such waits, appends queue up behind and go as one batch (group commit)."""
-        conn = self._conn
-        if conn is not None and self._executor is not None and self._lock.acquire(False):
-            try:
-                out = transact(conn, "BEGIN IMMEDIATE", fn)
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc):
-                    raise wrap(exc) from exc
-                # another process holds the write lock: wait for it on the thread
-            except sqlite3.Error as exc:
-                raise wrap(exc) from exc
-            else:
-                self._committed()
-                return out
-            finally:
-                self._lock.release()
-        return await self._run(fn, "BEGIN IMMEDIATE")
-
-    def _committed(self) -> None:
-        """Count a write; every CHECKPOINT_EVERY, checkpoint the WAL on the thread
-        (never inline: a checkpoint syncs the database file)."""
-        self._commits += 1
-        executor = self._executor
-        if self._commits >= CHECKPOINT_EVERY and executor is not None:
-            self._commits = 0
-            executor.submit(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):  # busy: the next one catches up
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-    # -- lifecycle ------------------------------------------------------------
-
-    async def migrate(self) -> int:
-        """Opening applies pending upgrades; returns the schema version."""
-        await self.open()
-        return SCHEMA_VERSION
-
-    async def open(self) -> None:
-        if self._executor is not None:
-            return
-        # Set before the setup job runs: later jobs queue behind it on the one thread.
-        self._executor = executor = ThreadPoolExecutor(1, thread_name_prefix="substantial-sqlite")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._setup)
-        except BaseException as exc:
-            self._executor = None
-            executor.shutdown(wait=False)
-            if isinstance(exc, sqlite3.Error):
-                raise wrap(exc) from exc
-            raise
-
-    async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._teardown)
-        finally:
-            executor.shutdown(wait=False)
 
     # -- operations -----------------------------------------------------------
 
@@ -420,6 +202,20 @@ class SQLiteBackend(SQLiteRegistry):
             return Snapshot(run=rec, log=log, inbox=inbox)
 
         return await self._run(tx, "BEGIN")  # one read snapshot for all three
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        stmt = "SELECT data FROM log WHERE run_id = ? AND pos >= ? AND pos < ? ORDER BY pos"
+
+        def tx(c: sqlite3.Connection) -> tuple[RunRecord, list[bytes]] | None:
+            row = c.execute(f"SELECT {sql.COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            return to_record(row), [r[0] for r in c.execute(stmt, (run_id, start, stop))]
+
+        return await self._run(tx, "BEGIN")  # the run and its records from one snapshot
 
     async def append(
         self,
@@ -591,6 +387,11 @@ class SQLiteBackend(SQLiteRegistry):
         stmt, args = sql.list_query(query)
         rows: list[Row] = await self._run(lambda c: c.execute(stmt, args).fetchall(), None)
         return [to_record(row) for row in rows]
+
+    async def count_runs(self) -> RunCounts:
+        self._count("count_runs")
+        rows: list[Row] = await self._run(lambda c: c.execute(sql.COUNT).fetchall(), None)
+        return {(wf, RunStatus(status)): n for wf, status, n in rows}
 
     # -- test helpers -------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The routes of ``/api`` and ``/healthz`` (DESIGN.md section 6, "HTTP API").
 
-Each handler is a thin layer over the Conductor's client API; ``_reads`` has
-the two reads it has no public call for yet. Handlers raise; ``guarded`` turns
-what they raise into the error document and checks the bearer token.
+Each handler is a thin layer over the Conductor's client API. Handlers raise;
+``guarded`` turns what they raise into the error document and checks the bearer
+token.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from starlette.routing import Route
 from .._shapes import history_doc, log_doc, summary_doc, unserved, worker_doc
 from ..conductor import Conductor
 from ..errors import ClientError, RunNotFound
-from . import _reads
 from ._errors import ApiError, JSONResponse, answer, bad_input, error_response
 from ._inputs import check_name, cursor_param, json_body, limit_param, runs_filter
 from ._openapi import document
@@ -116,8 +115,11 @@ class Api:
         )
 
     async def workflows(self, request: Request) -> Response:
-        found = await _reads.counts(self.conductor)
-        docs = [{"name": name, "counts": found[name]} for name in sorted(found)]
+        found = await self.conductor.counts()  # counted by the store (Conductor.counts)
+        docs = [
+            {"name": name, "counts": {str(s): n for s, n in found[name].items()}}
+            for name in sorted(found)
+        ]
         return JSONResponse({"workflows": docs})
 
     async def list_runs(self, request: Request) -> Response:
