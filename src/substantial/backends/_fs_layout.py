@@ -173,3 +173,30 @@ class Writer:
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def load_state(d: Path) -> State | None:
+    """A run directory's ``run.json``, or None when it is not there (yet)."""
+    try:
+        return parse((d / "run.json").read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def read_index(qdir: Path) -> dict[str, Entry]:
+    """A queue's ``index.json`` (empty when the queue has none yet)."""
+    try:
+        idx: dict[str, Entry] = orjson.loads((qdir / "index.json").read_bytes())
+    except FileNotFoundError:
+        return {}
+    return idx
+
+
+def read_log(run_id: str, d: Path, st: State, log_from: int) -> list[bytes]:
+    """The committed records of the run in ``d`` from ``log_from`` (negative: from
+    the end), as of ``st``."""
+    if log_from < 0:
+        log_from = max(0, st.rec.log_len + log_from)
+    with open(log_path(d, st), "rb") as f:
+        buf = f.read(st.log_bytes)
+    return unframe(run_id, buf, st, log_from)

@@ -74,9 +74,10 @@ from ._fs_layout import (
     file_name,
     flock,
     frame,
+    load_state,
     log_path,
-    parse,
-    unframe,
+    read_index,
+    read_log,
 )
 from ._hub import shared_hub
 from ._protocol import (
@@ -165,21 +166,6 @@ class FSBackend(FsRegistry):
             self._known_queues.add(queue)
         return d
 
-    @staticmethod
-    def _load(d: Path) -> State | None:
-        try:
-            return parse((d / "run.json").read_bytes())
-        except FileNotFoundError:
-            return None
-
-    @staticmethod
-    def _index(qdir: Path) -> dict[str, Entry]:
-        try:
-            idx: dict[str, Entry] = orjson.loads((qdir / "index.json").read_bytes())
-        except FileNotFoundError:
-            return {}
-        return idx
-
     def _set_entry(self, qdir: Path, idx: dict[str, Entry], run_id: str, e: Entry | None) -> None:
         if idx.get(run_id) == e:
             return
@@ -189,19 +175,11 @@ class FSBackend(FsRegistry):
             idx[run_id] = e
         self._files.replace(qdir / "index.json", orjson.dumps(idx))
 
-    @staticmethod
-    def _read_log(run_id: str, d: Path, st: State, log_from: int) -> list[bytes]:
-        if log_from < 0:
-            log_from = max(0, st.rec.log_len + log_from)
-        with open(log_path(d, st), "rb") as f:
-            buf = f.read(st.log_bytes)
-        return unframe(run_id, buf, st, log_from)
-
     @contextmanager
     def _txn(self, run_id: str, *, indexed: bool) -> Iterator[Txn | None]:
         """Lock a run for writing (queue lock first when its index may change)."""
         d = self._run_dir(run_id)
-        peek = self._load(d)  # unlocked: only to learn the queue, which never changes
+        peek = load_state(d)  # unlocked: only to learn the queue, which never changes
         if peek is None:
             yield None
             return
@@ -211,7 +189,7 @@ class FSBackend(FsRegistry):
                 qdir = self._queue_dir(peek.rec.queue)
                 locks.enter_context(flock(qdir / "lock"))
             locks.enter_context(flock(d / "lock"))
-            st = self._load(d)
+            st = load_state(d)
             assert st is not None  # runs are never deleted
             yield Txn(d, st, qdir)
 
@@ -221,7 +199,7 @@ class FSBackend(FsRegistry):
             self._files.replace(t.dir / "run.json", dump(st))
             return
         rid, want = st.rec.run_id, entry(st.rec)
-        idx = self._index(t.qdir)
+        idx = read_index(t.qdir)
         low = eager(idx.get(rid), want)
         self._set_entry(t.qdir, idx, rid, low)
         self._files.replace(t.dir / "run.json", dump(st))
@@ -256,7 +234,7 @@ class FSBackend(FsRegistry):
                 if d.exists():
                     shutil.rmtree(tmp)
                     return False
-                idx = self._index(qdir)
+                idx = read_index(qdir)
                 self._set_entry(qdir, idx, new.run_id, eager(idx.get(new.run_id), want))
             try:
                 os.rename(tmp, d)  # fails if d exists (it is never empty)
@@ -289,7 +267,7 @@ class FSBackend(FsRegistry):
             qdir = self._queue_dir(queue)
             claims: list[Claim] = []
             with flock(qdir / "lock"):
-                idx = self._index(qdir)
+                idx = read_index(qdir)
                 fixed = dict(idx)
                 due = sorted(
                     (e[0], e[3], rid)
@@ -300,11 +278,11 @@ class FSBackend(FsRegistry):
                     if len(claims) >= limit:
                         break
                     d = self._run_dir(rid)
-                    if self._load(d) is None:  # left by a create_run that crashed
+                    if load_state(d) is None:  # left by a create_run that crashed
                         del fixed[rid]
                         continue
                     with flock(d / "lock"):
-                        st = self._load(d)
+                        st = load_state(d)
                         assert st is not None
                         rec = st.rec
                         if rules.claimable(rec, queue, wanted, now):
@@ -326,14 +304,14 @@ class FSBackend(FsRegistry):
         """run.json and the log it commits, from ``log_from``; lock-free (run.json is a
         consistent snapshot; a log a rewrite removed meanwhile means: read it again)."""
         d = self._run_dir(run_id)
-        st = self._load(d)
+        st = load_state(d)
         if st is None:
             return None
         while True:
             try:
-                return d, st, self._read_log(run_id, d, st, log_from)
+                return d, st, read_log(run_id, d, st, log_from)
             except FileNotFoundError:  # a rewrite_log since we read run.json?
-                newer = self._load(d)
+                newer = load_state(d)
                 if newer is None or newer.log_gen == st.log_gen:
                     raise
                 st = newer
@@ -563,7 +541,7 @@ class FSBackend(FsRegistry):
                 st = t.st
                 if st.rec.status != status or st.rec.log_len != expected_len:
                     return False
-                kept = self._read_log(run_id, t.dir, st, 0)[:keep_len]
+                kept = read_log(run_id, t.dir, st, 0)[:keep_len]
                 # The bytes past log_bytes are dropped by the next append (append_at).
                 size = len(frame(kept))
                 rec = rules.reopened(st.rec, keep_len=keep_len, now=now)
@@ -577,7 +555,7 @@ class FSBackend(FsRegistry):
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._count("get_run")
-        st = await asyncio.to_thread(self._load, self._run_dir(run_id))
+        st = await asyncio.to_thread(load_state, self._run_dir(run_id))
         return None if st is None else st.rec
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
@@ -590,7 +568,7 @@ class FSBackend(FsRegistry):
                 dirs: Iterator[Path] = (self._run_dir(rid) for rid in query.run_ids)
             else:
                 dirs = self._runs.iterdir()
-            states = (self._load(d) for d in dirs)
+            states = (load_state(d) for d in dirs)
             return rules.newest_first((st.rec for st in states if st is not None), query)
 
         return await asyncio.to_thread(scan)
@@ -601,7 +579,7 @@ class FSBackend(FsRegistry):
         self._count("count_runs")
 
         def scan() -> RunCounts:
-            states = (self._load(d) for d in self._runs.iterdir())
+            states = (load_state(d) for d in self._runs.iterdir())
             return rules.tally(st.rec for st in states if st is not None)
 
         return await asyncio.to_thread(scan)
@@ -615,7 +593,7 @@ class FSBackend(FsRegistry):
             with self._txn(run_id, indexed=False) as t:
                 if t is None:
                     raise RunNotFound(run_id)
-                log = self._read_log(run_id, t.dir, t.st, 0)
+                log = read_log(run_id, t.dir, t.st, 0)
                 log[position] = data
                 raw = frame(log)
                 self._files.replace(log_path(t.dir, t.st), raw)

@@ -78,7 +78,6 @@ from ..errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
-    LeaseLost,
     RunFinished,
     RunNotFound,
 )
@@ -96,55 +95,14 @@ from ._protocol import (
     RunUpdate,
     Snapshot,
 )
+from ._redis_codec import fence_outcome, num, opt, to_record
 from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
 _LIST_BATCH = 200
 
 
-def _num(x: float) -> str:
-    return repr(float(x))
-
-
-def _opt(x: str | float | int | None) -> str:
-    """Optional script argument: '' = None, else '=' + the value."""
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return "=" + _num(x)
-    return f"={x}"
-
-
 redact = rules.redact  # kept importable from here: tests and callers use it
-
-
-def _record(h: dict[bytes, bytes]) -> RunRecord:
-    d = {k.decode(): v.decode() for k, v in h.items()}
-
-    def f(k: str) -> float | None:
-        return float(d[k]) if k in d else None
-
-    return RunRecord(
-        run_id=d["run_id"],
-        workflow=d["workflow"],
-        queue=d["queue"],
-        status=RunStatus(d["status"]),
-        created_at=float(d["created_at"]),
-        started_at=f("started_at"),
-        ended_at=f("ended_at"),
-        due_at=f("due_at"),
-        result=json.loads(d["result"]) if "result" in d else None,
-        error=d.get("error"),
-        error_type=d.get("error_type"),
-        log_len=int(d["log_len"]),
-        inbox_pos=int(d["inbox_pos"]),
-        lease_token=int(d["lease_token"]),
-        lease_owner=d.get("lease_owner"),
-        lease_expires_at=f("lease_expires_at"),
-        cancel_requested="cancel_requested" in d,
-        revert_requested="revert_requested" in d,
-        parent_id=d.get("parent_id"),
-    )
 
 
 def _raise_if_cancelled() -> None:
@@ -158,18 +116,6 @@ def _raise_if_cancelled() -> None:
 def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[Any]:
     """One raw command (redis-py's typed wrappers return ``Awaitable | value`` unions)."""
     return c.execute_command(*args)
-
-
-def _fence_outcome(run_id: str, expected_len: int, reply: Any) -> int:
-    """A log-writing script's reply: the new log length, or the fencing error."""
-    code, *rest = reply
-    if code == -1:
-        raise RunNotFound(run_id)
-    if code == -2:
-        raise LeaseLost(run_id)
-    if code == -3:
-        raise rules.log_moved(run_id, rest[0], expected_len)
-    return int(rest[0])
 
 
 class RedisBackend(RedisRegistry):
@@ -301,9 +247,9 @@ class RedisBackend(RedisRegistry):
             rid,
             new.workflow,
             new.queue,
-            _num(new.created_at),
-            _opt(new.due_at),
-            _opt(new.parent_id),
+            num(new.created_at),
+            opt(new.due_at),
+            opt(new.parent_id),
             new.first_record,
             uuid.uuid4().hex,
             self._channel,
@@ -325,7 +271,7 @@ class RedisBackend(RedisRegistry):
             self._count("claim_due")
             return []
         keys = [self._due_key(queue, wf) for wf in sorted(set(workflows))]
-        args = [_num(now), owner, _num(now + lease_seconds), limit, f"{self._tag}:run:"]
+        args = [num(now), owner, num(now + lease_seconds), limit, f"{self._tag}:run:"]
         flat = await self._script("claim_due", "claim", keys, args)
         return [
             Claim(run_id=flat[i].decode(), token=int(flat[i + 1])) for i in range(0, len(flat), 2)
@@ -336,7 +282,7 @@ class RedisBackend(RedisRegistry):
         reply = await self._script("read", "read", keys, [log_from])
         if reply is None:
             return None
-        rec = _record(dict(zip(reply[0][::2], reply[0][1::2], strict=True)))
+        rec = to_record(dict(zip(reply[0][::2], reply[0][1::2], strict=True)))
         inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
         return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
 
@@ -347,7 +293,7 @@ class RedisBackend(RedisRegistry):
         reply = await self._script("read_log_page", "read_page", keys, [start, stop])
         if reply is None:
             return None
-        return _record(dict(zip(reply[0][::2], reply[0][1::2], strict=True))), list(reply[1])
+        return to_record(dict(zip(reply[0][::2], reply[0][1::2], strict=True))), list(reply[1])
 
     async def append(
         self,
@@ -393,29 +339,29 @@ class RedisBackend(RedisRegistry):
                 out.append(BackendError(self._describe("failed append", reply)))
                 continue
             try:
-                out.append(_fence_outcome(op.run_id, op.expected_len, reply))
+                out.append(fence_outcome(op.run_id, op.expected_len, reply))
             except (BackendError, RunNotFound) as exc:
                 out.append(exc)
         return out
 
     def _append_args(self, op: Append) -> list[Any]:
         u = op.update or RunUpdate()
-        result = _opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
+        result = opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
         return [
             op.token,
             op.expected_len,
-            _num(op.now),
+            num(op.now),
             self._channel,
             uuid.uuid4().hex,
-            _opt(u.status.value if u.status is not None else None),
+            opt(u.status.value if u.status is not None else None),
             result,
-            _opt(u.error),
-            _opt(u.ended_at),
-            _opt(u.inbox_pos),
+            opt(u.error),
+            opt(u.ended_at),
+            opt(u.inbox_pos),
             "1" if u.release else "0",
             "0" if op.update is None else "1",
-            _opt(u.due_at),
-            _opt(u.error_type),
+            opt(u.due_at),
+            opt(u.error_type),
             *op.records,
         ]
 
@@ -436,7 +382,7 @@ class RedisBackend(RedisRegistry):
     ) -> int:
         """Run a log-writing script (token and length fence); returns the new log length."""
         keys = [self._key("run", run_id), self._key("log", run_id)]
-        return _fence_outcome(run_id, expected_len, await self._script(op, script, keys, args))
+        return fence_outcome(run_id, expected_len, await self._script(op, script, keys, args))
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
@@ -445,14 +391,14 @@ class RedisBackend(RedisRegistry):
             return set()
         ids = list(leases)
         keys = [self._key("run", rid) for rid in ids]
-        args = [_num(now + lease_seconds), *(leases[rid] for rid in ids)]
+        args = [num(now + lease_seconds), *(leases[rid] for rid in ids)]
         held = await self._script("renew", "renew", keys, args)
         return {rid for rid, ok in zip(ids, held, strict=True) if ok}
 
     async def release(
         self, run_id: str, *, token: int, due_at: float | None, status: RunStatus, now: float
     ) -> bool:
-        args = [token, _opt(due_at), status.value, _num(now), uuid.uuid4().hex, self._channel]
+        args = [token, opt(due_at), status.value, num(now), uuid.uuid4().hex, self._channel]
         return bool(await self._script("release", "release", [self._key("run", run_id)], args))
 
     async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
@@ -462,7 +408,7 @@ class RedisBackend(RedisRegistry):
             self._key("nonce", uuid.uuid4().hex),
         ]
         code, *rest = await self._script(
-            "deliver", "deliver", keys, [data, _num(now), self._channel]
+            "deliver", "deliver", keys, [data, num(now), self._channel]
         )
         if code == -1:
             raise RunNotFound(run_id)
@@ -471,7 +417,7 @@ class RedisBackend(RedisRegistry):
         return int(rest[0])
 
     async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
-        args = [_num(now), self._channel, "1" if revert else ""]
+        args = [num(now), self._channel, "1" if revert else ""]
         code = await self._script("request_cancel", "cancel", [self._key("run", run_id)], args)
         if code == -1:
             raise RunNotFound(run_id)
@@ -480,7 +426,7 @@ class RedisBackend(RedisRegistry):
         self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
     ) -> bool:
         keys = [self._key("run", run_id), self._key("log", run_id)]
-        args = [status.value, expected_len, keep_len, _num(now), self._channel]
+        args = [status.value, expected_len, keep_len, num(now), self._channel]
         code = await self._script("reopen", "reopen", keys, args)
         if code == -1:
             raise RunNotFound(run_id)
@@ -490,7 +436,7 @@ class RedisBackend(RedisRegistry):
         self._count("get_run")
         key = self._key("run", run_id)
         h = await self._exec("get_run", lambda c: _cmd(c, "HGETALL", key))
-        return _record(h) if h else None
+        return to_record(h) if h else None
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         """Newest first from the created_at index (``ZREVRANGEBYSCORE`` between the
@@ -502,13 +448,13 @@ class RedisBackend(RedisRegistry):
             return []
         if query.run_ids is not None:  # a handful of ids: read them, no index walk
             hashes = await self._hashes(sorted(query.run_ids))
-            return rules.newest_first((_record(h) for h in hashes if h), query)
+            return rules.newest_first((to_record(h) for h in hashes if h), query)
         index = f"{self._tag}:runs" if query.workflow is None else self._key("wf", query.workflow)
         high = query.created_before
         if query.before is not None:
             high = query.before[0] if high is None else min(high, query.before[0])
-        hi = "+inf" if high is None else _num(high)
-        lo = "-inf" if query.created_after is None else _num(query.created_after)
+        hi = "+inf" if high is None else num(high)
+        lo = "-inf" if query.created_after is None else num(query.created_after)
         batch = _LIST_BATCH if query.limit is None else min(max(query.limit, 10), _LIST_BATCH)
         out: list[RunRecord] = []
         skip = 0  # entries already read whose score is exactly ``hi`` (keyset paging)
@@ -521,9 +467,9 @@ class RedisBackend(RedisRegistry):
             if scores[-1] == float(hi):
                 skip += len(ids)
             else:
-                hi, skip = _num(scores[-1]), scores.count(scores[-1])
+                hi, skip = num(scores[-1]), scores.count(scores[-1])
             hashes = await self._hashes(ids)
-            out += rules.newest_first((_record(h) for h in hashes if h), query)
+            out += rules.newest_first((to_record(h) for h in hashes if h), query)
             if len(ids) < batch:
                 break
         return out if query.limit is None else out[: query.limit]
