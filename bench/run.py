@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -23,10 +21,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from _machine import machine  # bench/ is the script's own directory on sys.path
 
 from substantial import Conductor, Context, RunStatus, workflow
 
@@ -317,21 +315,6 @@ def text_table(rows: list[dict[str, Any]], cfg: Config) -> str:
 
 def errors_text(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{r['store']} [{phase}]: {msg}" for r in rows for phase, msg in r["errors"].items()]
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "substantial": version("substantial"),
-    }
 
 
 def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool) -> None:

@@ -1,6 +1,6 @@
 """HTTP API latency over a big store: the runs list, the counts, a long run's history.
 
-    python bench/http.py [--stores sqlite,postgres] [--runs 100000] [--records 10000] [--quick]
+    python bench/http_api.py [--stores sqlite,postgres] [--runs 100000] [--records 10000] [--quick]
 
 Per store: fills a fresh store through the Conductor (runs of workflows nobody
 serves, plus runs a real worker completes, fails or leaves waiting, plus one run
@@ -10,13 +10,7 @@ httpx. Prints a table and writes bench/reports/http.{md,json} (``--report`` name
 them otherwise); see bench/README.md.
 """
 
-import os
-import sys
-
-# This file is named http.py: with its directory first on sys.path it would stand in
-# for the standard library's http package in every import below (httpx, uvicorn).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+from __future__ import annotations
 
 import argparse
 import asyncio
@@ -24,21 +18,20 @@ import contextlib
 import json
 import logging
 import math
-import platform
+import os
 import re
-import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _machine import machine  # bench/ is the script's own directory on sys.path
 
 from substantial import Conductor, Context, RunStatus, workflow
 
@@ -326,21 +319,6 @@ def text_table(rows: list[dict[str, Any]]) -> str:
              for line in grid]  # fmt: skip
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "substantial": version("substantial"),
-    }
 
 
 def write_reports(
