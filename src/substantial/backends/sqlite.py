@@ -24,10 +24,13 @@ Why it is built this way:
   read-check-write inside a transaction (a claim, an append's fencing check)
   is exclusive across processes, and lock waits go through ``busy_timeout``
   instead of failing with SQLITE_BUSY when a deferred reader upgrades.
-* **One worker thread** owns the one connection: sqlite calls block (on lock
-  waits and I/O), so they run off the event loop, serialised in one place.
-  Each operation is one function run there: one executor hop, one
-  transaction. An append without an update is BEGIN, one fenced UPDATE
+* **One connection, one thread** (``_sqlite_conn``): reads, and any write that
+  must wait for a lock another process holds, run on the store's thread, one
+  function per operation, one transaction each. A write that needs no waiting
+  (the connection is free, the file's lock too) runs inline on the event loop
+  instead: no thread hop; the busy timeout is 0 outside the thread, so inline
+  never blocks on a lock. Appends that had to wait go together as one
+  transaction (group commit, ``append_batch``). An append without an update is BEGIN, one fenced UPDATE
   (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
