@@ -183,8 +183,10 @@ section "Peers". In short:
   process with the same executor id recovers the run when it launches.
 - **W7** runs sleeping an hour on one worker process with nothing else
   connected: `xact_commit + xact_rollback` of the system's database in
-  pg_stat_database over the idle window (read from another database), and the
-  worker's RSS at its end.
+  pg_stat_database (read from another database) in slices of the idle window;
+  the figure is the median slice's rate, the mean over the window beside it
+  (pg_stat_database takes in a backend's counts late, so a burst before the
+  window can show up in it: see bench/README.md); and the worker's RSS at its end.
 """
 
 
