@@ -12,8 +12,8 @@ The workflows, by name:
 
 - ``steps(n)``: ``n`` sequential steps whose function returns its index;
 - ``wait_go()``: returns the value of the message ``go`` it waits for;
-- ``paced(n, effects)``: ``n`` steps, each sleeping 30 ms and then appending
-  one line ``step pid`` to the file ``effects`` (the effect that must not repeat);
+- ``paced(n, effects)``: steps 1 to ``n``, each sleeping 30 ms and then appending
+  one line ``step pid time`` to the file ``effects`` (the effect that must not repeat);
 - ``nap(seconds)``: one durable sleep, then returns.
 
 A module is run in one of three modes (``python peer_X.py MODE ...``):

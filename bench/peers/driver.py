@@ -75,8 +75,7 @@ async def one_run(
     argv += ["--phases", run["phases"]] if run["phases"] else []
     argv += ["--quick"] if quick else []
     print(f"{system} ({run['store']}, {run['mode']})...", file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    proc = await asyncio.create_subprocess_exec(*argv, env=env)
+    proc = await asyncio.create_subprocess_exec(*argv)
     try:
         async with asyncio.timeout(1800):
             code = await proc.wait()
