@@ -30,8 +30,9 @@ Why it is built this way:
   (the connection is free, the file's lock too) runs inline on the event loop
   instead: no thread hop; the busy timeout is 0 outside the thread, so inline
   never blocks on a lock. Appends that had to wait go together as one
-  transaction (group commit, ``append_batch``). An append without an update is BEGIN, one fenced UPDATE
-  (``WHERE lease_token = ? AND log_len = ?``), one INSERT, COMMIT; the
+  transaction (group commit, ``append_batch``). An append without an update
+  is BEGIN, one fenced UPDATE (``WHERE lease_token = ? AND log_len = ?``),
+  one INSERT, COMMIT; the
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
   run's log rows and the INSERT of the new ones, in one transaction.
