@@ -33,6 +33,7 @@ from .backends import (
     Claim,
     CountsRuns,
     JoinsTransactions,
+    KnowsNextDue,
     Migrates,
     NewRun,
     PagesLog,
@@ -260,6 +261,18 @@ class Journal:
             lease_seconds=lease,
             now=self.clock(),
         )
+
+    @property
+    def knows_next_due(self) -> bool:
+        """The store can say when the next run becomes claimable (see next_due)."""
+        return isinstance(self.backend, KnowsNextDue)
+
+    async def next_due(self, *, queue: str, workflows: Collection[str]) -> float | None:
+        """When a run of ``workflows`` on ``queue`` next becomes claimable, if the
+        store can say (None: it cannot, or no run waits for a time)."""
+        if not isinstance(self.backend, KnowsNextDue):
+            return None
+        return await self.backend.next_due(queue=queue, workflows=workflows, now=self.clock())
 
     async def renew(self, leases: Mapping[str, int], lease: float) -> set[str]:
         """Extend the leases (run id -> token); returns the run ids still held."""

@@ -29,6 +29,12 @@ from .backends import Claim, WorkerRecord
 from .errors import BackendError, BackendUnavailable
 from .workflow import Workflow
 
+# An idle worker on a store whose hints reach every process (PostgreSQL, Redis) polls
+# DEEP_IDLE_AFTER times, then sleeps until the next due time it is told (or a hint),
+# looking at the store at least every MAX_IDLE seconds (hints usually come first).
+DEEP_IDLE_AFTER = 3
+MAX_IDLE = 30.0
+
 log = logging.getLogger(__name__)
 
 
@@ -179,6 +185,7 @@ class Worker:
         opts = self.options
         poll = opts.idle_poll if opts.idle_poll is not None else self.journal.poll_interval
         backoff = Backoff()
+        quiet = 0  # polls in a row that found nothing and were not woken by a hint
         while True:
             reraise_if_cancelling()
             self._kick.clear()
@@ -212,9 +219,36 @@ class Worker:
             if opts.burst and not self._active and not got:
                 return
             reraise_if_cancelling()  # a driver may have eaten a cancel during the claim
-            await self._idle(poll)
+            wait = poll
+            if quiet >= DEEP_IDLE_AFTER and opts.idle_poll is None and not got:
+                wait = await self._until_next_due(poll)
+            woken = await self._idle(wait)
+            quiet = 0 if woken or got else quiet + 1
 
-    async def _idle(self, poll: float | None) -> None:
+    async def _until_next_due(self, poll: float | None) -> float | None:
+        """Deep idle, on a store whose hints reach every process: sleep until the
+        next run this worker serves becomes claimable (a timer, an expiring lease)
+        or a hint comes, looking at the store at least every MAX_IDLE seconds,
+        instead of polling every ``poll``. The store can not say: ``poll``."""
+        if not self.journal.knows_next_due:
+            return poll
+        try:
+            dues = [
+                await self.journal.next_due(queue=q, workflows=list(self.workflows))
+                for q in self.options.queues
+            ]
+        except BackendError as exc:
+            reraise_if_cancelling()
+            log.debug("worker %s: next due time unknown (%r)", self.owner, exc)
+            return poll
+        known = [d for d in dues if d is not None]
+        if not known:
+            return MAX_IDLE
+        return min(MAX_IDLE, max(min(known) - self.journal.clock(), 0.0) + 0.001)
+
+    async def _idle(self, poll: float | None) -> bool:
+        """Wait for a kick (a hint, a freed slot), a local timer or ``poll``
+        seconds; True if kicked."""
         now = self.journal.clock()
         while self._timers and self._timers[0] <= now:
             heapq.heappop(self._timers)
@@ -229,6 +263,7 @@ class Worker:
             # lands as the kick fires, and the worker would never stop.
             async with asyncio.timeout(timeout):
                 await self._kick.wait()
+        return self._kick.is_set()
 
     def _start(self, claim: Claim) -> None:
         old = self._active.get(claim.run_id)

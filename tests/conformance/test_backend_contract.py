@@ -15,6 +15,7 @@ from substantial.backends import (
     Backend,
     Claim,
     CountsRuns,
+    KnowsNextDue,
     NewRun,
     PagesLog,
     RunQuery,
@@ -957,3 +958,30 @@ async def test_read_log_page_returns_the_run_and_a_slice_of_its_log(backend: Bac
                                   (5, 9, []), (2, 2, []), (4, 1, []), (0, 1, [b"0"])]:  # fmt: skip
         found = await backend.read_log_page("r1", start=start, stop=stop)
         assert found is not None and found[1] == expected, (start, stop)
+
+
+# -- when the next run becomes claimable (the stores that declare KnowsNextDue) ------
+
+
+def knows_next_due(backend: Backend) -> KnowsNextDue:
+    if not isinstance(backend, KnowsNextDue):
+        pytest.skip("this store's hints do not reach other processes: workers poll it")
+    return backend
+
+
+async def test_next_due_is_the_earliest_due_time_or_lease_expiry(backend: Backend) -> None:
+    b = knows_next_due(backend)
+    assert await b.next_due(queue="default", workflows=WF, now=T0) is None
+    await backend.create_run(new_run("later", due=T0 + 100))
+    await backend.create_run(new_run("other-queue", due=T0 + 5, queue="q2"))
+    await backend.create_run(new_run("other-wf", due=T0 + 5, wf="wf2"))
+    await backend.create_run(new_run("waiting", due=None))  # waits for an event: no time
+    assert await b.next_due(queue="default", workflows=WF, now=T0) == T0 + 100
+    await backend.create_run(new_run("held", due=T0))
+    c = await claim_one(backend, lease=30.0)  # leased until T0 + 30: claimable again then
+    assert c is not None and c.run_id == "held"
+    assert await b.next_due(queue="default", workflows=WF, now=T0) == T0 + 30
+    done = RunUpdate(status=RunStatus.COMPLETED, result=None, ended_at=T0)
+    await backend.append("held", token=c.token, expected_len=1, records=[b"e"], update=done, now=T0)
+    assert await b.next_due(queue="default", workflows=WF, now=T0) == T0 + 100  # ended: gone
+    assert await b.next_due(queue="default", workflows=("wf", "wf2"), now=T0) == T0 + 5

@@ -241,6 +241,11 @@ CREATE = """WITH ins AS (
     UNION ALL
     SELECT ins.run_id, t.o, t.d FROM ins, unnest($9::bytea[]) WITH ORDINALITY AS t(d, o))
 SELECT pg_notify($8, run_id) FROM ins"""
+# When an idle worker should look again (KnowsNextDue): runs_claim's (queue, due_at)
+# range, the later of due time and lease expiry.
+NEXT_DUE = """SELECT min(greatest(due_at, coalesce(lease_expires_at, due_at))) FROM {s}.runs
+ WHERE queue = $1 AND workflow = ANY($2::text[]) AND due_at IS NOT NULL
+   AND status <> ALL({t})"""
 CLAIM = """WITH picked AS MATERIALIZED (
     SELECT run_id FROM {s}.runs
      WHERE queue = $1 AND workflow = ANY($2::text[]) AND due_at <= $3::float8

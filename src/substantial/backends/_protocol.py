@@ -406,6 +406,21 @@ class PagesLog(Protocol):
 
 
 @runtime_checkable
+class KnowsNextDue(Protocol):
+    """A capability of stores whose hints reach every process (PostgreSQL, Redis):
+    telling an idle worker when the next run it could claim becomes claimable, so
+    it sleeps until then (or a hint) instead of polling every ``poll_interval``."""
+
+    async def next_due(self, *, queue: str, workflows: Collection[str], now: float) -> float | None:
+        """The earliest time a run of ``workflows`` on ``queue`` becomes claimable:
+        over the runs that are not terminal and have a due time, the later of
+        that due time and their lease's expiry (at or before ``now``: claimable
+        already). None when no such run waits for a time (only hints can bring
+        work then)."""
+        ...
+
+
+@runtime_checkable
 class Migrates(Protocol):
     """A capability of stores with a versioned schema (SQLite, PostgreSQL)."""
 

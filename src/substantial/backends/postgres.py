@@ -238,6 +238,11 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         rows = await self._q("fetch", sql.CLAIM, *args)
         return [Claim(run_id=r["run_id"], token=r["lease_token"]) for r in rows]
 
+    async def next_due(self, *, queue: str, workflows: Collection[str], now: float) -> float | None:
+        self._count("next_due")
+        found = await self._q("fetchval", sql.NEXT_DUE, queue, list(workflows))
+        return None if found is None else float(found)
+
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
         row = await self._q("fetchrow", sql.READ, run_id, log_from)

@@ -1,0 +1,55 @@
+"""An idle worker on a store whose hints reach every process sleeps until the next
+run it serves becomes claimable, instead of polling the store every
+``poll_interval``: a run put to sleep by another worker is claimed once it is due,
+and the idle worker looked at the store only a few times meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from substantial import Conductor, Context, RunStatus, workflow
+from substantial.worker import DEEP_IDLE_AFTER
+
+from ..backends import make_backend, url_for
+
+NAP = 2.0
+POLL = 0.1  # without deep idle, the worker would look NAP / POLL = 20 times
+
+
+@workflow(name="idle.nap")
+async def nap(c: Context) -> str:
+    await c.sleep(NAP)
+    return "rested"
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_an_idle_worker_sleeps_until_the_next_due_run(kind: str, tmp_path: Path) -> None:
+    url, _ = url_for(kind, tmp_path)
+    async with make_backend(kind, tmp_path, url=url + "&poll_interval=" + str(POLL)) as first:
+        async with Conductor(first) as cond:
+            cond.register(nap)
+            sleeper = cond.run(hot_wait=0, handle_sigterm=False)  # suspends at once
+            handle = await cond.start(nap)
+            while True:  # the store is the only witness: look until it says so
+                if await handle.status() == RunStatus.SUSPENDED:
+                    break
+                await asyncio.sleep(0.01)
+            sleeper.cancel()  # gone: only the store knows when the run is due
+            await asyncio.gather(sleeper, return_exceptions=True)
+
+        second = make_backend(kind, tmp_path, url=url + "&poll_interval=" + str(POLL))
+        async with second as b, Conductor(b) as idle:
+            idle.register(nap)
+            worker = idle.run(handle_sigterm=False)
+            try:
+                assert await idle.handle(handle.run_id).result(timeout=NAP + 10) == "rested"
+            finally:
+                worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)
+            looks = b.calls.get("claim_due", 0)  # type: ignore[attr-defined]
+    # a few polls (DEEP_IDLE_AFTER), then one look when the run is due (and one after
+    # it ends); polling all along would have looked about NAP / POLL = 20 times
+    assert looks <= DEEP_IDLE_AFTER + 4 < NAP / POLL / 2, looks
