@@ -139,7 +139,7 @@ class Steps(Waits):
             finally:
                 fields["ms"] = _ms_since(t0, self._clock())
             value = to_json(out, what=run.what, limit=session.journal.max_payload)
-            final = self._rec(R.CALL, run.seq, run.p, run.at, v=value, **fields)
+            final = {"k": R.CALL, "s": run.seq, "p": run.p, "at": run.at, "v": value, **fields}
         except SerializationError as exc:  # (PayloadTooLarge too) retrying cannot help
             err = {"type": type(exc).__name__, "msg": str(exc), "n": n}
             final = self._rec(R.CALL, run.seq, run.p, run.at, err=err, **fields)

@@ -85,9 +85,9 @@ class RunRecord:
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``: ``dataclasses.replace`` without its per-field
         work, several times cheaper; the stores' rules call it on every append."""
-        unknown = changes.keys() - _RUN_FIELDS
-        if unknown:
-            raise TypeError(f"RunRecord has no field {sorted(unknown)[0]!r}")
+        if not _RUN_FIELDS.issuperset(changes):
+            unknown = sorted(changes.keys() - _RUN_FIELDS)
+            raise TypeError(f"RunRecord has no field {unknown[0]!r}")
         new = object.__new__(RunRecord)
         state = new.__dict__
         state.update(self.__dict__)
@@ -347,9 +347,11 @@ class JoinsTransactions(Protocol):
         ...
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)
 class Append:
-    """One run's append, as :meth:`Backend.append` takes it, for a batch."""
+    """One run's append, as :meth:`Backend.append` takes it, for a batch. (Not
+    frozen, as one is made per append and a frozen one costs more to make; nothing
+    changes it once made.)"""
 
     run_id: str
     token: int
