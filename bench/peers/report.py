@@ -190,6 +190,33 @@ section "Peers". In short:
 """
 
 
+WHY = """\
+### Where the time goes when a target is missed
+
+Measured with profilers on this machine (see the issue notes); what would close each:
+
+- **W1 against the peers**: both sides are bound by PostgreSQL commits.
+  Substantial's 200x10 batches its runs' appends into one statement per batch
+  (group commit). What is left per run: its start (a commit of its own), its
+  claim, its snapshot read and its end (a commit, a notification, the client's
+  read of the result). 1000x1 is all of that and one step, so the per-run
+  round trips dominate. To close it: claim returning the snapshot (one round trip
+  less per run), and the end's commit shared with the next claim.
+- **W2 on PostgreSQL**: one step is one INSERT and its commit. The extra over a
+  raw commit (about 0.15 ms) is the engine (about 0.03 ms: the memory store's
+  ms/step) and asyncpg's per-statement overhead from Python.
+- **W2 on SQLite**: a raw commit here is 0.008 ms; the engine alone costs
+  about 0.025 ms per step, so 3x the commit (0.024 ms) is below what the Python
+  engine costs before it touches the store. Writes already run inline, without a
+  thread hop.
+- **W4**: send to result crosses three durable commits (the delivery, the
+  receive's record, the end) and two notifications between processes, on 2
+  cores shared by the client, the worker and the server. To close it: the
+  receive's record and the end in one write, and the inbox item carried in
+  the hint so the worker skips a read.
+"""
+
+
 def markdown(rows: list[Row], info: dict[str, Any], docs: list[dict[str, Any]]) -> str:
     m = info["machine"]
     md = ["# Peers benchmark: Substantial, DBOS, absurd" + (" (quick)" if info["quick"] else ""),
@@ -209,7 +236,8 @@ def markdown(rows: list[Row], info: dict[str, Any], docs: list[dict[str, Any]]) 
     md += md_table(grid(rows))
     md += ["", "## Against the targets of issue 9", ""]
     md += md_table([["workload", "target", "Substantial", "verdict"], *map(list, targets(rows))])
-    md += ["", "## Settings", ""]
+    md += ["", WHY]
+    md += ["## Settings", ""]
     seen: set[str] = set()
     for r in rows:
         if r["system"] not in seen:
