@@ -38,10 +38,6 @@ class GroupCommit:
         self.batches = 0  # batches of more than one append sent so far (for tests)
 
     @property
-    def enabled(self) -> bool:
-        return self._batches is not None
-
-    @property
     def queued(self) -> int:
         """Appends waiting for the one in flight to land (they go next, together)."""
         return len(self._queue)
