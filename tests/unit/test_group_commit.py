@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pytest
 
@@ -79,6 +80,33 @@ async def until(cond: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
+@dataclass
+class InFlight:
+    """A group over ``n`` claimed runs whose first append (r0's) is held in flight."""
+
+    store: GatedBatches
+    tokens: dict[str, int]
+    group: GroupCommit
+    first: asyncio.Task[int]
+
+    gate: asyncio.Event
+
+    def release(self) -> None:
+        """Let the held append (and whatever is sent after it) through."""
+        self.gate.set()
+
+
+async def first_in_flight(n: int, fail_batch: Exception | None = None) -> InFlight:
+    store = GatedBatches()
+    tokens = await claimed(store, n)
+    group = GroupCommit(store)
+    store.gate = gate = asyncio.Event()
+    store.fail_batch = fail_batch
+    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
+    await until(lambda: store.sent == [["r0"]], "the first append is in flight")
+    return InFlight(store, tokens, group, first, gate)
+
+
 async def test_a_lone_append_goes_straight_to_the_store() -> None:
     store = GatedBatches()
     tokens = await claimed(store, 1)
@@ -88,15 +116,11 @@ async def test_a_lone_append_goes_straight_to_the_store() -> None:
 
 
 async def test_appends_made_while_one_is_in_flight_go_as_one_batch() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 4)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: store.sent == [["r0"]], "the first append is in flight")
+    f = await first_in_flight(4)
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     rest = [asyncio.create_task(group.append(op(f"r{i}", tokens[f"r{i}"]))) for i in (1, 2, 3)]
     await until(lambda: len(group._queue) == 3, "the others queued")
-    store.gate.set()
+    f.release()
     assert await first == 2
     assert await asyncio.gather(*rest) == [2, 2, 2]
     assert store.sent == [["r0"], ["r1", "r2", "r3"]] and group.batches == 1
@@ -106,17 +130,13 @@ async def test_appends_made_while_one_is_in_flight_go_as_one_batch() -> None:
 
 
 async def test_a_fenced_append_in_a_batch_fails_only_its_own_caller() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 4)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: bool(store.sent), "the first append is in flight")
+    f = await first_in_flight(4)
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     good = asyncio.create_task(group.append(op("r1", tokens["r1"])))
     stale = asyncio.create_task(group.append(op("r2", tokens["r2"] + 1)))
     also = asyncio.create_task(group.append(op("r3", tokens["r3"])))
     await until(lambda: len(group._queue) == 3, "the batch queued")
-    store.gate.set()
+    f.release()
     await first
     assert await good == 2 and await also == 2
     with pytest.raises(LeaseLost):
@@ -126,17 +146,12 @@ async def test_a_fenced_append_in_a_batch_fails_only_its_own_caller() -> None:
 
 
 async def test_a_failed_batch_is_retried_one_append_at_a_time() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 3)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    store.fail_batch = BackendError("one bad row broke the transaction")
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: bool(store.sent), "the first append is in flight")
+    f = await first_in_flight(3, BackendError("one bad row broke the transaction"))
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     good = asyncio.create_task(group.append(op("r1", tokens["r1"])))
     stale = asyncio.create_task(group.append(op("r2", tokens["r2"] + 1)))
     await until(lambda: len(group._queue) == 2, "the batch queued")
-    store.gate.set()
+    f.release()
     await first
     assert await good == 2
     with pytest.raises(LeaseLost):
@@ -145,16 +160,11 @@ async def test_a_failed_batch_is_retried_one_append_at_a_time() -> None:
 
 
 async def test_a_store_that_is_down_fails_every_append_of_the_batch_at_once() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 3)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    store.fail_batch = BackendUnavailable("the store is unreachable")
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: bool(store.sent), "the first append is in flight")
+    f = await first_in_flight(3, BackendUnavailable("the store is unreachable"))
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     batch = [asyncio.create_task(group.append(op(f"r{i}", tokens[f"r{i}"]))) for i in (1, 2)]
     await until(lambda: len(group._queue) == 2, "the batch queued")
-    store.gate.set()
+    f.release()
     await first
     for t in batch:
         with pytest.raises(BackendUnavailable):
@@ -163,18 +173,14 @@ async def test_a_store_that_is_down_fails_every_append_of_the_batch_at_once() ->
 
 
 async def test_an_append_whose_caller_gave_up_before_it_was_sent_is_never_sent() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 3)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: bool(store.sent), "the first append is in flight")
+    f = await first_in_flight(3)
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     dropped = asyncio.create_task(group.append(op("r1", tokens["r1"])))
     kept = asyncio.create_task(group.append(op("r2", tokens["r2"])))
     await until(lambda: len(group._queue) == 2, "both queued")
     dropped.cancel()
     await asyncio.gather(dropped, return_exceptions=True)
-    store.gate.set()
+    f.release()
     await first
     assert await kept == 2
     assert store.sent == [["r0"], ["r2"]]
@@ -183,17 +189,13 @@ async def test_an_append_whose_caller_gave_up_before_it_was_sent_is_never_sent()
 
 
 async def test_an_end_in_a_batch_releases_its_run() -> None:
-    store = GatedBatches()
-    tokens = await claimed(store, 2)
-    group = GroupCommit(store)
-    store.gate = asyncio.Event()
-    first = asyncio.create_task(group.append(op("r0", tokens["r0"])))
-    await until(lambda: bool(store.sent), "the first append is in flight")
+    f = await first_in_flight(2)
+    store, tokens, group, first = f.store, f.tokens, f.group, f.first
     done = RunUpdate(status=RunStatus.COMPLETED, result=1, ended_at=T0)
     end = Append(run_id="r1", token=tokens["r1"], expected_len=1, records=[b"e"], update=done,
                  now=T0)  # fmt: skip
     ending = asyncio.create_task(group.append(end))
-    store.gate.set()
+    f.release()
     await first
     assert await ending == 2
     run = await store.get_run("r1")
