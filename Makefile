@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[redis,postgres,cli,http,metrics,otel]" --group dev
+	$(BIN)/pip install -q -e ".[redis,postgres,s3,cli,http,metrics,otel]" --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)

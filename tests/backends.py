@@ -23,8 +23,9 @@ POSTGRES_URL = os.environ.get(
 )
 
 LOCAL = ["memory", "sqlite", "fs"]
-SERVERS = ["redis", "postgres"]
-ALL = LOCAL + SERVERS
+SERVERS = ["redis", "postgres"]  # servers that notify every process of changes
+OBJECT = ["s3"]  # SeaweedFS on loopback (tests/seaweed.py): hints in-process, polling across
+ALL = LOCAL + SERVERS + OBJECT
 
 
 def unavailable(what: str, exc: BaseException) -> None:
@@ -67,6 +68,15 @@ async def make_backend(
         from substantial.backends.postgres import PostgresBackend
 
         backend = PostgresBackend(POSTGRES_URL, schema=f"subtest_{uuid.uuid4().hex[:12]}")
+    elif kind == "s3":
+        from substantial.backends import open_backend
+
+        from . import seaweed
+
+        try:
+            backend = open_backend(seaweed.url(f"subtest-{uuid.uuid4().hex[:12]}"))
+        except Exception as exc:  # weed is not installed or did not start
+            unavailable(kind, exc)
     else:  # pragma: no cover
         raise ValueError(kind)
     try:
@@ -93,4 +103,8 @@ def url_for(kind: str, tmp_path: Path) -> tuple[str, str]:
         return f"{REDIS_URL}?prefix=subtest-{tag}", tag
     if kind == "postgres":
         return f"{POSTGRES_URL}?schema=subtest_{tag}", tag
+    if kind == "s3":
+        from . import seaweed
+
+        return seaweed.url(f"subtest-{tag}"), tag
     raise ValueError(kind)

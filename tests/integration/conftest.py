@@ -57,7 +57,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield Store(kind, url, conductor)
     finally:
         await conductor.close()
-        if kind in ("redis", "postgres"):
+        if kind in ("redis", "postgres", "s3"):
             await drop_store(url)
 
 

@@ -96,6 +96,7 @@ _OWN: dict[str, dict[str, Callable[[str], Any]]] = {
     "memory": {},
     "sqlite": {"poll_interval": _positive, "busy_timeout": _positive},
     "file": {"poll_interval": _positive, "fsync": _flag},
+    "s3": {"endpoint_url": str, "region": str, "poll_interval": _positive},
     "redis": {"prefix": str, "poll_interval": _positive, "max_connections": int},
     "postgresql": {
         "schema": str,
@@ -160,12 +161,31 @@ def _with_query(parts: Any, driver: Mapping[str, str]) -> str:
     return str(parts._replace(query=urlencode(driver)).geturl())
 
 
+def _s3(parts: Any, own: dict[str, Any]) -> Backend:
+    """``s3://bucket/prefix``: the bucket must exist; credentials never in the URL."""
+    if parts.username or parts.password:
+        raise ConfigurationError(
+            "s3:// URLs carry no credentials; they come from the standard AWS chain "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role)"
+        )
+    bucket = parts.hostname or ""
+    if not bucket:
+        raise ConfigurationError("s3 URL needs a bucket: s3://bucket/prefix?endpoint_url=...")
+    try:
+        import aiobotocore  # noqa: F401  (imported when the store opens; checked now)
+    except ImportError as exc:
+        raise _missing("s3", exc) from exc
+    from .s3 import S3Backend
+
+    return S3Backend(bucket, parts.path.strip("/"), **own)
+
+
 def open_backend(url: str | None = None) -> Backend:
     """Build a backend from a URL (not yet connected; the Conductor opens it).
 
     ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////abs.db``,
     ``file:///dir``, ``redis://host:port/db?prefix=p``,
-    ``postgresql://user@host/db?schema=s``. ``None`` means :func:`default_url`;
+    ``postgresql://user@host/db?schema=s``, ``s3://bucket/prefix?endpoint_url=...``. ``None`` means :func:`default_url`;
     an empty URL or an unknown query option is a ConfigurationError.
     """
     if url is None:
@@ -178,12 +198,10 @@ def open_backend(url: str | None = None) -> Backend:
     scheme = parts.scheme.lower()
     if scheme == "postgres":
         scheme = "postgresql"
-    if scheme == "s3":
-        raise ConfigurationError("the s3:// store is not available yet in this version")
     if scheme not in _OWN and scheme != "rediss":
         raise ConfigurationError(
-            f"unknown store URL scheme {scheme!r}; expected memory, sqlite, file, redis or "
-            "postgresql"
+            f"unknown store URL scheme {scheme!r}; expected memory, sqlite, file, redis, "
+            "postgresql or s3"
         )
     own, driver = _options(scheme, parts.query)
     if scheme == "memory":
@@ -203,6 +221,8 @@ def open_backend(url: str | None = None) -> Backend:
         if not parts.path:
             raise ConfigurationError("file URL needs a directory: file:///var/lib/substantial")
         return FSBackend(parts.path, **own)
+    if scheme == "s3":
+        return _s3(parts, own)
     if scheme in ("redis", "rediss"):
         try:
             from .redis import RedisBackend

@@ -287,3 +287,42 @@ class FsRegistry:
             return live(entries, now)
 
         return await asyncio.to_thread(scan)
+
+
+# -- S3: one object per worker, ``workers/<id>`` ----------------------------------------
+
+
+class S3Registry:
+    """One object per worker, replaced whole on each beat. As with files, only the
+    worker writes its own entry; a lister deletes the entries that aged out."""
+
+    _bucket: Any  # _s3_client.Bucket
+    _keys: Any  # _s3_layout.Keys
+
+    async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
+        await self._bucket.put(self._keys.worker(info.worker_id), encode(replace(info, last_beat=now)))
+
+    async def beat_worker(self, worker_id: str, *, now: float) -> bool:
+        key = self._keys.worker(worker_id)
+        got = await self._bucket.get(key)
+        if got is None:
+            return False
+        w = decode(got[0])
+        return await self._bucket.put(key, encode(replace(w, last_beat=now)), if_match=got[1]) is not None
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._bucket.delete(self._keys.worker(worker_id))
+
+    async def list_workers(self, *, now: float) -> list[WorkerRecord]:
+        listed = await self._bucket.list(self._keys.workers)
+        got = await asyncio.gather(*(self._bucket.get(o.key) for o in listed))
+        entries = []
+        for o, found in zip(listed, got, strict=True):
+            if found is None:
+                continue
+            w = decode(found[0])
+            if alive(w, now):
+                entries.append(w)
+            else:
+                await self._bucket.delete(o.key)  # aged out
+        return live(entries, now)

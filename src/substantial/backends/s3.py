@@ -1,0 +1,788 @@
+"""The S3 store (``s3://bucket/prefix?endpoint_url=...&region=...``): an append-only,
+fenced log on an object store's conditional writes, with no broker and no server.
+
+The objects and their encoding are in ``_s3_layout``; every request goes through
+``_s3_client.Bucket``. Why this is safe with many workers on many machines:
+
+* **The log is the truth.** An append is one object created at its position with
+  ``If-None-Match: *``: of two writers at one position exactly one wins, so the log
+  can only grow in one line. A step costs that one conditional PUT.
+* **Fencing.** A claim reserves the log's next position with a *fence* object naming
+  its new lease token, before it writes that token into the run object. From then on a
+  writer with an older token finds its next position taken and gets LeaseLost. The
+  new owner's first append replaces the fence (``If-Match`` on the fence's ETag).
+* **The run object is a view of the log**, replaced with ``If-Match`` on its ETag
+  (read, change, write; retried when another writer came first). An append that
+  carries a run update (a status, a result, a release) writes its log object first,
+  then the run object. If the writer dies in between, its lease expires and the next
+  claimer, which reads the log's last object anyway to place its fence, applies the
+  update first (*roll forward*): a finished run ends, a released one sleeps, as if the
+  writer had lived. Until then the run object shows the status before that update.
+* **The due index is never later than the truth.** Each run object names the one index
+  entry it owns, written before the run object that names it and deleted after the run
+  object that stops naming it, and never later than the run's wake-up time (an entry
+  may be early: a renewed lease keeps its old entry). A claim scan lists the entries in
+  key (time) order up to now and re-checks each against its run object, moving early
+  entries to the right time through a run-object write. An entry its run does not
+  name (a write that failed after placing it) is removed only after a no-op write of
+  the run object, and with ``If-Match`` on the entry's own ETag, so an entry a writer
+  is placing that moment is never lost.
+* **Compaction** writes the new log whole under a new generation, then *seals* the old
+  one at its end (the commit point: a stale writer there is fenced too), then points
+  the run object at the new one. Readers follow seals; old generations are deleted last.
+* **Requests retried by the client** (a lost reply) are recognised: every object the
+  store writes carries a nonce, and a failed condition on our own write is checked
+  against what is there.
+
+S3 has no notifications: other processes' changes are found by polling the due index
+(``poll_interval``, one LIST per idle worker per interval); changes made through this
+process are hinted at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from .._types import RunStatus
+from ..errors import BackendError, LeaseLost, RunFinished, RunNotFound, SchemaVersionError
+from . import _rules as rules
+from ._hub import shared_hub
+from ._protocol import (
+    ALL_RUNS,
+    Claim,
+    InboxItem,
+    NewRun,
+    RunCounts,
+    RunQuery,
+    RunRecord,
+    RunUpdate,
+    Snapshot,
+)
+from ._registry import S3Registry
+from ._s3_client import Bucket, Listed
+from ._s3_layout import (
+    FORMAT,
+    DueEntry,
+    Keys,
+    LogObject,
+    RunDoc,
+    dump_log,
+    dump_run,
+    load_log,
+    load_run,
+    log_pos,
+    parse_created,
+    parse_due,
+    time_key,
+    wake_at,
+)
+
+T = TypeVar("T")
+_PARALLEL = 16  # requests in flight for one operation (a log read, a claim scan)
+_ORPHAN_AGE = 60.0  # a due entry whose run object is missing this long: a create that died
+_CACHE = 4096  # log objects kept in memory (they never change once written)
+
+
+def _nonce() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+async def _each(items: Sequence[Any], fn: Callable[[Any], Awaitable[T]]) -> list[T]:
+    """``fn`` over ``items`` with at most ``_PARALLEL`` in flight, results in order."""
+    gate = asyncio.Semaphore(_PARALLEL)
+
+    async def one(item: Any) -> T:
+        async with gate:
+            return await fn(item)
+
+    return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+@dataclass(slots=True)
+class _Tail:
+    """What this process knows of the log end of a run it holds the lease of."""
+
+    token: int
+    gen: str
+    positions: list[int]  # the record objects of ``gen``, in order
+    end: int  # the log's length
+    fence: str | None  # ETag of the fence at ``end`` our first append replaces
+
+
+@dataclass(slots=True)
+class _Scan:
+    gen: str
+    positions: list[int]
+    end: int
+    last: LogObject | None
+
+
+class _Moved(Exception):
+    """The log changed under a read (a compaction deleted what it listed): read again."""
+
+
+class S3Backend(S3Registry):
+    """Store in an S3-compatible bucket: ``S3Backend("bucket", "prefix",
+    endpoint_url=...)`` or ``open_backend("s3://bucket/prefix?endpoint_url=...")``.
+    The bucket must exist; credentials come from the standard AWS chain."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._bucket = Bucket(bucket, endpoint_url=endpoint_url, region=region)
+        self._keys = Keys(prefix)
+        self._poll = poll_interval
+        self._hub = shared_hub(f"s3:{endpoint_url or 'aws'}/{bucket}/{self._keys.root}")
+        self._tails: dict[str, _Tail] = {}
+        self._objects: OrderedDict[str, LogObject] = OrderedDict()
+        self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """S3 requests made so far, by kind (the bench's cost model counts these)."""
+        return self._bucket.requests
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    @property
+    def poll_interval(self) -> float:
+        return self._poll
+
+    def subscribe(self) -> AsyncIterator[str]:
+        return self._hub.subscribe()
+
+    async def open(self) -> None:
+        await self._bucket.open()
+        got = await self._bucket.get(self._keys.format)
+        if got is None:
+            await self._bucket.put(self._keys.format, FORMAT, if_absent=True)
+            got = await self._bucket.get(self._keys.format)
+        if got is None or got[0] != FORMAT:
+            found = None if got is None else got[0][:20]
+            await self._bucket.close()
+            raise SchemaVersionError(
+                f"s3://{self._bucket.bucket}/{self._keys.root}: store format {found!r}, "
+                f"this version reads {FORMAT!r}"
+            )
+
+    async def close(self) -> None:
+        await self._bucket.close()
+
+    # -- the run object -----------------------------------------------------------------
+
+    async def _fetch(self, run_id: str) -> RunDoc | None:
+        got = await self._bucket.get(self._keys.run(run_id))
+        return None if got is None else load_run(*got)
+
+    async def _write(self, old: RunDoc, rec: RunRecord, *, eager_ok: bool = False, **more: Any) -> RunDoc | None:
+        """Replace the run object ``old`` (If-Match) with ``rec``; None if another
+        writer came first. Moves the run's due-index entry: the new one before, the
+        old one after (see the module docstring); ``eager_ok`` keeps an early entry."""
+        at = wake_at(rec)
+        indexed = None if at is None else time_key(at)
+        if eager_ok and old.indexed is not None and at is not None and float(old.indexed) <= at:
+            indexed = old.indexed
+        new = replace(old, rec=rec, indexed=indexed, nonce=_nonce(), **more)
+        if indexed is not None and indexed != old.indexed:
+            await self._bucket.put(self._keys.due(rec, indexed), new.nonce.encode())
+        etag = await self._bucket.put(self._keys.run(rec.run_id), dump_run(new), if_match=old.etag)
+        if etag is None:
+            latest = await self._fetch(rec.run_id)
+            if latest is None or latest.nonce != new.nonce:
+                return None
+            etag = latest.etag  # our write landed; its reply was lost
+        if old.indexed is not None and old.indexed != indexed:
+            await self._bucket.delete(self._keys.due(old.rec, old.indexed))
+        return replace(new, etag=etag)
+
+    async def _mutate(
+        self, run_id: str, change: Callable[[RunDoc | None], tuple[RunRecord | None, T]], **more: Any
+    ) -> T:
+        """Read, change, write the run object until its condition holds. ``change``
+        returns the new record (None: write nothing) and the operation's result; it
+        may raise (RunNotFound, LeaseLost ...) to refuse."""
+        while True:
+            doc = await self._fetch(run_id)
+            rec, result = change(doc)
+            if rec is None or doc is None:
+                return result
+            if await self._write(doc, rec, **more) is not None:
+                return result
+
+    # -- the log --------------------------------------------------------------------------
+
+    async def _object(self, run_id: str, key: str) -> LogObject | None:
+        hit = self._objects.get(key)
+        if hit is not None:
+            self._objects.move_to_end(key)
+            return hit
+        got = await self._bucket.get(key)
+        if got is None:
+            return None
+        obj = load_log(run_id, log_pos(key), *got)
+        if obj.records:  # fences are replaced; record objects never change
+            self._remember(key, obj)
+        return obj
+
+    def _remember(self, key: str, obj: LogObject) -> None:
+        self._objects[key] = obj
+        if len(self._objects) > _CACHE:
+            self._objects.popitem(last=False)
+
+    async def _scan(self, run_id: str, gen: str) -> _Scan:
+        """The log's generation, record objects and end, following seals."""
+        while True:
+            listed = await self._bucket.list(self._keys.gen(run_id, gen))
+            if not listed:
+                return _Scan(gen, [], 0, None)
+            last = await self._object(run_id, listed[-1].key)
+            if last is None:
+                raise _Moved
+            if last.seal is not None:
+                gen = last.seal
+                continue
+            positions = [log_pos(o.key) for o in listed]
+            if last.fence:
+                positions.pop()
+            return _Scan(gen, positions, last.end, last)
+
+    async def _records(self, run_id: str, gen: str, positions: list[int], start: int = 0, stop: int | None = None) -> list[bytes]:
+        """The records at ``start <= pos < stop`` of the objects at ``positions``."""
+        bounds = [*positions[1:], None]
+        wanted = [
+            p for p, nxt in zip(positions, bounds, strict=True)
+            if (nxt is None or nxt > start) and (stop is None or p < stop)
+        ]
+        objs = await _each(wanted, lambda p: self._object(run_id, self._keys.log(run_id, gen, p)))
+        out: list[bytes] = []
+        for p, obj in zip(wanted, objs, strict=True):
+            if obj is None:
+                raise _Moved
+            out.extend(obj.records[max(start - p, 0) : None if stop is None else max(stop - p, 0)])
+        return out
+
+    async def _snapshot(self, run_id: str, start: int, stop: int | None) -> tuple[RunDoc, list[bytes], int] | None:
+        """The run object, its records in ``[start, stop)`` and the log's length."""
+        for _ in range(10):
+            doc = await self._fetch(run_id)
+            if doc is None:
+                return None
+            try:
+                tail = self._tails.get(run_id)
+                if tail is not None and tail.token == doc.rec.lease_token and doc.rec.lease_owner is not None:
+                    gen, positions, end = tail.gen, list(tail.positions), tail.end
+                else:
+                    scan = await self._scan(run_id, doc.gen)
+                    gen, positions, end = scan.gen, scan.positions, scan.end
+                if start < 0:
+                    start = max(end + start, 0)
+                return doc, await self._records(run_id, gen, positions, start, stop), end
+            except _Moved:
+                continue
+        raise BackendError(f"run {run_id!r}: its log kept moving while being read")
+
+    async def _tail(self, run_id: str, token: int) -> _Tail:
+        """The log end a writer with ``token`` appends at: known, or found and checked."""
+        tail = self._tails.get(run_id)
+        if tail is not None and tail.token == token:
+            return tail
+        doc = await self._fetch(run_id)
+        if doc is None:
+            raise RunNotFound(run_id)
+        if doc.rec.lease_token != token:
+            raise LeaseLost(run_id)
+        try:
+            scan = await self._scan(run_id, doc.gen)
+        except _Moved:
+            raise LeaseLost(run_id) from None
+        last = scan.last
+        fence = None
+        if last is not None and last.fence:
+            if last.token != token:
+                raise LeaseLost(run_id)
+            fence = last.etag
+        elif last is not None and last.token > token:
+            raise LeaseLost(run_id)
+        tail = _Tail(token, scan.gen, scan.positions, scan.end, fence)
+        self._tails[run_id] = tail
+        return tail
+
+    async def _put_at(self, run_id: str, tail: _Tail, body: bytes, nonce: str) -> bool:
+        """Write the log object at the tail's end: replacing our fence, or a new
+        position. False if another writer holds that position."""
+        key = self._keys.log(run_id, tail.gen, tail.end)
+        for _ in range(2):
+            if tail.fence is not None:
+                etag = await self._bucket.put(key, body, if_match=tail.fence)
+            else:
+                etag = await self._bucket.put(key, body, if_absent=True)
+            if etag is not None:
+                return True
+            there = await self._bucket.get(key)
+            if there is None:
+                tail.fence = None
+                continue
+            obj = load_log(run_id, tail.end, *there)
+            if obj.nonce == nonce:
+                return True  # our write landed; its reply was lost
+            if obj.fence and obj.token == tail.token and obj.etag != tail.fence:
+                tail.fence = obj.etag  # a racing claimer of our token re-placed the fence
+                continue
+            return False
+        return False
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def create_run(self, new: NewRun) -> bool:
+        self._count("create_run")
+        rec = rules.new_record(new)
+        gen, nonce = _nonce()[:12], _nonce()
+        log_key = self._keys.log(new.run_id, gen, 0)
+        first = dump_log(token=0, nonce=nonce, records=[new.first_record, *new.more_records])
+        await self._bucket.put(log_key, first)
+        await self._bucket.put(self._keys.created(new.run_id, new.created_at), b"")
+        at = wake_at(rec)
+        doc = RunDoc(rec=rec, gen=gen, last_inbox_id=0, indexed=None if at is None else time_key(at), nonce=nonce)
+        if doc.indexed is not None:
+            await self._bucket.put(self._keys.due(rec, doc.indexed), nonce.encode())
+        if await self._bucket.put(self._keys.run(new.run_id), dump_run(doc), if_absent=True) is None:
+            there = await self._fetch(new.run_id)
+            if there is None or there.nonce != nonce:
+                await self._bucket.delete(log_key)
+                return False
+        self._hub.publish(new.run_id)
+        return True
+
+    async def claim_due(
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[Claim]:
+        self._count("claim_due")
+        wanted = set(workflows)
+        claims: list[Claim] = []
+        after: str | None = None
+        while len(claims) < limit:
+            page = await self._bucket.list(self._keys.queue(queue), after=after, limit=100)
+            entries = [e for e in map(parse_due, (o.key for o in page)) if e is not None]
+            due = [e for e in entries if e.at <= now]
+            seen = {o.key: o for o in page}
+            mine = [e for e in due if e.workflow in wanted]
+            while mine and len(claims) < limit:
+                batch, mine = mine[: limit - len(claims)], mine[limit - len(claims) :]
+                got = await _each(
+                    batch,
+                    lambda e: self._claim_one(e, seen[e.key], queue, wanted, owner, lease_seconds, now),
+                )
+                claims.extend(c for c in got if c is not None)
+            if len(due) < len(entries) or len(page) < 100:
+                break
+            after = page[-1].key
+        return claims
+
+    async def _claim_one(
+        self,
+        entry: DueEntry,
+        listed: Listed,
+        queue: str,
+        wanted: set[str],
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> Claim | None:
+        run_id = entry.run_id
+        doc = await self._fetch(run_id)
+        if doc is None:
+            if time.time() - listed.modified > _ORPHAN_AGE:
+                await self._bucket.delete(entry.key, if_match=listed.etag)  # a create that died
+            return None
+        if doc.indexed != entry.stamp:
+            await self._drop_stray(listed, doc)
+            return None
+        rec = doc.rec
+        if not rules.claimable(rec, queue, wanted, now):
+            wake = wake_at(rec)
+            if wake is None or time_key(wake) != doc.indexed:
+                await self._write(doc, rec)  # an early entry (a renewed lease): move it
+            return None
+        try:
+            scan = await self._scan(run_id, doc.gen)
+        except _Moved:
+            return None
+        last = scan.last
+        if last is not None and last.update is not None and last.end > rec.log_len:
+            if last.token != rec.lease_token:
+                return None
+            # roll forward: the update of a writer that died before writing the run object
+            rolled, _ = rules.appended(
+                rec, last.update, log_len=scan.end, last_inbox_id=doc.last_inbox_id, now=now
+            )
+            written = await self._write(doc, rolled, gen=scan.gen)
+            if written is None:
+                return None
+            if rules.ends_lease(last.update):
+                self._hub.publish(run_id)
+            doc, rec = written, rolled
+            if not rules.claimable(rec, queue, wanted, now):
+                return None
+        token = rec.lease_token + 1
+        fence_key = self._keys.log(run_id, scan.gen, scan.end)
+        body = dump_log(token=token, nonce=_nonce(), fence=True)
+        if last is not None and last.fence:
+            fence = await self._bucket.put(fence_key, body, if_match=last.etag)
+        else:
+            fence = await self._bucket.put(fence_key, body, if_absent=True)
+        if fence is None:
+            return None  # a writer or another claimer got there first
+        claimed = rules.claimed(rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now)
+        for _ in range(3):
+            if await self._write(doc, claimed, gen=scan.gen) is not None:
+                self._tails[run_id] = _Tail(token, scan.gen, scan.positions, scan.end, fence)
+                return Claim(run_id=run_id, token=token)
+            latest = await self._fetch(run_id)  # a delivery or cancel came first?
+            if latest is None or latest.rec.lease_token != rec.lease_token:
+                return None
+            if not rules.claimable(latest.rec, queue, wanted, now):
+                return None
+            doc = latest
+            claimed = rules.claimed(
+                latest.rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
+            )
+        return None
+
+    async def _drop_stray(self, entry: Listed, doc: RunDoc) -> None:
+        """Remove an index entry its run object does not name: first a no-op write of
+        the run object (a writer placing that entry right now then fails and places it
+        again), then the entry itself, only if it is still the one we listed."""
+        if await self._write(doc, doc.rec) is not None:
+            await self._bucket.delete(entry.key, if_match=entry.etag)
+
+    async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
+        self._count("read")
+        got = await self._snapshot(run_id, log_from, None)
+        if got is None:
+            return None
+        doc, log, end = got
+        inbox: list[InboxItem] = []
+        if doc.last_inbox_id > doc.rec.inbox_pos:
+            inbox = await self._inbox(run_id, doc.rec.inbox_pos, doc.last_inbox_id)
+        return Snapshot(run=doc.rec.evolve(log_len=end), log=log, inbox=inbox)
+
+    async def _inbox(self, run_id: str, after: int, last: int) -> list[InboxItem]:
+        listed = await self._bucket.list(self._keys.inbox(run_id), after=self._keys.item(run_id, after))
+        ids = [i for i in (log_pos(o.key) for o in listed) if i <= last]
+        got = await _each(ids, lambda i: self._bucket.get(self._keys.item(run_id, i)))
+        return [InboxItem(id=i, data=g[0]) for i, g in zip(ids, got, strict=True) if g is not None]
+
+    async def read_log_page(
+        self, run_id: str, *, start: int, stop: int
+    ) -> tuple[RunRecord, list[bytes]] | None:
+        self._count("read_log_page")
+        got = await self._snapshot(run_id, start, max(start, stop))
+        if got is None:
+            return None
+        doc, log, end = got
+        return doc.rec.evolve(log_len=end), log
+
+    async def append(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        update: RunUpdate | None = None,
+        now: float,
+    ) -> int:
+        self._count("append")
+        tail = await self._tail(run_id, token)
+        if tail.end != expected_len:
+            raise rules.log_moved(run_id, tail.end, expected_len)
+        nonce = _nonce()
+        records = list(records)
+        body = dump_log(token=token, nonce=nonce, records=records, update=update)
+        if not await self._put_at(run_id, tail, body, nonce):
+            raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
+        pos = tail.end
+        self._remember(
+            self._keys.log(run_id, tail.gen, pos),
+            LogObject(pos=pos, records=records, token=token, update=update, nonce=nonce),
+        )
+        tail.positions.append(pos)
+        tail.end = end = pos + len(records)
+        tail.fence = None
+        if update is not None:
+            await self._settle(run_id, tail, update, now)
+        return end
+
+    async def _settle(self, run_id: str, tail: _Tail, update: RunUpdate, now: float) -> None:
+        """Apply an append's run update to the run object (the log holds it already)."""
+        end, gen = tail.end, tail.gen
+        ends = False
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, None]:
+            nonlocal ends
+            if doc is None:
+                raise RunNotFound(run_id)
+            if doc.rec.lease_token != tail.token:
+                raise LeaseLost(run_id)  # a claimer took it (and rolled this forward)
+            rec, ends = rules.appended(
+                doc.rec, update, log_len=end, last_inbox_id=doc.last_inbox_id, now=now
+            )
+            return rec, None
+
+        try:
+            await self._mutate(run_id, change, gen=gen)
+        finally:
+            if ends or rules.ends_lease(update):
+                self._tails.pop(run_id, None)
+        if ends:
+            self._hub.publish(run_id)
+
+    async def rewrite_log(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        expected_len: int,
+        records: Sequence[bytes],
+        now: float,
+    ) -> int:
+        self._count("rewrite_log")
+        tail = await self._tail(run_id, token)
+        if tail.end != expected_len:
+            raise rules.log_moved(run_id, tail.end, expected_len)
+        gen, nonce = _nonce()[:12], _nonce()
+        records = list(records)
+        new_key = self._keys.log(run_id, gen, 0)
+        await self._bucket.put(new_key, dump_log(token=token, nonce=nonce, records=records))
+        if not await self._put_at(run_id, tail, dump_log(token=token, nonce=nonce, seal=gen), nonce):
+            await self._bucket.delete(new_key)
+            raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
+        self._tails[run_id] = _Tail(token, gen, [0], len(records), None)
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, None]:
+            if doc is None or doc.rec.lease_token != token:
+                return None, None  # the seal is the commit; a later claimer follows it
+            return doc.rec.evolve(log_len=len(records)), None
+
+        await self._mutate(run_id, change, gen=gen)
+        await self._drop_generations(run_id, keep=gen)
+        return len(records)
+
+    async def _drop_generations(self, run_id: str, *, keep: str) -> None:
+        """Delete the log objects of every generation but ``keep`` (after a compaction
+        or a reopen has pointed the run object at it)."""
+        listed = await self._bucket.list(self._keys.logs(run_id))
+        stale = [o.key for o in listed if o.key.rsplit("/", 2)[1] != keep]
+        await self._bucket.delete_many(stale)
+
+    async def renew(
+        self, leases: Mapping[str, int], *, lease_seconds: float, now: float
+    ) -> set[str]:
+        self._count("renew")
+
+        async def one(item: tuple[str, int]) -> bool:
+            run_id, token = item
+
+            def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
+                if doc is None or not rules.holds_lease(doc.rec, token):
+                    return None, False
+                return doc.rec.evolve(lease_expires_at=now + lease_seconds), True
+
+            return await self._mutate(run_id, change, eager_ok=True)
+
+        items = list(leases.items())
+        held = await _each(items, one)
+        return {run_id for (run_id, _), ok in zip(items, held, strict=True) if ok}
+
+    async def release(
+        self,
+        run_id: str,
+        *,
+        token: int,
+        due_at: float | None,
+        status: RunStatus,
+        now: float,
+    ) -> bool:
+        self._count("release")
+        tail = self._tails.get(run_id)
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
+            if doc is None or not rules.holds_lease(doc.rec, token):
+                return None, False
+            rec = doc.rec
+            if tail is not None and tail.token == token:
+                rec = rec.evolve(log_len=tail.end)
+            pending = doc.last_inbox_id > rec.inbox_pos
+            return rules.released(rec, status=status, due_at=due_at, now=now, pending=pending), True
+
+        done = await self._mutate(run_id, change)
+        self._tails.pop(run_id, None)
+        if done:
+            self._hub.publish(run_id)
+        return done
+
+    async def deliver(self, run_id: str, data: bytes, *, now: float) -> int:
+        self._count("deliver")
+        doc = await self._fetch(run_id)
+        if doc is None:
+            raise RunNotFound(run_id)
+        if doc.rec.status.is_terminal:
+            raise RunFinished(run_id, doc.rec.status.value)
+        item_id = doc.last_inbox_id + 1
+        while await self._bucket.put(self._keys.item(run_id, item_id), data, if_absent=True) is None:
+            item_id += 1  # a concurrent delivery holds this id
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, None]:
+            if doc is None:
+                raise RunNotFound(run_id)
+            if doc.rec.status.is_terminal:
+                raise RunFinished(run_id, doc.rec.status.value)
+            return doc.rec.evolve(due_at=now), None
+
+        while True:
+            latest = await self._fetch(run_id)
+            try:
+                rec, _ = change(latest)
+            except (RunNotFound, RunFinished):
+                await self._bucket.delete(self._keys.item(run_id, item_id))
+                raise
+            assert latest is not None and rec is not None
+            last = max(latest.last_inbox_id, item_id)
+            if await self._write(latest, rec, last_inbox_id=last) is not None:
+                break
+        self._hub.publish(run_id)
+        return item_id
+
+    async def request_cancel(self, run_id: str, *, now: float, revert: bool = False) -> None:
+        self._count("request_cancel")
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
+            if doc is None:
+                raise RunNotFound(run_id)
+            rec = doc.rec
+            if rec.status.is_terminal:
+                return None, False
+            wish = revert or rec.revert_requested
+            return rec.evolve(cancel_requested=True, revert_requested=wish, due_at=now), True
+
+        if await self._mutate(run_id, change):
+            self._hub.publish(run_id)
+
+    async def reopen(
+        self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
+    ) -> bool:
+        self._count("reopen")
+        got = await self._snapshot(run_id, 0, keep_len)
+        if got is None:
+            raise RunNotFound(run_id)
+        doc, kept, _ = got
+        if doc.rec.status != status or doc.rec.log_len != expected_len:
+            return False
+        gen = _nonce()[:12]
+        await self._bucket.put(self._keys.log(run_id, gen, 0), dump_log(token=doc.rec.lease_token, nonce=_nonce(), records=kept))
+
+        def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
+            if doc is None:
+                raise RunNotFound(run_id)
+            if doc.rec.status != status or doc.rec.log_len != expected_len:
+                return None, False
+            return rules.reopened(doc.rec, keep_len=len(kept), now=now), True
+
+        if not await self._mutate(run_id, change, gen=gen):
+            await self._bucket.delete(self._keys.log(run_id, gen, 0))
+            return False
+        await self._drop_generations(run_id, keep=gen)
+        self._hub.publish(run_id)
+        return True
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """The run object's record. Its ``log_len`` counts the records up to the last
+        run update; ``read`` counts the log itself."""
+        self._count("get_run")
+        doc = await self._fetch(run_id)
+        return None if doc is None else doc.rec
+
+    async def _all_runs(self) -> list[RunRecord]:
+        listed = await self._bucket.list(self._keys.runs)
+        docs = await _each(listed, lambda o: self._fetch(self._keys.run_id_of(o.key)))
+        return [d.rec for d in docs if d is not None]
+
+    async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
+        """Newest first from the creation index; each candidate's run object is read,
+        so a page costs about one GET per run it shows (plus those the filter drops)."""
+        self._count("list_runs")
+        if query.run_ids is not None:
+            docs = await _each(sorted(query.run_ids), self._fetch)
+            return rules.newest_first((d.rec for d in docs if d is not None), query)
+        listed = await self._bucket.list(self._keys.created_all)
+        order = sorted({p for p in map(parse_created, (o.key for o in listed)) if p is not None}, reverse=True)
+        order = [
+            (c, r)
+            for c, r in order
+            if (query.before is None or (c, r) < query.before)
+            and (query.created_after is None or c >= query.created_after)
+            and (query.created_before is None or c <= query.created_before)
+        ]
+        limit = None if query.limit is None else max(query.limit, 0)
+        out: list[RunRecord] = []
+        for i in range(0, len(order), 64):
+            docs = await _each(order[i : i + 64], lambda p: self._fetch(p[1]))
+            out.extend(d.rec for d in docs if d is not None and rules.matches(d.rec, query))
+            if limit is not None and len(out) >= limit:
+                break
+        return rules.newest_first(out, query)
+
+    async def count_runs(self) -> RunCounts:
+        """Reads every run object: S3 keeps no counters (a LIST per 1,000 runs + a GET each)."""
+        self._count("count_runs")
+        return rules.tally(await self._all_runs())
+
+    # -- tests and tools ------------------------------------------------------------------
+
+    async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
+        """Overwrite one stored log record (to test how bad data is handled)."""
+        doc = await self._fetch(run_id)
+        assert doc is not None
+        scan = await self._scan(run_id, doc.gen)
+        for p in reversed(scan.positions):
+            if p <= position:
+                key = self._keys.log(run_id, scan.gen, p)
+                obj = await self._object(run_id, key)
+                assert obj is not None
+                records = list(obj.records)
+                records[position - p] = data
+                self._objects.pop(key, None)
+                await self._bucket.put(key, dump_log(token=obj.token, nonce=_nonce(), records=records, update=obj.update))
+                return
+
+    async def drop_everything(self) -> None:
+        """Delete every object under this prefix (tests' cleanup); works after close() too."""
+        reopened = self._bucket._client is None
+        if reopened:
+            await self._bucket.open()
+        try:
+            listed: list[Listed] = await self._bucket.list(self._keys.root)
+            await self._bucket.delete_many([o.key for o in listed])
+        finally:
+            if reopened:
+                await self._bucket.close()
