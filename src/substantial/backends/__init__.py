@@ -185,7 +185,8 @@ def open_backend(url: str | None = None) -> Backend:
 
     ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////abs.db``,
     ``file:///dir``, ``redis://host:port/db?prefix=p``,
-    ``postgresql://user@host/db?schema=s``, ``s3://bucket/prefix?endpoint_url=...``. ``None`` means :func:`default_url`;
+    ``postgresql://user@host/db?schema=s``, ``s3://bucket/prefix?endpoint_url=...``.
+    ``None`` means :func:`default_url`;
     an empty URL or an unknown query option is a ConfigurationError.
     """
     if url is None:

@@ -300,7 +300,9 @@ class S3Registry:
     _keys: Any  # _s3_layout.Keys
 
     async def register_worker(self, info: WorkerRecord, *, now: float) -> None:
-        await self._bucket.put(self._keys.worker(info.worker_id), encode(replace(info, last_beat=now)))
+        await self._bucket.put(
+            self._keys.worker(info.worker_id), encode(replace(info, last_beat=now))
+        )
 
     async def beat_worker(self, worker_id: str, *, now: float) -> bool:
         key = self._keys.worker(worker_id)
@@ -308,7 +310,10 @@ class S3Registry:
         if got is None:
             return False
         w = decode(got[0])
-        return await self._bucket.put(key, encode(replace(w, last_beat=now)), if_match=got[1]) is not None
+        return (
+            await self._bucket.put(key, encode(replace(w, last_beat=now)), if_match=got[1])
+            is not None
+        )
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._bucket.delete(self._keys.worker(worker_id))

@@ -124,7 +124,7 @@ class Bucket:
                 raise BackendUnavailable(
                     f"{self._where()} is unreachable ({op}: {type(exc).__name__})"
                 ) from None
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise BackendUnavailable(
                     f"{self._where()} is unreachable ({op}: {type(exc).__name__})"
                 ) from None

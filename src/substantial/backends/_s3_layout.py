@@ -94,7 +94,7 @@ class Keys:
         return f"{self.root}created/"
 
     def created(self, run_id: str, created_at: float) -> str:
-        return f"{self.root}created/{time_key(_CREATED_FLIP - created_at)}/{q(run_id)}"
+        return f"{self.root}created/{created_stamp(created_at)}/{q(run_id)}"
 
     @property
     def workers(self) -> str:
@@ -123,14 +123,21 @@ def parse_due(key: str) -> DueEntry | None:
         at = float(parts[1])
     except ValueError:
         return None
-    return DueEntry(key=key, stamp=parts[1], at=at, workflow=unquote(parts[2]), run_id=unquote(parts[3]))
+    return DueEntry(
+        key=key, stamp=parts[1], at=at, workflow=unquote(parts[2]), run_id=unquote(parts[3])
+    )
 
 
-def parse_created(key: str) -> tuple[float, str] | None:
-    """``(created_at, run_id)`` of a creation-index key."""
+def created_stamp(created_at: float) -> str:
+    return time_key(_CREATED_FLIP - created_at)
+
+
+def parse_created(key: str) -> tuple[float, str, str] | None:
+    """``(created_at, run_id, stamp)`` of a creation-index key (``created_at`` to the
+    microsecond; ``stamp`` as written, to match against a run object's own)."""
     parts = key.rsplit("/", 2)
     try:
-        return _CREATED_FLIP - float(parts[1]), unquote(parts[2])
+        return _CREATED_FLIP - float(parts[1]), unquote(parts[2]), parts[1]
     except (IndexError, ValueError):
         return None
 

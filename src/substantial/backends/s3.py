@@ -72,6 +72,7 @@ from ._s3_layout import (
     Keys,
     LogObject,
     RunDoc,
+    created_stamp,
     dump_log,
     dump_run,
     load_log,
@@ -132,6 +133,9 @@ class S3Backend(S3Registry):
     endpoint_url=...)`` or ``open_backend("s3://bucket/prefix?endpoint_url=...")``.
     The bucket must exist; credentials come from the standard AWS chain."""
 
+    _bucket: Bucket
+    _keys: Keys
+
     def __init__(
         self,
         bucket: str,
@@ -187,7 +191,9 @@ class S3Backend(S3Registry):
         got = await self._bucket.get(self._keys.run(run_id))
         return None if got is None else load_run(*got)
 
-    async def _write(self, old: RunDoc, rec: RunRecord, *, eager_ok: bool = False, **more: Any) -> RunDoc | None:
+    async def _write(
+        self, old: RunDoc, rec: RunRecord, *, eager_ok: bool = False, **more: Any
+    ) -> RunDoc | None:
         """Replace the run object ``old`` (If-Match) with ``rec``; None if another
         writer came first. Moves the run's due-index entry: the new one before, the
         old one after (see the module docstring); ``eager_ok`` keeps an early entry."""
@@ -209,7 +215,10 @@ class S3Backend(S3Registry):
         return replace(new, etag=etag)
 
     async def _mutate(
-        self, run_id: str, change: Callable[[RunDoc | None], tuple[RunRecord | None, T]], **more: Any
+        self,
+        run_id: str,
+        change: Callable[[RunDoc | None], tuple[RunRecord | None, T]],
+        **more: Any,
     ) -> T:
         """Read, change, write the run object until its condition holds. ``change``
         returns the new record (None: write nothing) and the operation's result; it
@@ -259,11 +268,14 @@ class S3Backend(S3Registry):
                 positions.pop()
             return _Scan(gen, positions, last.end, last)
 
-    async def _records(self, run_id: str, gen: str, positions: list[int], start: int = 0, stop: int | None = None) -> list[bytes]:
+    async def _records(
+        self, run_id: str, gen: str, positions: list[int], start: int = 0, stop: int | None = None
+    ) -> list[bytes]:
         """The records at ``start <= pos < stop`` of the objects at ``positions``."""
         bounds = [*positions[1:], None]
         wanted = [
-            p for p, nxt in zip(positions, bounds, strict=True)
+            p
+            for p, nxt in zip(positions, bounds, strict=True)
             if (nxt is None or nxt > start) and (stop is None or p < stop)
         ]
         objs = await _each(wanted, lambda p: self._object(run_id, self._keys.log(run_id, gen, p)))
@@ -274,7 +286,9 @@ class S3Backend(S3Registry):
             out.extend(obj.records[max(start - p, 0) : None if stop is None else max(stop - p, 0)])
         return out
 
-    async def _snapshot(self, run_id: str, start: int, stop: int | None) -> tuple[RunDoc, list[bytes], int] | None:
+    async def _snapshot(
+        self, run_id: str, start: int, stop: int | None
+    ) -> tuple[RunDoc, list[bytes], int] | None:
         """The run object, its records in ``[start, stop)`` and the log's length."""
         for _ in range(10):
             doc = await self._fetch(run_id)
@@ -282,7 +296,11 @@ class S3Backend(S3Registry):
                 return None
             try:
                 tail = self._tails.get(run_id)
-                if tail is not None and tail.token == doc.rec.lease_token and doc.rec.lease_owner is not None:
+                if (
+                    tail is not None
+                    and tail.token == doc.rec.lease_token
+                    and doc.rec.lease_owner is not None
+                ):
                     gen, positions, end = tail.gen, list(tail.positions), tail.end
                 else:
                     scan = await self._scan(run_id, doc.gen)
@@ -355,10 +373,19 @@ class S3Backend(S3Registry):
         await self._bucket.put(log_key, first)
         await self._bucket.put(self._keys.created(new.run_id, new.created_at), b"")
         at = wake_at(rec)
-        doc = RunDoc(rec=rec, gen=gen, last_inbox_id=0, indexed=None if at is None else time_key(at), nonce=nonce)
+        doc = RunDoc(
+            rec=rec,
+            gen=gen,
+            last_inbox_id=0,
+            indexed=None if at is None else time_key(at),
+            nonce=nonce,
+        )
         if doc.indexed is not None:
             await self._bucket.put(self._keys.due(rec, doc.indexed), nonce.encode())
-        if await self._bucket.put(self._keys.run(new.run_id), dump_run(doc), if_absent=True) is None:
+        if (
+            await self._bucket.put(self._keys.run(new.run_id), dump_run(doc), if_absent=True)
+            is None
+        ):
             there = await self._fetch(new.run_id)
             if there is None or there.nonce != nonce:
                 await self._bucket.delete(log_key)
@@ -389,8 +416,10 @@ class S3Backend(S3Registry):
             while mine and len(claims) < limit:
                 batch, mine = mine[: limit - len(claims)], mine[limit - len(claims) :]
                 got = await _each(
-                    batch,
-                    lambda e: self._claim_one(e, seen[e.key], queue, wanted, owner, lease_seconds, now),
+                    [(e, seen[e.key]) for e in batch],
+                    lambda el: self._claim_one(
+                        el[0], el[1], queue, wanted, owner, lease_seconds, now
+                    ),
                 )
                 claims.extend(c for c in got if c is not None)
             if len(due) < len(entries) or len(page) < 100:
@@ -452,7 +481,9 @@ class S3Backend(S3Registry):
             fence = await self._bucket.put(fence_key, body, if_absent=True)
         if fence is None:
             return None  # a writer or another claimer got there first
-        claimed = rules.claimed(rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now)
+        claimed = rules.claimed(
+            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
+        )
         for _ in range(3):
             if await self._write(doc, claimed, gen=scan.gen) is not None:
                 self._tails[run_id] = _Tail(token, scan.gen, scan.positions, scan.end, fence)
@@ -464,7 +495,10 @@ class S3Backend(S3Registry):
                 return None
             doc = latest
             claimed = rules.claimed(
-                latest.rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
+                latest.rec.evolve(log_len=scan.end),
+                owner=owner,
+                lease_seconds=lease_seconds,
+                now=now,
             )
         return None
 
@@ -487,7 +521,9 @@ class S3Backend(S3Registry):
         return Snapshot(run=doc.rec.evolve(log_len=end), log=log, inbox=inbox)
 
     async def _inbox(self, run_id: str, after: int, last: int) -> list[InboxItem]:
-        listed = await self._bucket.list(self._keys.inbox(run_id), after=self._keys.item(run_id, after))
+        listed = await self._bucket.list(
+            self._keys.inbox(run_id), after=self._keys.item(run_id, after)
+        )
         ids = [i for i in (log_pos(o.key) for o in listed) if i <= last]
         got = await _each(ids, lambda i: self._bucket.get(self._keys.item(run_id, i)))
         return [InboxItem(id=i, data=g[0]) for i, g in zip(ids, got, strict=True) if g is not None]
@@ -516,8 +552,12 @@ class S3Backend(S3Registry):
         tail = await self._tail(run_id, token)
         if tail.end != expected_len:
             raise rules.log_moved(run_id, tail.end, expected_len)
-        nonce = _nonce()
         records = list(records)
+        if not records:  # a status change alone: the run object's write is fenced by token
+            if update is not None:
+                await self._settle(run_id, tail, update, now)
+            return tail.end
+        nonce = _nonce()
         body = dump_log(token=token, nonce=nonce, records=records, update=update)
         if not await self._put_at(run_id, tail, body, nonce):
             raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
@@ -574,7 +614,9 @@ class S3Backend(S3Registry):
         records = list(records)
         new_key = self._keys.log(run_id, gen, 0)
         await self._bucket.put(new_key, dump_log(token=token, nonce=nonce, records=records))
-        if not await self._put_at(run_id, tail, dump_log(token=token, nonce=nonce, seal=gen), nonce):
+        if not await self._put_at(
+            run_id, tail, dump_log(token=token, nonce=nonce, seal=gen), nonce
+        ):
             await self._bucket.delete(new_key)
             raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
         self._tails[run_id] = _Tail(token, gen, [0], len(records), None)
@@ -649,7 +691,9 @@ class S3Backend(S3Registry):
         if doc.rec.status.is_terminal:
             raise RunFinished(run_id, doc.rec.status.value)
         item_id = doc.last_inbox_id + 1
-        while await self._bucket.put(self._keys.item(run_id, item_id), data, if_absent=True) is None:
+        while (
+            await self._bucket.put(self._keys.item(run_id, item_id), data, if_absent=True) is None
+        ):
             item_id += 1  # a concurrent delivery holds this id
 
         def change(doc: RunDoc | None) -> tuple[RunRecord | None, None]:
@@ -699,7 +743,10 @@ class S3Backend(S3Registry):
         if doc.rec.status != status or doc.rec.log_len != expected_len:
             return False
         gen = _nonce()[:12]
-        await self._bucket.put(self._keys.log(run_id, gen, 0), dump_log(token=doc.rec.lease_token, nonce=_nonce(), records=kept))
+        await self._bucket.put(
+            self._keys.log(run_id, gen, 0),
+            dump_log(token=doc.rec.lease_token, nonce=_nonce(), records=kept),
+        )
 
         def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
             if doc is None:
@@ -735,19 +782,25 @@ class S3Backend(S3Registry):
             docs = await _each(sorted(query.run_ids), self._fetch)
             return rules.newest_first((d.rec for d in docs if d is not None), query)
         listed = await self._bucket.list(self._keys.created_all)
-        order = sorted({p for p in map(parse_created, (o.key for o in listed)) if p is not None}, reverse=True)
+        slack = 1e-5  # the keys hold microseconds: the exact test is rules.matches below
+        order = sorted((p for p in map(parse_created, (o.key for o in listed)) if p), reverse=True)
         order = [
-            (c, r)
-            for c, r in order
-            if (query.before is None or (c, r) < query.before)
-            and (query.created_after is None or c >= query.created_after)
-            and (query.created_before is None or c <= query.created_before)
+            p
+            for p in order
+            if (query.before is None or p[0] - slack <= query.before[0])
+            and (query.created_after is None or p[0] + slack >= query.created_after)
+            and (query.created_before is None or p[0] - slack <= query.created_before)
         ]
         limit = None if query.limit is None else max(query.limit, 0)
         out: list[RunRecord] = []
         for i in range(0, len(order), 64):
-            docs = await _each(order[i : i + 64], lambda p: self._fetch(p[1]))
-            out.extend(d.rec for d in docs if d is not None and rules.matches(d.rec, query))
+            chunk = order[i : i + 64]
+            docs = await _each(chunk, lambda p: self._fetch(p[1]))
+            for (_, _, stamp), d in zip(chunk, docs, strict=True):
+                # a run has one entry of its own; another is a lost create's
+                own = d is not None and created_stamp(d.rec.created_at) == stamp
+                if own and d is not None and rules.matches(d.rec, query):
+                    out.append(d.rec)
             if limit is not None and len(out) >= limit:
                 break
         return rules.newest_first(out, query)
@@ -772,7 +825,10 @@ class S3Backend(S3Registry):
                 records = list(obj.records)
                 records[position - p] = data
                 self._objects.pop(key, None)
-                await self._bucket.put(key, dump_log(token=obj.token, nonce=_nonce(), records=records, update=obj.update))
+                await self._bucket.put(
+                    key,
+                    dump_log(token=obj.token, nonce=_nonce(), records=records, update=obj.update),
+                )
                 return
 
     async def drop_everything(self) -> None:
