@@ -20,7 +20,7 @@ from .procs import Workers, assert_exactly_once, read_effects, read_log, wait_fo
 
 pytestmark = [
     pytest.mark.crash,
-    pytest.mark.parametrize("store", ["sqlite", "fs", "redis", "postgres"], indirect=True),
+    pytest.mark.parametrize("store", ["sqlite", "fs", "redis", "postgres", "s3"], indirect=True),
 ]
 
 LEASE = 1.0

@@ -14,7 +14,9 @@ from .conftest import Store
 from .procs import Workers, wait_for
 
 # memory:// is private to its process: worker processes cannot share it
-pytestmark = pytest.mark.parametrize("store", ["sqlite", "fs", "redis", "postgres"], indirect=True)
+pytestmark = pytest.mark.parametrize(
+    "store", ["sqlite", "fs", "redis", "postgres", "s3"], indirect=True
+)
 
 LEASE = 1.0
 

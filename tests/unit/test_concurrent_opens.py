@@ -58,7 +58,7 @@ async def _check_and_drop(url: str) -> set[str]:
         await backend.close()
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "fs", "redis", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "fs", "redis", "postgres", "s3"])
 async def test_processes_opening_a_fresh_store_at_once_all_succeed(
     kind: str, tmp_path: Path
 ) -> None:

@@ -12,6 +12,9 @@ in a message: errors name the endpoint, bucket and operation only.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import inspect
 import random
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -65,6 +68,10 @@ class Bucket:
             connect_timeout=5,
             read_timeout=30,
             s3={"addressing_style": "path"},
+            # checksums of every body cost CPU per request; S3 needs them only where
+            # an operation requires them, and TLS (or the loopback) guards the rest
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         stack = AsyncExitStack()
         self._client = await stack.enter_async_context(
@@ -73,6 +80,7 @@ class Bucket:
             )
         )
         self._stack = stack
+        _cache_endpoints(self._client)
         try:
             await self._call("head_bucket", Bucket=self.bucket)
         except _Missing:
@@ -146,8 +154,14 @@ class Bucket:
         self, key: str, data: bytes, *, if_match: str | None = None, if_absent: bool = False
     ) -> str | None:
         """Write the object; with a condition (``if_match`` an ETag, or ``if_absent``),
-        only if it holds. The new ETag, or None when the condition failed."""
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
+        only if it holds. The new ETag, or None when the condition failed.
+
+        Every PUT carries Content-MD5: the server then refuses a body that did not
+        arrive whole. Without it, a client killed between its headers and its body
+        can leave an *empty* object behind on some servers (SeaweedFS 4 does), and
+        an empty run object or log record would be a run lost."""
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentMD5": md5}
         if if_match is not None:
             kw["IfMatch"] = if_match
         elif if_absent:
@@ -207,6 +221,27 @@ class Bucket:
             token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             if token is None or (limit is not None and len(out) >= limit):
                 return out
+
+
+def _cache_endpoints(client: Any) -> None:
+    """Let botocore's endpoint cache work: it is keyed by every ruleset parameter, and
+    ``Key`` and ``Prefix`` are parameters no S3 rule reads, so each new key missed the
+    cache and re-ran the rules engine, a third of a request's CPU (botocore#3528).
+    Dropping them from the parameters changes no endpoint. A botocore without this
+    internal is left as it is."""
+    resolver = getattr(client, "_ruleset_resolver", None)
+    original = getattr(resolver, "_get_provider_params", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        return
+
+    async def params(*args: Any, **kwargs: Any) -> Any:
+        found = await original(*args, **kwargs)
+        if isinstance(found, dict):
+            for unused in ("Key", "Prefix", "CopySource"):
+                found.pop(unused, None)
+        return found
+
+    setattr(resolver, "_get_provider_params", params)  # noqa: B010
 
 
 class _Failed(Exception):

@@ -149,7 +149,9 @@ class S3Backend(S3Registry):
         self._keys = Keys(prefix)
         self._poll = poll_interval
         self._hub = shared_hub(f"s3:{endpoint_url or 'aws'}/{bucket}/{self._keys.root}")
-        self._tails: dict[str, _Tail] = {}
+        self._tails: dict[str, _Tail] = {}  # the runs this process holds: their log ends
+        self._docs: dict[str, RunDoc] = {}  # ... and the run object it wrote last
+        self._locks: dict[str, asyncio.Lock] = {}  # ... its writes of each, one at a time
         self._objects: OrderedDict[str, LogObject] = OrderedDict()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
@@ -218,18 +220,55 @@ class S3Backend(S3Registry):
         self,
         run_id: str,
         change: Callable[[RunDoc | None], tuple[RunRecord | None, T]],
+        *,
+        mine: bool = False,
         **more: Any,
     ) -> T:
         """Read, change, write the run object until its condition holds. ``change``
         returns the new record (None: write nothing) and the operation's result; it
-        may raise (RunNotFound, LeaseLost ...) to refuse."""
+        may raise (RunNotFound, LeaseLost ...) to refuse.
+
+        ``mine``: an operation of the lease holder (an update, a renewal, a release).
+        It starts from the run object this process wrote last, as the holder is
+        usually its last writer (one PUT, no GET; a stale copy only costs a failed
+        condition), and the holder's writes of one run go one at a time."""
+        if not mine:
+            return await self._mutate_now(run_id, change, None, **more)
+        lock = self._locks.get(run_id)
+        if lock is None:
+            lock = self._locks[run_id] = asyncio.Lock()
+        async with lock:
+            return await self._mutate_now(run_id, change, self._docs.get(run_id), **more)
+
+    async def _mutate_now(
+        self,
+        run_id: str,
+        change: Callable[[RunDoc | None], tuple[RunRecord | None, T]],
+        doc: RunDoc | None,
+        **more: Any,
+    ) -> T:
         while True:
-            doc = await self._fetch(run_id)
+            if doc is None:
+                doc = await self._fetch(run_id)
             rec, result = change(doc)
             if rec is None or doc is None:
                 return result
-            if await self._write(doc, rec, **more) is not None:
+            written = await self._write(doc, rec, **more)
+            if written is not None:
+                if written.rec.lease_owner is not None and run_id in self._tails:
+                    self._docs[run_id] = written
+                else:
+                    self._drop_held(run_id)
                 return result
+            doc = None
+
+    def _drop_held(self, run_id: str) -> None:
+        """Forget what this process kept for a run it no longer holds."""
+        self._tails.pop(run_id, None)
+        self._docs.pop(run_id, None)
+        lock = self._locks.get(run_id)
+        if lock is not None and not lock.locked():
+            del self._locks[run_id]
 
     # -- the log --------------------------------------------------------------------------
 
@@ -338,6 +377,22 @@ class S3Backend(S3Registry):
         self._tails[run_id] = tail
         return tail
 
+    async def _tail_at(self, run_id: str, token: int, expected_len: int) -> _Tail:
+        """The tail, if the log is ``expected_len`` long (else "log moved"). A known
+        end that disagrees is checked against the store first: another writer with
+        this token (this run's lost lease, not yet noticed) may have moved it."""
+        tail = await self._tail(run_id, token)
+        if tail.end != expected_len:
+            self._forget(run_id, tail)
+            tail = await self._tail(run_id, token)
+            if tail.end != expected_len:
+                raise rules.log_moved(run_id, tail.end, expected_len)
+        return tail
+
+    def _forget(self, run_id: str, tail: _Tail) -> None:
+        if self._tails.get(run_id) is tail:
+            del self._tails[run_id]
+
     async def _put_at(self, run_id: str, tail: _Tail, body: bytes, nonce: str) -> bool:
         """Write the log object at the tail's end: replacing our fence, or a new
         position. False if another writer holds that position."""
@@ -404,6 +459,7 @@ class S3Backend(S3Registry):
         now: float,
     ) -> list[Claim]:
         self._count("claim_due")
+        started = time.monotonic()
         wanted = set(workflows)
         claims: list[Claim] = []
         after: str | None = None
@@ -418,7 +474,7 @@ class S3Backend(S3Registry):
                 got = await _each(
                     [(e, seen[e.key]) for e in batch],
                     lambda el: self._claim_one(
-                        el[0], el[1], queue, wanted, owner, lease_seconds, now
+                        el[0], el[1], queue, wanted, owner, lease_seconds, now, started
                     ),
                 )
                 claims.extend(c for c in got if c is not None)
@@ -436,7 +492,12 @@ class S3Backend(S3Registry):
         owner: str,
         lease_seconds: float,
         now: float,
+        started: float,
     ) -> Claim | None:
+        """Claim the run of one due entry, or None. The lease runs from when it is
+        written (``now`` plus the time this scan took), not from the scan's start:
+        under load a scan's requests queue, and the lease must not lapse before the
+        claimer's first renewal."""
         run_id = entry.run_id
         doc = await self._fetch(run_id)
         if doc is None:
@@ -481,12 +542,15 @@ class S3Backend(S3Registry):
             fence = await self._bucket.put(fence_key, body, if_absent=True)
         if fence is None:
             return None  # a writer or another claimer got there first
+        at = now + (time.monotonic() - started)
         claimed = rules.claimed(
-            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
+            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=at
         )
         for _ in range(3):
-            if await self._write(doc, claimed, gen=scan.gen) is not None:
+            written = await self._write(doc, claimed, gen=scan.gen)
+            if written is not None:
                 self._tails[run_id] = _Tail(token, scan.gen, scan.positions, scan.end, fence)
+                self._docs[run_id] = written
                 return Claim(run_id=run_id, token=token)
             latest = await self._fetch(run_id)  # a delivery or cancel came first?
             if latest is None or latest.rec.lease_token != rec.lease_token:
@@ -498,7 +562,7 @@ class S3Backend(S3Registry):
                 latest.rec.evolve(log_len=scan.end),
                 owner=owner,
                 lease_seconds=lease_seconds,
-                now=now,
+                now=at,
             )
         return None
 
@@ -549,9 +613,7 @@ class S3Backend(S3Registry):
         now: float,
     ) -> int:
         self._count("append")
-        tail = await self._tail(run_id, token)
-        if tail.end != expected_len:
-            raise rules.log_moved(run_id, tail.end, expected_len)
+        tail = await self._tail_at(run_id, token, expected_len)
         records = list(records)
         if not records:  # a status change alone: the run object's write is fenced by token
             if update is not None:
@@ -560,6 +622,7 @@ class S3Backend(S3Registry):
         nonce = _nonce()
         body = dump_log(token=token, nonce=nonce, records=records, update=update)
         if not await self._put_at(run_id, tail, body, nonce):
+            self._forget(run_id, tail)
             raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
         pos = tail.end
         self._remember(
@@ -590,10 +653,13 @@ class S3Backend(S3Registry):
             return rec, None
 
         try:
-            await self._mutate(run_id, change, gen=gen)
+            await self._mutate(run_id, change, mine=True, gen=gen)
+        except LeaseLost:
+            self._drop_held(run_id)
+            raise
         finally:
             if ends or rules.ends_lease(update):
-                self._tails.pop(run_id, None)
+                self._drop_held(run_id)
         if ends:
             self._hub.publish(run_id)
 
@@ -607,9 +673,7 @@ class S3Backend(S3Registry):
         now: float,
     ) -> int:
         self._count("rewrite_log")
-        tail = await self._tail(run_id, token)
-        if tail.end != expected_len:
-            raise rules.log_moved(run_id, tail.end, expected_len)
+        tail = await self._tail_at(run_id, token, expected_len)
         gen, nonce = _nonce()[:12], _nonce()
         records = list(records)
         new_key = self._keys.log(run_id, gen, 0)
@@ -626,7 +690,7 @@ class S3Backend(S3Registry):
                 return None, None  # the seal is the commit; a later claimer follows it
             return doc.rec.evolve(log_len=len(records)), None
 
-        await self._mutate(run_id, change, gen=gen)
+        await self._mutate(run_id, change, mine=True, gen=gen)
         await self._drop_generations(run_id, keep=gen)
         return len(records)
 
@@ -641,6 +705,7 @@ class S3Backend(S3Registry):
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
     ) -> set[str]:
         self._count("renew")
+        started = time.monotonic()
 
         async def one(item: tuple[str, int]) -> bool:
             run_id, token = item
@@ -648,9 +713,11 @@ class S3Backend(S3Registry):
             def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
                 if doc is None or not rules.holds_lease(doc.rec, token):
                     return None, False
-                return doc.rec.evolve(lease_expires_at=now + lease_seconds), True
+                # from when it is written: a renewal that queued must not come short
+                at = now + (time.monotonic() - started)
+                return doc.rec.evolve(lease_expires_at=at + lease_seconds), True
 
-            return await self._mutate(run_id, change, eager_ok=True)
+            return await self._mutate(run_id, change, mine=True, eager_ok=True)
 
         items = list(leases.items())
         held = await _each(items, one)
@@ -677,8 +744,8 @@ class S3Backend(S3Registry):
             pending = doc.last_inbox_id > rec.inbox_pos
             return rules.released(rec, status=status, due_at=due_at, now=now, pending=pending), True
 
-        done = await self._mutate(run_id, change)
-        self._tails.pop(run_id, None)
+        done = await self._mutate(run_id, change, mine=True)
+        self._drop_held(run_id)
         if done:
             self._hub.publish(run_id)
         return done
