@@ -27,6 +27,17 @@ SERVERS = ["redis", "postgres"]  # servers that notify every process of changes
 OBJECT = ["s3"]  # SeaweedFS on loopback (tests/seaweed.py): hints in-process, polling across
 ALL = LOCAL + SERVERS + OBJECT
 
+# An S3 request is a network round trip (a few ms alone; under the crash and load
+# tests' load on 2 cores, a few hundred ms at p99), and a claim or a renewal takes
+# several: a lease on an object store must outlast that, so those tests give S3 at
+# least this one (the library's default lease is 30 s).
+S3_MIN_LEASE = 4.0
+
+
+def lease_for(kind: str, seconds: float) -> float:
+    """The lease a crash or load test gives its workers on ``kind``."""
+    return max(seconds, S3_MIN_LEASE) if kind == "s3" else seconds
+
 
 def unavailable(what: str, exc: BaseException) -> None:
     """Skip locally when a server is missing; fail in CI, where it must run."""

@@ -26,7 +26,7 @@ from ..backends import unavailable, url_for
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.cli.app:conductor"
-STORES = ["sqlite", "postgres"]
+STORES = ["sqlite", "postgres", "s3"]
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -107,13 +107,13 @@ async def _check_and_drop(url: str, *, drop: bool) -> None:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     kind: str = request.param
     url, _ = url_for(kind, tmp_path)
-    if kind == "postgres":
+    if kind in ("postgres", "s3"):
         try:
             asyncio.run(_check_and_drop(url, drop=False))
         except Exception as exc:
             unavailable(kind, exc)
     yield Store(kind=kind, url=url, tmp=tmp_path)
-    if kind == "postgres":
+    if kind in ("postgres", "s3"):
         asyncio.run(_check_and_drop(url, drop=True))
 
 

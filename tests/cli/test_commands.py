@@ -217,6 +217,9 @@ def test_logs_follow_streams_until_the_run_ends(store: Store, workers: Workers) 
 
 
 def test_migrate_prints_the_schema_version(store: Store) -> None:
+    if store.kind == "s3":
+        assert "nothing to migrate" in store.ok("migrate")  # its format has one version yet
+        return
     version = int(store.ok("migrate"))
     assert version >= 1
     assert json.loads(store.ok("migrate", "--json")) == {"version": version}  # idempotent

@@ -13,6 +13,7 @@ import pytest
 
 from substantial import RunStatus
 
+from ..backends import lease_for
 from .conftest import Store
 from .procs import (
     Workers,
@@ -23,7 +24,10 @@ from .procs import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.crash, pytest.mark.parametrize("store", ["sqlite", "fs"], indirect=True)]
+pytestmark = [
+    pytest.mark.crash,
+    pytest.mark.parametrize("store", ["sqlite", "fs", "s3"], indirect=True),
+]
 
 LEASE = 1.0
 
@@ -32,7 +36,7 @@ async def test_killed_worker_mid_workflow_is_finished_by_a_new_one(
     store: Store, workers: Workers, effects: Path
 ) -> None:
     n = 20
-    [first] = await workers.start(lease=LEASE)
+    [first] = await workers.start(lease=lease_for(store.kind, LEASE))
     # hold: the worker stays 0.1 s in each step's function after its effect, so the
     # kill below (as soon as the 6th effect shows) most likely lands inside step 5
     kwargs = {"n": n, "sleep": 0.05, "hold": 0.1}
@@ -47,7 +51,7 @@ async def test_killed_worker_mid_workflow_is_finished_by_a_new_one(
     assert len(before) < n, "the run finished before the kill: nothing was tested"
     assert await handle.status() not in (RunStatus.COMPLETED, RunStatus.FAILED)
 
-    [second] = await workers.start(lease=LEASE)
+    [second] = await workers.start(lease=lease_for(store.kind, LEASE))
     assert await handle.result(timeout=60) == list(range(n))
 
     report = assert_exactly_once(
@@ -65,7 +69,7 @@ async def test_two_workers_one_killed_and_replaced(
 ) -> None:
     # lease 2 s, not 1: with ~50 runs per worker a heartbeat pass can take most of a
     # second on this store (see test_many_workers.test_many_runs_short_lease)
-    runs, n, lease = 100, 5, 2.0
+    runs, n, lease = 100, 5, lease_for(store.kind, 2.0)
     a, b = await workers.start(2, lease=lease)
     ids = [f"r{i:03}" for i in range(runs)]
     c = store.conductor
@@ -111,7 +115,7 @@ async def test_killed_worker_mid_compacted_loop_is_finished_by_a_new_one(
 async def compacted_loop_survives_a_kill(store: Store, workers: Workers, effects: Path) -> None:
     """Shared with the Redis and PostgreSQL suite (test_many_workers)."""
     n = 30
-    [first] = await workers.start(lease=LEASE)
+    [first] = await workers.start(lease=lease_for(store.kind, LEASE))
     handle = await store.conductor.start("compacting", {"n": n, "sleep": 0.03}, run_id="cmp")
 
     def progress() -> int:
@@ -121,7 +125,7 @@ async def compacted_loop_survives_a_kill(store: Store, workers: Workers, effects
     first.kill()
     assert progress() < n, "the run finished before the kill: nothing was tested"
 
-    await workers.start(lease=LEASE)
+    await workers.start(lease=lease_for(store.kind, LEASE))
     assert await handle.result(timeout=60) == n
     assert_exactly_once(
         effects, expected={"cmp": n}, killed=workers.killed_pids, context=workers.logs()

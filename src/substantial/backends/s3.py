@@ -94,9 +94,11 @@ def _nonce() -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def _each(items: Sequence[Any], fn: Callable[[Any], Awaitable[T]]) -> list[T]:
-    """``fn`` over ``items`` with at most ``_PARALLEL`` in flight, results in order."""
-    gate = asyncio.Semaphore(_PARALLEL)
+async def _each(
+    items: Sequence[Any], fn: Callable[[Any], Awaitable[T]], parallel: int = _PARALLEL
+) -> list[T]:
+    """``fn`` over ``items`` with at most ``parallel`` in flight, results in order."""
+    gate = asyncio.Semaphore(parallel)
 
     async def one(item: Any) -> T:
         async with gate:
@@ -194,14 +196,20 @@ class S3Backend(S3Registry):
         return None if got is None else load_run(*got)
 
     async def _write(
-        self, old: RunDoc, rec: RunRecord, *, eager_ok: bool = False, **more: Any
+        self, old: RunDoc, rec: RunRecord, *, keep_after: float | None = None, **more: Any
     ) -> RunDoc | None:
         """Replace the run object ``old`` (If-Match) with ``rec``; None if another
         writer came first. Moves the run's due-index entry: the new one before, the
-        old one after (see the module docstring); ``eager_ok`` keeps an early entry."""
+        old one after (see the module docstring). ``keep_after``: keep an early entry
+        that is not due before that time (a renewal moves it only every other time)."""
         at = wake_at(rec)
         indexed = None if at is None else time_key(at)
-        if eager_ok and old.indexed is not None and at is not None and float(old.indexed) <= at:
+        if (
+            keep_after is not None
+            and old.indexed is not None
+            and at is not None
+            and keep_after < float(old.indexed) <= at
+        ):
             indexed = old.indexed
         new = replace(old, rec=rec, indexed=indexed, nonce=_nonce(), **more)
         if indexed is not None and indexed != old.indexed:
@@ -459,7 +467,6 @@ class S3Backend(S3Registry):
         now: float,
     ) -> list[Claim]:
         self._count("claim_due")
-        started = time.monotonic()
         wanted = set(workflows)
         claims: list[Claim] = []
         after: str | None = None
@@ -474,7 +481,7 @@ class S3Backend(S3Registry):
                 got = await _each(
                     [(e, seen[e.key]) for e in batch],
                     lambda el: self._claim_one(
-                        el[0], el[1], queue, wanted, owner, lease_seconds, now, started
+                        el[0], el[1], queue, wanted, owner, lease_seconds, now
                     ),
                 )
                 claims.extend(c for c in got if c is not None)
@@ -492,12 +499,8 @@ class S3Backend(S3Registry):
         owner: str,
         lease_seconds: float,
         now: float,
-        started: float,
     ) -> Claim | None:
-        """Claim the run of one due entry, or None. The lease runs from when it is
-        written (``now`` plus the time this scan took), not from the scan's start:
-        under load a scan's requests queue, and the lease must not lapse before the
-        claimer's first renewal."""
+        """Claim the run of one due entry, or None."""
         run_id = entry.run_id
         doc = await self._fetch(run_id)
         if doc is None:
@@ -542,9 +545,8 @@ class S3Backend(S3Registry):
             fence = await self._bucket.put(fence_key, body, if_absent=True)
         if fence is None:
             return None  # a writer or another claimer got there first
-        at = now + (time.monotonic() - started)
         claimed = rules.claimed(
-            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=at
+            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
         )
         for _ in range(3):
             written = await self._write(doc, claimed, gen=scan.gen)
@@ -562,7 +564,7 @@ class S3Backend(S3Registry):
                 latest.rec.evolve(log_len=scan.end),
                 owner=owner,
                 lease_seconds=lease_seconds,
-                now=at,
+                now=now,
             )
         return None
 
@@ -705,7 +707,6 @@ class S3Backend(S3Registry):
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
     ) -> set[str]:
         self._count("renew")
-        started = time.monotonic()
 
         async def one(item: tuple[str, int]) -> bool:
             run_id, token = item
@@ -713,14 +714,16 @@ class S3Backend(S3Registry):
             def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
                 if doc is None or not rules.holds_lease(doc.rec, token):
                     return None, False
-                # from when it is written: a renewal that queued must not come short
-                at = now + (time.monotonic() - started)
-                return doc.rec.evolve(lease_expires_at=at + lease_seconds), True
+                return doc.rec.evolve(lease_expires_at=now + lease_seconds), True
 
-            return await self._mutate(run_id, change, mine=True, eager_ok=True)
+            # The index entry stays at an older expiry until that is half a lease
+            # away: then it moves (two requests more), so no claimer ever finds a
+            # held run due and every other renewal is one PUT.
+            keep = now + lease_seconds / 2
+            return await self._mutate(run_id, change, mine=True, keep_after=keep)
 
         items = list(leases.items())
-        held = await _each(items, one)
+        held = await _each(items, one, parallel=max(len(items), 1))  # all at once
         return {run_id for (run_id, _), ok in zip(items, held, strict=True) if ok}
 
     async def release(
