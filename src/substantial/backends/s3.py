@@ -158,6 +158,16 @@ class S3Backend(S3Registry):
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     @property
+    def bucket(self) -> Bucket:
+        """The client of this store's bucket (for tools: the bench's raw PUT)."""
+        return self._bucket
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of every object of this store ("" or ending in "/")."""
+        return self._keys.root
+
+    @property
     def requests(self) -> dict[str, int]:
         """S3 requests made so far, by kind (the bench's cost model counts these)."""
         return self._bucket.requests
