@@ -42,12 +42,23 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        # The runs a claim may take (a due time, not terminal): a claim scans these,
+        # not every run the store ever held (a test's store keeps thousands ended).
+        self._due: dict[str, _Run] = {}
         self._workers: dict[str, WorkerRecord] = {}
         self._hub = LocalHub()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
+
+    def _set(self, r: _Run, rec: RunRecord) -> None:
+        """The one way a run's record changes: the claim index follows it."""
+        r.rec = rec
+        if rec.due_at is not None and not rec.status.is_terminal:
+            self._due[rec.run_id] = r
+        else:
+            self._due.pop(rec.run_id, None)
 
     @property
     def poll_interval(self) -> float | None:
@@ -67,7 +78,8 @@ class MemoryBackend:
         if new.run_id in self._runs:
             return False
         log = [new.first_record, *new.more_records]
-        self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=log)
+        run = self._runs[new.run_id] = _Run(rec=rules.new_record(new), log=log)
+        self._set(run, run.rec)
         self._hub.publish(new.run_id)
         return True
 
@@ -83,11 +95,11 @@ class MemoryBackend:
     ) -> list[Claim]:
         self._count("claim_due")
         wanted = set(workflows)
-        due = [r for r in self._runs.values() if rules.claimable(r.rec, queue, wanted, now)]
+        due = [r for r in self._due.values() if rules.claimable(r.rec, queue, wanted, now)]
         due.sort(key=lambda r: (r.rec.due_at or 0.0, r.rec.created_at, r.rec.run_id))
         claims = []
         for r in due[: max(limit, 0)]:
-            r.rec = rules.claimed(r.rec, owner=owner, lease_seconds=lease_seconds, now=now)
+            self._set(r, rules.claimed(r.rec, owner=owner, lease_seconds=lease_seconds, now=now))
             claims.append(Claim(run_id=r.rec.run_id, token=r.rec.lease_token))
         return claims
 
@@ -130,7 +142,7 @@ class MemoryBackend:
         rec, ends = rules.appended(
             r.rec, update, log_len=len(r.log), last_inbox_id=r.last_inbox_id, now=now
         )
-        r.rec = rec
+        self._set(r, rec)
         if ends:
             self._hub.publish(run_id)
         return rec.log_len
@@ -147,7 +159,7 @@ class MemoryBackend:
         self._count("rewrite_log")
         r = self._owned(run_id, token, expected_len)
         r.log = list(records)
-        r.rec = r.rec.evolve(log_len=len(r.log))
+        self._set(r, r.rec.evolve(log_len=len(r.log)))
         return r.rec.log_len
 
     async def renew(
@@ -159,7 +171,7 @@ class MemoryBackend:
             r = self._runs.get(run_id)
             if r is None or not rules.holds_lease(r.rec, token):
                 continue
-            r.rec = r.rec.evolve(lease_expires_at=now + lease_seconds)
+            self._set(r, r.rec.evolve(lease_expires_at=now + lease_seconds))
             held.add(run_id)
         return held
 
@@ -177,7 +189,7 @@ class MemoryBackend:
         if r is None or not rules.holds_lease(r.rec, token):
             return False
         pending = r.last_inbox_id > r.rec.inbox_pos
-        r.rec = rules.released(r.rec, status=status, due_at=due_at, now=now, pending=pending)
+        self._set(r, rules.released(r.rec, status=status, due_at=due_at, now=now, pending=pending))
         self._hub.publish(run_id)
         return True
 
@@ -190,7 +202,7 @@ class MemoryBackend:
             raise RunFinished(run_id, r.rec.status.value)
         r.last_inbox_id += 1
         r.inbox.append(InboxItem(id=r.last_inbox_id, data=data))
-        r.rec = r.rec.evolve(due_at=now)
+        self._set(r, r.rec.evolve(due_at=now))
         self._hub.publish(run_id)
         return r.last_inbox_id
 
@@ -202,7 +214,7 @@ class MemoryBackend:
         if r.rec.status.is_terminal:
             return
         revert = revert or r.rec.revert_requested
-        r.rec = r.rec.evolve(cancel_requested=True, revert_requested=revert, due_at=now)
+        self._set(r, r.rec.evolve(cancel_requested=True, revert_requested=revert, due_at=now))
         self._hub.publish(run_id)
 
     async def reopen(
@@ -215,7 +227,7 @@ class MemoryBackend:
         if r.rec.status != status or r.rec.log_len != expected_len:
             return False
         del r.log[keep_len:]
-        r.rec = rules.reopened(r.rec, keep_len=keep_len, now=now)
+        self._set(r, rules.reopened(r.rec, keep_len=keep_len, now=now))
         self._hub.publish(run_id)
         return True
 
