@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import Store, Workers, one_error_line, wait_until
+from .conftest import WITH_S3, Store, Workers, one_error_line, wait_until
 
 
 def start(store: Store, *args: str) -> str:
@@ -37,6 +37,7 @@ def test_workers_lists_the_live_workers(store: Store, workers: Workers) -> None:
     assert json.loads(store.ok("workers", "--json")) == {"workers": []}
 
 
+@WITH_S3
 def test_resume_replays_a_failed_run_after_the_fix(store: Store, workers: Workers) -> None:
     workers.start()
     path, fixed = store.tmp / "effects", store.tmp / "fixed"

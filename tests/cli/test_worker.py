@@ -15,7 +15,7 @@ import pytest
 from substantial import Conductor, RunStatus
 
 from .app import approval, boom, double
-from .conftest import APP, Store, Workers, one_error_line, wait_until
+from .conftest import APP, WITH_S3, Store, Workers, one_error_line, wait_until
 
 
 def status(store: Store, run_id: str) -> str:
@@ -51,6 +51,7 @@ def test_a_conductor_attribute_uses_its_own_store_without_backend(
     assert json.loads(store.ok("result", run_id, "--timeout", "30")) == 4
 
 
+@WITH_S3
 def test_worker_options_reach_the_worker(store: Store, workers: Workers) -> None:
     worker = workers.start(APP, "--queue", "slow", "--queue", "bulk", "--concurrency", "3",
                            "--lease", "7.5")  # fmt: skip
@@ -166,6 +167,7 @@ def noted(notes: Path) -> list[tuple[str, str, int]]:
 
 
 @pytest.mark.crash
+@WITH_S3
 def test_processes_restart_a_killed_child_and_every_run_completes_once(
     store: Store, workers: Workers
 ) -> None:
