@@ -3,13 +3,14 @@ credentials, and the requests a step costs (SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import pytest
 
 from substantial.backends import NewRun, open_backend
 from substantial.backends.s3 import S3Backend
-from substantial.errors import ConfigurationError
+from substantial.errors import BackendUnavailable, ConfigurationError
 
 from .. import seaweed
 from ..backends import unavailable
@@ -79,3 +80,17 @@ async def test_a_step_costs_one_conditional_put() -> None:
     finally:
         await backend.drop_everything()
         await backend.close()
+
+
+async def test_an_unreachable_endpoint_is_backend_unavailable_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-key-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = open_backend(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{port}&region=us-east-1")
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}") as info:
+        await backend.open()
+    assert "s3cr3t-key-value" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value)

@@ -100,6 +100,7 @@ class Bucket:
 
     async def _call(self, op: str, **kw: Any) -> Any:
         """One request; 409 conflicts retried; failures mapped to our errors."""
+        from aiohttp import ClientError as HTTPError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         if self._client is None:
@@ -132,7 +133,7 @@ class Bucket:
                 raise BackendUnavailable(
                     f"{self._where()} is unreachable ({op}: {type(exc).__name__})"
                 ) from None
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError, HTTPError) as exc:
                 raise BackendUnavailable(
                     f"{self._where()} is unreachable ({op}: {type(exc).__name__})"
                 ) from None
