@@ -64,7 +64,7 @@ class Bucket:
             ) from exc
         config = AioConfig(
             max_pool_connections=self._pool,
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": 3},  # botocore's default
             connect_timeout=5,
             read_timeout=30,
             s3={"addressing_style": "path"},
