@@ -105,7 +105,10 @@ async def many_runs(store: Store, workers: Workers, effects: Path, lease: float)
 async def test_many_runs_on_four_workers_each_step_once(
     store: Store, workers: Workers, effects: Path
 ) -> None:
-    await many_runs(store, workers, effects, lease_on(store, LOAD_LEASE))
+    # S3: the library's default lease. With 10 s, one CI run in three lost a lease under
+    # this load (renewals queued behind step traffic on 2 cores); see the stop note.
+    lease = 30.0 if store.kind == "s3" else LOAD_LEASE
+    await many_runs(store, workers, effects, lease)
 
 
 @pytest.mark.parametrize("store", SERVERS, indirect=True)
