@@ -30,31 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from _machine import machine  # bench/ is the script's own directory on sys.path
+from run import PAYLOAD, steps  # the same step workflow and record as the main bench
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.seaweed, the launcher the tests use
 
 from tests import seaweed  # noqa: E402
 
-from substantial import Conductor, Context, workflow  # noqa: E402
+from substantial import Conductor  # noqa: E402
 from substantial.backends import NewRun, open_backend  # noqa: E402
 from substantial.backends.s3 import S3Backend  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 PRICE = {"put_object": 0.005, "list_objects_v2": 0.005, "get_object": 0.0004,
          "head_bucket": 0.0004, "delete_object": 0.0, "delete_objects": 0.0}  # $/1000  # fmt: skip
-PAYLOAD = b'{"k":"call","s":1,"p":"save","at":"run.py:42","v":1}'
-
-
-@workflow(name="bench.s3.steps")
-async def steps(c: Context, n: int) -> int:
-    for i in range(n):
-
-        async def step(i: int = i) -> int:
-            return i
-
-        await c.save(step)
-    return n
 
 
 def _open(url: str) -> S3Backend:
