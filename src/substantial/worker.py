@@ -62,6 +62,7 @@ class Worker:
         self._active: dict[str, tuple[RunSession | None, asyncio.Task[None]]] = {}
         self._tokens: dict[str, int] = {}  # lease token of each active run, from its claim
         self._kick = asyncio.Event()
+        self._beat_now = asyncio.Event()  # a slow claim pass: renew what it claimed early
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
         self._outage = Outage(f"store {journal.label}", log)
@@ -193,6 +194,7 @@ class Worker:
             got = 0
             if free > 0:
                 try:
+                    started = self.journal.clock()  # the clock leases run on
                     for queue in opts.queues:
                         claims = await self.journal.claim(
                             queue=queue,
@@ -204,6 +206,10 @@ class Worker:
                         for c in claims:
                             self._start(c)
                         got += len(claims)
+                    if got and self.journal.clock() - started > opts.lease / 6:
+                        # the first runs of a slow pass have spent part of their lease
+                        # waiting for it; the next beat may be a third of a lease away
+                        self._beat_now.set()
                     backoff.reset()
                     self._outage.ok()
                 except Exception as exc:  # the loop must outlive any store hiccup
@@ -322,13 +328,18 @@ class Worker:
         the store's connections and the last ones land after their lease expired.
         The next beat is timed from this one's start, so a slow renewal does not
         stretch the period either. The first beat is at once: a heartbeat restarted
-        after a failure must not leave the leases unrenewed for another period."""
+        after a failure must not leave the leases unrenewed for another period. A
+        claim pass that took long asks for a beat at once: the leases of the runs it
+        claimed first have been running since it began."""
         interval = self.options.lease / 3
         clock = asyncio.get_running_loop().time
         next_beat = clock()
         while True:
-            await asyncio.sleep(max(next_beat - clock(), 0.0))
-            next_beat = max(next_beat + interval, clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), max(next_beat - clock(), 0.0))
+            self._beat_now.clear()
+            # timed from this beat (an early one renews everything just the same)
+            next_beat = max(min(next_beat, clock()) + interval, clock())
             held = {  # loading runs too: a slow first read must not outlive the lease
                 run_id: (session, task)
                 for run_id, (session, task) in self._active.items()

@@ -64,6 +64,52 @@ async def test_a_failing_heartbeat_is_restarted_and_leases_are_kept(
 
 
 @workflow()
+async def gated(c: Context) -> str:
+    async def work() -> str:
+        await release_gated.wait()
+        return "done"
+
+    return await c.save(work)
+
+
+release_gated = asyncio.Event()
+
+
+async def test_a_slow_claim_pass_renews_what_it_claimed_at_once() -> None:
+    """A claim pass that took a sixth of the lease or more is followed by a
+    renewal right away, not at the heartbeat's next period: the runs it claimed
+    first have been on their leases since the pass began. The store's clock moves
+    11 s during the claim (lease 60 s, so the period is 20 s of real time)."""
+    release_gated.clear()
+    now = [1_000_000.0]
+    c = Conductor(MemoryBackend(), clock=lambda: now[0])
+    c.register(gated)
+    real_claim, real_renew = c.journal.claim, c.journal.renew
+    renewed: asyncio.Queue[set[str]] = asyncio.Queue()
+
+    async def slow_claim(**kw: Any) -> list[Any]:
+        got = await real_claim(**kw)
+        if got:  # the pass takes its time (the heartbeat's first beat passes meanwhile)
+            await asyncio.sleep(0.05)
+            now[0] += 11
+        return got
+
+    async def recording_renew(leases: Mapping[str, int], lease: float) -> set[str]:
+        renewed.put_nowait(set(leases))
+        return await real_renew(leases, lease)
+
+    c.journal.claim = slow_claim  # type: ignore[method-assign]
+    c.journal.renew = recording_renew  # type: ignore[method-assign]
+    async with worker(c, lease=60):
+        h = await c.start(gated)
+        held = await asyncio.wait_for(renewed.get(), timeout=10)  # the period is 20 s
+        assert held == {h.run_id}
+        release_gated.set()
+        assert await h.result(timeout=10) == "done"
+    await c.close()
+
+
+@workflow()
 async def quick(c: Context) -> int:
     return int(await c.save(lambda: 7))
 

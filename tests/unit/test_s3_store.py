@@ -3,6 +3,7 @@ credentials, and the requests a step costs (SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 
@@ -94,3 +95,34 @@ async def test_an_unreachable_endpoint_is_backend_unavailable_naming_it(
     with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}") as info:
         await backend.open()
     assert "s3cr3t-key-value" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value)
+
+
+async def test_a_slow_claim_pass_ends_early_and_the_next_takes_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every run a pass claims is on its lease from the pass's start, and none is
+    renewed before the pass returns: so a pass stops claiming after a quarter lease
+    (half a second at least), here with every GET slowed to a quarter second."""
+    backend = open_backend(_url())
+    assert isinstance(backend, S3Backend)
+    await backend.open()
+    try:
+        for i in range(40):
+            new = NewRun(run_id=f"r{i:02}", workflow="wf", queue="q", first_record=b"0",
+                         created_at=T0, due_at=T0)  # fmt: skip
+            await backend.create_run(new)
+        real_get = backend.bucket.get
+
+        async def slow_get(key: str) -> tuple[bytes, str] | None:
+            await asyncio.sleep(0.25)
+            return await real_get(key)
+
+        monkeypatch.setattr(backend.bucket, "get", slow_get)
+        kw = {"queue": "q", "workflows": ["wf"], "limit": 40, "owner": "w", "lease_seconds": 2.0}
+        first = await backend.claim_due(**kw, now=T0)  # type: ignore[arg-type]
+        assert 0 < len(first) < 40
+        second = await backend.claim_due(**kw, now=T0)  # type: ignore[arg-type]
+        assert second and not {c.run_id for c in first} & {c.run_id for c in second}
+    finally:
+        await backend.drop_everything()
+        await backend.close()

@@ -87,6 +87,7 @@ from ._s3_layout import (
 T = TypeVar("T")
 _PARALLEL = 16  # requests in flight for one operation (a log read, a claim scan)
 _ORPHAN_AGE = 60.0  # a due entry whose run object is missing this long: a create that died
+_MIN_PASS = 0.5  # ... but always runs this long, so a pass makes progress
 _CACHE = 4096  # log objects kept in memory (they never change once written)
 
 
@@ -480,14 +481,18 @@ class S3Backend(S3Registry):
         wanted = set(workflows)
         claims: list[Claim] = []
         after: str | None = None
-        while len(claims) < limit:
+        # A pass starts no batch after a quarter lease: the runs it claimed first wait
+        # for it to return before anything renews them (the next pass takes the rest).
+        stop = time.monotonic() + max(lease_seconds / 4, _MIN_PASS)
+        while len(claims) < limit and time.monotonic() < stop:
             page = await self._bucket.list(self._keys.queue(queue), after=after, limit=100)
             entries = [e for e in map(parse_due, (o.key for o in page)) if e is not None]
             due = [e for e in entries if e.at <= now]
             seen = {o.key: o for o in page}
             mine = [e for e in due if e.workflow in wanted]
-            while mine and len(claims) < limit:
-                batch, mine = mine[: limit - len(claims)], mine[limit - len(claims) :]
+            while mine and len(claims) < limit and time.monotonic() < stop:
+                size = min(limit - len(claims), _PARALLEL)
+                batch, mine = mine[:size], mine[size:]
                 got = await _each(
                     [(e, seen[e.key]) for e in batch],
                     lambda el: self._claim_one(
