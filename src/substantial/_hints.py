@@ -59,6 +59,12 @@ class HintRelay:
         with contextlib.suppress(ValueError):
             self._targets.remove(target)
 
+    def nudge(self) -> None:
+        """Tell every party to look again, as the store's ``""`` does: something
+        no store hints has changed (a test environment's clock moved)."""
+        for target in list(self._targets):
+            target("")
+
     async def _listen(self) -> None:
         async for run_id in self._journal.hints():
             self._ready.set()

@@ -108,6 +108,7 @@ class Journal:
         self.label = label or type(backend).__name__
         self.max_payload = max_payload_bytes
         self.clock = clock
+        self._stubs: dict[str, Callable[[], Any]] = {}  # step name -> its stand-in effect
         self._group = GroupCommit(backend)
         # Sessions append through this: batched with the other runs' appends where
         # the store commits them together (see _group_commit), else straight through.
@@ -116,6 +117,22 @@ class Journal:
             if isinstance(backend, AppendsInBatches)
             else functools.partial(append_alone, backend)
         )
+
+    def stub(self, name: str, effect: Callable[[], Any] | None) -> None:
+        """From now on run ``effect`` instead of the effect of every save named
+        ``name`` (None: the real one again). For tests (``TestEnvironment.stub``):
+        the stand-in's value or exception is recorded as the real one's would be."""
+        if effect is None:
+            self._stubs.pop(name, None)
+        else:
+            self._stubs[name] = effect
+
+    def effect(self, name: str, f: Callable[[], Any]) -> Callable[[], Any]:
+        """What a save named ``name`` calls: ``f``, or the stub of that name (or of
+        its last dotted part, so ``charge`` stubs ``checkout.<locals>.charge``)."""
+        if not self._stubs:
+            return f
+        return self._stubs.get(name) or self._stubs.get(name.rsplit(".", 1)[-1]) or f
 
     # -- the store's lifecycle and hints (nothing else touches the backend) --------
 

@@ -133,8 +133,9 @@ class Steps(Waits):
         final: R.Record | None = None
         try:
             try:
+                effect = session.journal.effect(run.name, f)
                 out = await telemetry.step(
-                    _invoke(f, run.limit), self.run_id, wf, run.name, run.at, n
+                    _invoke(effect, run.limit), self.run_id, wf, run.name, run.at, n
                 )
             finally:
                 fields["ms"] = _ms_since(t0, self._clock())

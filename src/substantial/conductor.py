@@ -249,6 +249,10 @@ class Conductor:
         await self._ensure_open()
         return await self.journal.migrate()
 
+    def _nudge(self) -> None:
+        """Make this process's workers and waiters look at the store again."""
+        self._hints.nudge()
+
     def _wake_waiters(self, run_id: str) -> None:
         targets = self._waiters.values() if not run_id else [self._waiters.get(run_id, set())]
         for events in targets:

@@ -1,0 +1,269 @@
+"""A Conductor and a worker on a virtual clock, for tests of workflows.
+
+Time is a number the environment owns. It stands still while any run can make
+progress, so a test sees every step that is due now run before anything else
+happens. It moves only when every run is waiting:
+
+* while a client awaits a result (``await handle.result()``), straight to the
+  next due timer, again and again, so a 30-day sleep, a receive's 7-day timeout
+  and hour-long retry backoffs pass at once;
+* on ``await env.advance(duration)``, through each due timer up to that point.
+
+``await env.run_until_idle()`` runs what is due now and never moves time: a
+test can look at a sleeping run, send it an event, then advance.
+
+"Every run is waiting" is read from the store, the one place that knows: no run
+of this environment's workflows holds a lease, and none is due at the current
+time. The worker never waits in place (``hot_wait`` 0): each wait hands its run
+back to the store, where the environment can see it and its due time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from .._history import HistoryEntry
+from .._types import RunStatus, Seconds, to_seconds
+from ..backends import Backend, RunQuery, RunRecord
+from ..conductor import Conductor
+from ..workflow import Workflow
+
+__all__ = ["TestEnvironment"]
+
+_WAITING = frozenset(s for s in RunStatus if not s.is_terminal)
+_FALLBACK = 0.05  # a look at the store this often too: claims are not hinted
+
+
+class _VirtualClock:
+    """The environment's time: read by the engine, moved only forward, by it."""
+
+    def __init__(self, start: float) -> None:
+        self._now = start
+
+    def __call__(self) -> float:
+        return self._now
+
+    def move_to(self, t: float) -> None:
+        self._now = max(self._now, t)
+
+
+class _TestConductor(Conductor):
+    """A Conductor whose result waits tell the environment: time may skip then."""
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        *,
+        clock: _VirtualClock,
+        on_wait: Callable[[], contextlib.AbstractContextManager[None]],
+        on_change: Callable[[str], None],
+    ) -> None:
+        super().__init__(backend, clock=clock)
+        self._on_wait = on_wait
+        self._hints.add(on_change)
+
+    async def _wait_terminal(self, run_id: str) -> RunRecord:
+        with self._on_wait():
+            return await super()._wait_terminal(run_id)
+
+
+class TestEnvironment:
+    """``async with TestEnvironment(wf, ...) as env``: ``env.conductor`` has the
+    workflows registered and a worker serving them on a virtual clock.
+
+    ``backend`` is a store URL or object (default ``memory://``, private to the
+    test); ``start`` the clock's first reading (default: now). See the module's
+    docstring for when time moves."""
+
+    __test__ = False  # not a test class, whatever pytest thinks of its name
+
+    def __init__(
+        self,
+        *workflows: Workflow[Any],
+        backend: Backend | str = "memory://",
+        start: datetime | None = None,
+        queues: tuple[str, ...] = ("default",),
+        concurrency: int = 64,
+    ) -> None:
+        if start is not None and start.tzinfo is None:
+            raise ValueError("TestEnvironment(start=) needs an aware datetime (e.g. tzinfo=UTC)")
+        self._clock = _VirtualClock(time.time() if start is None else start.timestamp())
+        self._workflows = workflows
+        self._backend = backend
+        self._queues = queues
+        self._concurrency = concurrency
+        self._waiting_results = 0
+        self._skip = asyncio.Event()  # set while a client awaits a result
+        self._changed = asyncio.Event()  # a hint arrived since the last look
+        self._conductor: _TestConductor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> TestEnvironment:
+        conductor = _TestConductor(
+            self._backend, clock=self._clock, on_wait=self._result_wait, on_change=self._on_hint
+        )
+        conductor.register(*self._workflows)
+        await conductor.__aenter__()
+        self._conductor = conductor
+        worker = conductor.run(
+            queues=self._queues,
+            concurrency=self._concurrency,
+            hot_wait=0,
+            handle_sigterm=False,
+        )
+        keeper = asyncio.get_running_loop().create_task(self._keep(), name="substantial-clock")
+        self._tasks = [worker, keeper]
+        return self
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._conductor is not None:
+            await self._conductor.close()
+            self._conductor = None
+
+    @property
+    def conductor(self) -> Conductor:
+        """The Conductor to start runs with and send to (its worker runs already)."""
+        if self._conductor is None:
+            raise RuntimeError("use the TestEnvironment inside `async with`")
+        return self._conductor
+
+    # -- time -----------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The virtual time (aware UTC): what ``c.now()`` in a run would record."""
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    async def run_until_idle(self) -> None:
+        """Return once every run is waiting (for a time, an event, a child) or has
+        ended. Time does not move."""
+        await self._until_quiet()
+
+    async def advance(self, duration: timedelta | Seconds) -> None:
+        """Move time forward by ``duration``: each timer due on the way fires at its
+        own time, and the runs it wakes go as far as they can before the next."""
+        target = self._clock() + to_seconds(duration)
+        while True:
+            due = await self._until_quiet()
+            if due is None or due > target:
+                break
+            self._move_to(due)
+        self._move_to(target)
+        await self._until_quiet()
+
+    # -- stubs and history ------------------------------------------------------------
+
+    def stub(self, name: str, value: Any) -> None:
+        """Replace the effect of every save named ``name`` (its ``name=``, or its
+        function's name) with ``value``: a plain value is returned; an exception
+        (instance or class) is raised by each attempt, so the save's retry policy
+        applies; a callable (sync or async, no arguments) is called. Runs record
+        the stand-in's outcome as they would the real one's."""
+        effect: Callable[[], Any]
+        if isinstance(value, BaseException) or (
+            isinstance(value, type) and issubclass(value, BaseException)
+        ):
+            error = value
+
+            def effect() -> Any:
+                raise error
+
+        elif callable(value):
+            effect = value
+        else:
+
+            def effect() -> Any:
+                return value
+
+        self.conductor.journal.stub(name, effect)
+
+    def unstub(self, name: str) -> None:
+        """The real effect of the saves named ``name`` again."""
+        self.conductor.journal.stub(name, None)
+
+    async def history(self, run_id: str) -> list[HistoryEntry]:
+        """The run's whole timeline (``Conductor.history``), for assertions."""
+        return (await self.conductor.history(run_id)).entries
+
+    # -- inside ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _result_wait(self) -> Iterator[None]:
+        self._waiting_results += 1
+        self._skip.set()
+        try:
+            yield
+        finally:
+            self._waiting_results -= 1
+            if not self._waiting_results:
+                self._skip.clear()
+
+    def _on_hint(self, run_id: str) -> None:
+        self._changed.set()
+
+    def _move_to(self, t: float) -> None:
+        if t > self._clock():
+            self._clock.move_to(t)
+            self.conductor._nudge()  # the worker's next claim sees what is due now
+
+    async def _look(self) -> tuple[bool, float | None]:
+        """Whether every run is waiting, and the earliest time one is due."""
+        served = set(self.conductor.workflows)
+        runs = await self.conductor.journal.list_runs(RunQuery(statuses=_WAITING))
+        now = self._clock()
+        due: float | None = None
+        for run in runs:
+            if run.workflow not in served or run.queue not in self._queues:
+                continue
+            if run.lease_owner is not None:
+                return False, None
+            if run.due_at is not None:
+                if run.due_at <= now:
+                    return False, None
+                due = run.due_at if due is None else min(due, run.due_at)
+        return True, due
+
+    async def _until_quiet(self) -> float | None:
+        """Wait until every run is waiting; returns the next due time (or None)."""
+        while True:
+            self._changed.clear()
+            quiet, due = await self._look()
+            if quiet:
+                return due
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FALLBACK):
+                    await self._changed.wait()
+
+    async def _keep(self) -> None:
+        """While a client awaits a result: whenever every run waits, jump to the
+        next due timer (with none due, wait for something to change)."""
+        while True:
+            await self._skip.wait()
+            due = await self._until_quiet()
+            if not self._skip.is_set():
+                continue
+            if due is None:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_FALLBACK):
+                        await self._changed.wait()
+                continue
+            self._move_to(due)
