@@ -22,6 +22,9 @@ Determinism rules (read these before writing a workflow):
   (the value the key had then) and unkeyed ones in order; from the compaction
   point, or the loop's exit if the kept state ends it sooner, calls match by
   sequence id again, so calls after the loop need no key (``_replay``).
+* Changing code under runs in flight: put new calls behind ``c.patched(id)``
+  (a run that passed that point before keeps the old code), and check a
+  deploy with ``substantial replay-check`` (docs/how-to/change-code-safely.md).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._calls import one_at_a_time
+from . import _records as R
+from ._calls import caller, one_at_a_time
 from ._composition import ChildHandle, Composition, child_event, child_outcome
 from ._steps import Done
 from ._types import Retry, Seconds, to_seconds
@@ -164,6 +168,43 @@ class Context(Composition):
     async def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded."""
         return uuid.UUID(await self._value("uuid4", lambda: str(uuid.uuid4())))
+
+    # -- versioning -----------------------------------------------------------------
+
+    def patched(self, patch_id: str) -> bool:
+        """Whether this run takes the code path of patch ``patch_id``::
+
+            if c.patched("fraud-check"):
+                await c.save(check_fraud)   # the new code
+            await c.save(charge)
+
+        True for a run that reaches this point with the patch deployed (a marker
+        is recorded) and for a run whose log has the marker; False for a run
+        that passed this point before the patch was deployed: it replays the old
+        code as it ran. Once no such run is left, see :meth:`deprecate_patch`.
+        Not awaited: the marker goes to the store with the run's next write."""
+        return self._patch("patched", patch_id, deprecated=False)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Stand-in for ``patched(patch_id)`` once no run that passed this point
+        before the patch is left (keep only the new code): runs that recorded the
+        marker still replay, new runs record none. Remove the call once no run
+        with the marker is left either."""
+        self._patch("deprecate_patch", patch_id, deprecated=True)
+
+    def _patch(self, call: str, patch_id: str, *, deprecated: bool) -> bool:
+        if not isinstance(patch_id, str) or not patch_id:
+            raise ValueError(f"{call}() needs a patch id: a non-empty string")
+        self._enter_call(call)
+        try:
+            self._check_writable()
+            taken, seq = self._replay.patch(patch_id, deprecated=deprecated)
+            if seq is not None:
+                marker = self._rec(R.CALL, seq, "patch", caller(), name=patch_id, v=True)
+                self._pending.append(marker)  # written with the next record
+            return taken
+        finally:
+            self._in_call = None
 
     # -- waits ------------------------------------------------------------------
 

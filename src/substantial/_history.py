@@ -29,7 +29,7 @@ log            a log line: ``name`` = level, ``value`` = ``{"message", "fields"}
 child          ``start_child``: ``name`` = workflow, ``value`` = the child's id
 continue       ``continue_using``: ``name`` = workflow, ``value`` = the new run's id
 compact        a compaction's mark: ``value`` = ``{"next", "n", "from"}``
-patch          reserved for versioned code paths (no primitive records it yet)
+patch          ``patched()`` took the patch: ``name`` = the patch id
 event          an event: ``seq``/``at`` = the receive that consumed it (else None)
 end            ``name`` = the final status; ``value`` = the result, or for a failed
                run ``{"error_type", "traceback"}``

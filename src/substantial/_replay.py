@@ -48,6 +48,10 @@ def _same(rec: R.Record, p: str, name: str | None, key: str | None) -> bool:
     return rec.get("p") == p and rec.get("name") == name and rec.get("key") == key
 
 
+def _is_marker(rec: R.Record, patch_id: str) -> bool:
+    return rec.get("p") == "patch" and rec.get("name") == patch_id
+
+
 def describe_record(rec: R.Record) -> str:
     return describe(rec.get("p", "?"), rec.get("name"), rec.get("at"), rec.get("key"))
 
@@ -219,6 +223,36 @@ class Replay:
             if "key" not in first or stop(first):
                 return
             self.next_seq += 1
+
+    def patch(self, patch_id: str, *, deprecated: bool) -> tuple[bool, int | None]:
+        """``patched(id)`` (or ``deprecate_patch(id)``): whether the run takes the
+        patched code, and the sequence id of the marker to record (None: none).
+
+        A marker holds a sequence id only where the log has one: a run that passed
+        this point before the patch has none here, so it takes the old code and
+        its later calls keep their ids. At the live edge the run takes the patch
+        and records its marker; a deprecated patch records nothing (new runs need
+        none) but still steps over the marker of a run that has it."""
+        if self.in_compacted_stretch():  # markers are unkeyed calls: rule 1
+            mark = self._mark
+            assert mark is not None
+            if self._matched < len(mark.unkeyed):
+                first = self.records[self.calls[mark.unkeyed[self._matched]][0]]
+                if _is_marker(first, patch_id):
+                    self._matched += 1
+                    return True, None
+            return False, None
+        seq = self.next_seq
+        positions = self.calls.get(seq)
+        if positions:
+            if not _is_marker(self.records[positions[0]], patch_id):
+                return False, None  # this point was passed before the patch
+            self.next_seq += 1
+            return True, None
+        if seq <= self.max_seq or deprecated:
+            return seq > self.max_seq, None
+        self.next_seq += 1
+        return True, seq
 
     def compact_here(self) -> bool:
         """A ``compact()`` call: True if it is at the live edge and must compact."""
