@@ -102,11 +102,11 @@ class CallCore:
                 cb(event.get("v"))
 
     def _begin(
-        self, p: str, name: str | None = None, *, key: str | None = None
+        self, p: str, name: str | None = None, *, key: str | None = None, step: str | None = None
     ) -> tuple[Step, str]:
         """The next durable call: the records that answer it, and where it is made."""
         at = caller()
-        return self._replay.begin(p, name, key, at), at
+        return self._replay.begin(p, name, key, at, step), at
 
     def _final(self, step: Step) -> R.Record | None:
         return self._replay.final(step)
@@ -156,6 +156,16 @@ class CallCore:
         out = list(self._pending)
         self._pending.clear()
         return out
+
+    @property
+    def calls_made(self) -> int:
+        """Sequence ids used so far (for a replay's report)."""
+        return self._replay.next_seq
+
+    def next_recorded(self) -> R.Record | None:
+        """The first record of the next call the log holds that the code has not
+        made yet (None: there is none)."""
+        return self._replay.next_recorded()
 
     def check_complete(self) -> None:
         """The workflow returned: it must have made every call the log recorded."""

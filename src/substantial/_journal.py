@@ -129,10 +129,12 @@ class Journal:
 
     def effect(self, name: str, f: Callable[[], Any]) -> Callable[[], Any]:
         """What a save named ``name`` calls: ``f``, or the stub of that name (or of
-        its last dotted part, so ``charge`` stubs ``checkout.<locals>.charge``)."""
+        its last dotted part, so ``charge`` stubs ``checkout.<locals>.charge``, or
+        ``"*"``, every save)."""
         if not self._stubs:
             return f
-        return self._stubs.get(name) or self._stubs.get(name.rsplit(".", 1)[-1]) or f
+        stubs = self._stubs
+        return stubs.get(name) or stubs.get(name.rsplit(".", 1)[-1]) or stubs.get("*") or f
 
     # -- the store's lifecycle and hints (nothing else touches the backend) --------
 

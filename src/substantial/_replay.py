@@ -37,10 +37,16 @@ from ._interrupts import CancelRun
 from .errors import NonDeterminismError
 
 
-def describe(p: str, name: str | None, at: str | None, key: str | None = None) -> str:
-    call = f"{p}({name!r})" if name is not None else f"{p}()"
+def describe(
+    p: str, name: str | None, at: str | None, key: str | None = None, step: str | None = None
+) -> str:
+    """``receive('go') at app.py:12``, ``save(step='charge', key='k') at app.py:9``."""
+    args = [repr(name)] if name is not None else []
+    if step is not None and step != at:
+        args.append(f"step={step!r}")
     if key is not None:
-        call = f"{call[:-1]}key={key!r})"
+        args.append(f"key={key!r}")
+    call = f"{p}({', '.join(args)})"
     return f"{call} at {at}" if at else call
 
 
@@ -53,7 +59,14 @@ def _is_marker(rec: R.Record, patch_id: str) -> bool:
 
 
 def describe_record(rec: R.Record) -> str:
-    return describe(rec.get("p", "?"), rec.get("name"), rec.get("at"), rec.get("key"))
+    step = rec.get("step")
+    return describe(
+        rec.get("p", "?"),
+        rec.get("name"),
+        rec.get("at"),
+        rec.get("key"),
+        step if isinstance(step, str) else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,17 +166,21 @@ class Replay:
         """True while calls are matched by the rule for a compacted log."""
         return self._mark is not None and not self._rebased
 
-    def begin(self, p: str, name: str | None, key: str | None, at: str) -> Step:
-        """The records that answer the next durable call ``p``.
+    def begin(
+        self, p: str, name: str | None, key: str | None, at: str, step: str | None = None
+    ) -> Step:
+        """The records that answer the next durable call ``p``. ``step``: a save's
+        explicit ``name=``, checked against the recorded one (a derived name, a
+        function's, is not: renaming a function keeps old logs replaying).
 
         ``stop_at``: the call a cancel-revert interrupted (its compensations follow
         in the log); a replay stops there with CancelRun, as the first run did."""
         if self.stop_at is not None and self.next_seq == self.stop_at:
             raise CancelRun()
         if self.in_compacted_stretch():
-            step = self._kept(p, name, key, at)
-            if step is not None:
-                return step
+            kept = self._kept(p, name, key, at)
+            if kept is not None:
+                return kept
             self._rebase(describe(p, name, at, key), strict=False)
             if key is None:  # a keyed call is never the first after the loop
                 self._skip_tail(lambda rec: _same(rec, p, name, key))
@@ -173,10 +190,15 @@ class Replay:
         recs = [self.records[i] for i in positions] if positions else []
         if recs:
             first = recs[0]
-            if not _same(first, p, name, key):
-                self._diverged(seq, describe(p, name, at, key), describe_record(first))
+            recorded_step = first.get("step")
+            if not _same(first, p, name, key) or (
+                step is not None and recorded_step is not None and recorded_step != step
+            ):
+                self._diverged(seq, describe(p, name, at, key, step), describe_record(first))
         elif seq < self.max_seq:
-            self._diverged(seq, describe(p, name, at, key), "no record for it, though later ones")
+            self._diverged(
+                seq, describe(p, name, at, key, step), "no record for it, though later ones"
+            )
         return Step(seq, recs, done=seq < self.max_seq)
 
     def _kept(self, p: str, name: str | None, key: str | None, at: str) -> Step | None:
@@ -268,6 +290,10 @@ class Replay:
         """True if the next call is past everything the log recorded."""
         return not self.in_compacted_stretch() and self.next_seq > self.max_seq
 
+    def next_recorded(self) -> R.Record | None:
+        later = [s for s in self.calls if s >= self.next_seq]
+        return self.records[self.calls[min(later)][0]] if later else None
+
     def check_complete(self) -> None:
         """The workflow returned: it must have made every call the log recorded."""
         if self.in_compacted_stretch():
@@ -279,8 +305,17 @@ class Replay:
 
     def _diverged(self, seq: int, expected: str, recorded: str) -> None:
         raise NonDeterminismError(
-            run_id=self.run_id, step=seq, expected=expected, recorded=recorded
+            run_id=self.run_id,
+            step=seq,
+            expected=expected,
+            recorded=recorded,
+            unreached=self._unreached(seq),
         )
+
+    def _unreached(self, seq: int) -> list[str]:
+        """The recorded calls after ``seq`` the replay never got to."""
+        later = sorted(s for s in self.calls if s > seq)
+        return [describe_record(self.records[self.calls[s][0]]) for s in later]
 
     # -- events -----------------------------------------------------------------
 

@@ -77,7 +77,7 @@ class Steps(Waits):
         key: str | None = None,
         name: str | None = None,
     ) -> Any:
-        step, at = self._begin(p, key=key)
+        step, at = self._begin(p, key=key, step=name)
         what = f"{p}() at {at} (step {step.seq})"
         final = self._final(step)
         if final is None:

@@ -12,6 +12,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
+from ._export import HistoryFile, RunHistory
 from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
@@ -524,6 +525,25 @@ class Conductor:
         await self._ensure_open()
         run, records = await self.journal.details_log(run_id)
         return run_details(summarize(run), records)
+
+    async def export(self, run_ids: Sequence[str]) -> HistoryFile:
+        """The histories of ``run_ids`` (their logs as JSON records), as
+        ``substantial export`` writes them; ``substantial.testing.replay`` reads
+        them. RunNotFound if one does not exist."""
+        await self._ensure_open()
+        runs = []
+        for run_id in run_ids:
+            run, records = await self.journal.read_log(run_id)
+            runs.append(RunHistory.of(run, records))
+        return HistoryFile.of(runs)
+
+    async def unfinished_runs(self, workflow: str | None = None) -> list[str]:
+        """The ids of every run not yet ended (of ``workflow``, if given), oldest
+        first: what a deploy's new code will replay."""
+        await self._ensure_open()
+        waiting = frozenset(s for s in RunStatus if not s.is_terminal)
+        found = await self.journal.list_runs(RunQuery(workflow=workflow, statuses=waiting))
+        return [r.run_id for r in reversed(found)]
 
     async def history(
         self, run_id: str, *, limit: int | None = None, cursor: str | None = None

@@ -31,6 +31,8 @@ in user code cannot swallow it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class SubstantialError(Exception):
     """Root of every error raised by Substantial."""
@@ -74,18 +76,37 @@ class WorkflowError(SubstantialError):
 
 
 class NonDeterminismError(WorkflowError):
-    """Replay met a different durable call than the one the log recorded at that step."""
+    """Replay met a different durable call than the one the log recorded at that step.
 
-    def __init__(self, *, run_id: str, step: int, expected: str, recorded: str) -> None:
+    ``expected`` is the call the code makes now and ``recorded`` the log's, each
+    with its kind, names and code line; ``unreached`` the recorded calls after it
+    that the replay never got to."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        step: int,
+        expected: str,
+        recorded: str,
+        unreached: Sequence[str] = (),
+    ) -> None:
+        tail = ""
+        if unreached:
+            shown = ", ".join(unreached[:5])
+            more = f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
+            tail = f" Recorded calls never reached: {shown}{more}."
         super().__init__(
             f"non-deterministic workflow (run {run_id!r}, step {step}): the code now calls "
             f"{expected} but the log recorded {recorded}. Workflow code must make the same "
-            "durable calls in the same order on every replay; move varying logic into save()."
+            "durable calls in the same order on every replay; move varying logic into save()"
+            f" or put new code behind c.patched().{tail}"
         )
         self.run_id = run_id
         self.step = step
         self.expected = expected
         self.recorded = recorded
+        self.unreached = list(unreached)
 
 
 class SaveFailed(WorkflowError):

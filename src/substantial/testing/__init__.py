@@ -9,6 +9,16 @@ step boundary and counts effects.
 
 from __future__ import annotations
 
+from .._export import HistoryFile, RunHistory, load_histories
 from ._environment import TestEnvironment
+from ._replay import Replayed, replay, replay_run
 
-__all__ = ["TestEnvironment"]
+__all__ = [
+    "HistoryFile",
+    "Replayed",
+    "RunHistory",
+    "TestEnvironment",
+    "load_histories",
+    "replay",
+    "replay_run",
+]
