@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
 from ._interrupts import CancelRun
 from ._replay import Replay, Step
+from .codec import coerce
 from .errors import WorkflowError
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ class CallCore:
     """The replay index, the write buffer and the live edge of one run."""
 
     _reverting = False  # compensations of a cancel-revert run: a cancel no longer stops
+    _events: Mapping[str, Any] = MappingProxyType({})  # declared event types (Context sets)
 
     def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
         self._session = session
@@ -99,7 +102,13 @@ class CallCore:
     def _feed_handlers(self, event: R.Record) -> None:
         for name, cb in self._handlers:
             if name == event["name"]:
-                cb(event.get("v"))
+                cb(self._payload(event))
+
+    def _payload(self, event: R.Record) -> Any:
+        """An event's payload, as its declared type if the workflow declares one."""
+        name = event["name"]
+        tp = self._events.get(name)
+        return event.get("v") if tp is None else coerce(event.get("v"), tp, what=f"event {name!r}")
 
     def _begin(
         self, p: str, name: str | None = None, *, key: str | None = None, step: str | None = None

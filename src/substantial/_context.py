@@ -30,9 +30,10 @@ Determinism rules (read these before writing a workflow):
 from __future__ import annotations
 
 import builtins
+import hashlib
 import random as _random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -76,8 +77,16 @@ class RunLogger:
 class Context(Composition):
     """What a workflow receives as its first argument. See the module docstring."""
 
-    def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        session: RunSession,
+        *,
+        hot_wait: float = 5.0,
+        events: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(session, hot_wait=hot_wait)
+        if events:
+            self._events = dict(events)
         start = session.start
         self.workflow: str = start.get("wf", session.run.workflow)
         self.kwargs: dict[str, Any] = dict(start.get("kw") or {})
@@ -169,6 +178,20 @@ class Context(Composition):
         """A random UUID, recorded."""
         return uuid.UUID(await self._value("uuid4", lambda: str(uuid.uuid4())))
 
+    def idempotency_key(self) -> str:
+        """A key to hand an external API so a step that runs again charges once.
+
+        Called inside a save's function, it names that save; elsewhere in the
+        workflow, the next durable call. The same on every replay and every
+        re-execution of the step (a retry, or a run again after its worker died
+        with the step in flight), different for every other step and run. At most
+        64 characters: ``<run_id>:<step>``, or a digest of it for long run ids."""
+        seq = self._executing if self._executing is not None else self._replay.next_seq
+        key = f"{self.run_id}:{seq}"
+        if len(key) <= 64:
+            return key
+        return "sub-" + hashlib.sha256(key.encode()).hexdigest()[:60]
+
     # -- versioning -----------------------------------------------------------------
 
     def patched(self, patch_id: str) -> bool:
@@ -240,7 +263,7 @@ class Context(Composition):
         deterministic and free of side effects (those go in ``save``)."""
         self._handlers.append((name, cb))
         for event in self._replay.visible(name):
-            cb(event.get("v"))
+            cb(self._payload(event))
 
     @one_at_a_time
     async def ensure(

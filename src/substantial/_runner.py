@@ -61,7 +61,7 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
     if run.cancel_requested and not run.revert_requested:
         await _cancel(session)
         return None  # (a revert replays first: the compensations are in the code)
-    ctx = Context(session, hot_wait=hot_wait)
+    ctx = Context(session, hot_wait=hot_wait, events=wf.events)
     try:
         status, value = await _workflow(session, wf, ctx)
     except Suspend as s:

@@ -65,6 +65,7 @@ class Steps(Waits):
     def __init__(self, session: RunSession, *, hot_wait: float = 5.0) -> None:
         super().__init__(session, hot_wait=hot_wait)
         self._compensations: list[tuple[int, Callable[[], Any]]] = []
+        self._executing: int | None = None  # the save whose effect is running
 
     async def _save(
         self,
@@ -134,10 +135,12 @@ class Steps(Waits):
         try:
             try:
                 effect = session.journal.effect(run.name, f)
+                self._executing = run.seq  # c.idempotency_key() inside f names this step
                 out = await telemetry.step(
                     _invoke(effect, run.limit), self.run_id, wf, run.name, run.at, n
                 )
             finally:
+                self._executing = None
                 fields["ms"] = _ms_since(t0, self._clock())
             value = to_json(out, what=run.what, limit=session.journal.max_payload)
             final = {"k": R.CALL, "s": run.seq, "p": run.p, "at": run.at, "v": value, **fields}

@@ -79,7 +79,7 @@ class Waits(CallCore):
         if final.get("to"):
             raise TimeoutError(f"receive({name!r}) timed out")
         self._replay.consume(name)
-        return self._session.records[final["ev"]].get("v")
+        return self._payload(self._session.records[final["ev"]])
 
     def _event_check(self, name: str) -> Callable[[], dict[str, Any] | None]:
         def check() -> dict[str, Any] | None:

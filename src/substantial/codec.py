@@ -60,7 +60,8 @@ def to_json(value: Any, *, what: str, limit: int | None = None) -> Any:
 
 
 @lru_cache(maxsize=256)
-def _adapter(tp: Any) -> TypeAdapter[Any]:
+def adapter(tp: Any) -> TypeAdapter[Any]:
+    """The (cached) pydantic adapter that validates values of ``tp``."""
     return TypeAdapter(tp)
 
 
@@ -69,6 +70,6 @@ def coerce(value: Any, tp: Any, *, what: str) -> Any:
     if tp is None:
         return value
     try:
-        return _adapter(tp).validate_python(value)
+        return adapter(tp).validate_python(value)
     except ValidationError as exc:
         raise SerializationError(f"{what}: stored value does not fit {tp!r}: {exc}") from None

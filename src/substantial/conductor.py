@@ -12,6 +12,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
+from ._events import checked_event
 from ._export import HistoryFile, RunHistory
 from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
@@ -78,7 +79,8 @@ class RunHandle(Generic[R]):
         run_id = self._tail  # the last run of the chain seen so far: one round trip
         while True:
             try:
-                await journal.deliver(run_id, name, value)
+                payload = await self._conductor._event_payload(run_id, name, value)
+                await journal.deliver(run_id, name, payload)
                 self._tail = run_id
                 return
             except RunFinished:  # it may have continued: follow and deliver there
@@ -249,6 +251,15 @@ class Conductor:
         schema version, or None for a store without one (memory, files, Redis)."""
         await self._ensure_open()
         return await self.journal.migrate()
+
+    async def _event_payload(self, run_id: str, name: str, value: Any) -> Any:
+        """``value`` as event ``name`` of ``run_id`` is stored: checked against its
+        workflow's declared events when this Conductor has that workflow (one read
+        more, only if a registered workflow declares events)."""
+        if all(wf.events is None for wf in self.workflows.values()):
+            return value
+        wf = self.workflows.get((await self.journal.get(run_id)).workflow)
+        return value if wf is None else checked_event(wf, name, value)
 
     def _nudge(self) -> None:
         """Make this process's workers and waiters look at the store again."""

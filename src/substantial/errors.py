@@ -144,6 +144,11 @@ class ClientError(SubstantialError):
     """The caller asked for something that cannot be done."""
 
 
+class InvalidEvent(ClientError):
+    """``send`` refused an event its run's workflow does not declare, or a payload
+    that does not fit the declared type; nothing was stored."""
+
+
 class RunNotFound(ClientError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no run with id {run_id!r}")

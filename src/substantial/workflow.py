@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -18,11 +18,13 @@ class Workflow(Generic[R]):
     """A registered-able workflow: an async function whose first argument is a Context.
 
     The name identifies the workflow in the store: keep it stable across
-    deployments (runs in flight find their code by it).
+    deployments (runs in flight find their code by it). ``events``: the events a
+    run accepts, name -> payload type (None: any name, any JSON payload).
     """
 
     name: str
     fn: Callable[..., Awaitable[R]]
+    events: Mapping[str, Any] | None = None
 
     async def __call__(self, c: Context, **kwargs: Any) -> R:
         return await self.fn(c, **kwargs)
@@ -31,20 +33,33 @@ class Workflow(Generic[R]):
 @overload
 def workflow(fn: WorkflowFn[R], /) -> Workflow[R]: ...
 @overload
-def workflow(*, name: str | None = None) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
+def workflow(
+    *, name: str | None = None, events: Mapping[str, Any] | None = None
+) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
 @overload
 def workflow(name: str | None = None, /) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
 
 
-def workflow(fn: Any = None, /, *, name: str | None = None) -> Any:
-    """Mark an async function as a workflow: ``@workflow()`` or ``@workflow(name="x")``."""
+def workflow(
+    fn: Any = None, /, *, name: str | None = None, events: Mapping[str, Any] | None = None
+) -> Any:
+    """Mark an async function as a workflow: ``@workflow()`` or ``@workflow(name="x")``.
+
+    ``events={"approved": bool, "item": Item}`` declares the events its runs take:
+    ``send`` refuses any other name, or a payload that does not fit its type,
+    before anything is stored, and ``receive`` returns the typed value."""
     if isinstance(fn, str):
         name, fn = fn, None
+    declared = None
+    if events is not None:
+        if not isinstance(events, Mapping) or not all(isinstance(k, str) and k for k in events):
+            raise TypeError("@workflow(events=) takes a mapping of event names to payload types")
+        declared = dict(events)
 
     def wrap(f: WorkflowFn[R]) -> Workflow[R]:
         if not callable(f):
             raise TypeError("@workflow() decorates an async function")
-        return Workflow(name=name or f.__name__, fn=f)
+        return Workflow(name=name or f.__name__, fn=f, events=declared)
 
     return wrap(fn) if fn is not None else wrap
 

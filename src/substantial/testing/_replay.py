@@ -111,7 +111,7 @@ async def replay_run(run: RunHistory, workflow: Workflow[Any]) -> Replayed:
         if session.corrupt is not None:
             raise ClientError(f"run {run.run_id!r}: {session.corrupt}")
         journal.stub("*", _stop)
-        ctx = Context(session, hot_wait=0)
+        ctx = Context(session, hot_wait=0, events=workflow.events)
         return await _drive(ctx, workflow, run.run_id, run.records)
     finally:
         await journal.close()
