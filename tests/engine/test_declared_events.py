@@ -68,7 +68,7 @@ async def test_a_workflow_that_declares_nothing_takes_any_json_event() -> None:
 
 def test_events_must_be_a_mapping_of_names() -> None:
     with pytest.raises(TypeError, match="mapping of event names"):
-        workflow(events=["approved"])(anything.fn)  # type: ignore[arg-type]
+        workflow(events=["approved"])(anything.fn)  # type: ignore[call-overload]
 
 
 keys: list[tuple[str, str]] = []  # (run id, key) per effect call, retries included
