@@ -13,9 +13,9 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from . import _records as R
@@ -56,6 +56,20 @@ __all__ = ["DEFAULT_MAX_PAYLOAD", "Clock", "Journal", "RunSession", "decode_reco
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+class Probe(Protocol):
+    """Sees a journal's effects and appends (``Journal.set_probe``)."""
+
+    def effect(self, run_id: str, name: str, f: Callable[[], Any]) -> Callable[[], Any]:
+        """What to call instead of ``f``, the effect of save ``name`` of ``run_id``."""
+        ...
+
+    def appended(self, run_id: str, records: Sequence[bytes]) -> None:
+        """``records`` of ``run_id`` are durable now."""
+        ...
+
+
 _RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 DEFAULT_MAX_PAYLOAD = 1_048_576
 COUNT_PAGE = 500  # runs per page when counting a store that cannot count (CountsRuns)
@@ -109,6 +123,7 @@ class Journal:
         self.max_payload = max_payload_bytes
         self.clock = clock
         self._stubs: dict[str, Callable[[], Any]] = {}  # step name -> its stand-in effect
+        self._probe: Probe | None = None
         self._group = GroupCommit(backend)
         # Sessions append through this: batched with the other runs' appends where
         # the store commits them together (see _group_commit), else straight through.
@@ -117,6 +132,19 @@ class Journal:
             if isinstance(backend, AppendsInBatches)
             else functools.partial(append_alone, backend)
         )
+
+    def set_probe(self, probe: Probe) -> None:
+        """Watch every effect and every append of this journal's runs (the crash
+        matrix's worker processes do: they count effects and die at boundaries)."""
+        self._probe = probe
+        store_append = self.append
+
+        async def probed(a: Append) -> int:
+            n = await store_append(a)
+            probe.appended(a.run_id, a.records)
+            return n
+
+        self.append = probed
 
     def stub(self, name: str, effect: Callable[[], Any] | None) -> None:
         """From now on run ``effect`` instead of the effect of every save named
@@ -127,14 +155,14 @@ class Journal:
         else:
             self._stubs[name] = effect
 
-    def effect(self, name: str, f: Callable[[], Any]) -> Callable[[], Any]:
+    def effect(self, run_id: str, name: str, f: Callable[[], Any]) -> Callable[[], Any]:
         """What a save named ``name`` calls: ``f``, or the stub of that name (or of
         its last dotted part, so ``charge`` stubs ``checkout.<locals>.charge``, or
-        ``"*"``, every save)."""
-        if not self._stubs:
-            return f
-        stubs = self._stubs
-        return stubs.get(name) or stubs.get(name.rsplit(".", 1)[-1]) or stubs.get("*") or f
+        ``"*"``, every save); seen by the probe if there is one."""
+        if self._stubs:
+            stubs = self._stubs
+            f = stubs.get(name) or stubs.get(name.rsplit(".", 1)[-1]) or stubs.get("*") or f
+        return f if self._probe is None else self._probe.effect(run_id, name, f)
 
     # -- the store's lifecycle and hints (nothing else touches the backend) --------
 

@@ -134,7 +134,7 @@ class Steps(Waits):
         final: R.Record | None = None
         try:
             try:
-                effect = session.journal.effect(run.name, f)
+                effect = session.journal.effect(self.run_id, run.name, f)
                 self._executing = run.seq  # c.idempotency_key() inside f names this step
                 out = await telemetry.step(
                     _invoke(effect, run.limit), self.run_id, wf, run.name, run.at, n

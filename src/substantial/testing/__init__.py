@@ -10,14 +10,19 @@ step boundary and counts effects.
 from __future__ import annotations
 
 from .._export import HistoryFile, RunHistory, load_histories
+from ._crash import POINTS, CrashCase, CrashMatrix, crash_matrix
 from ._environment import TestEnvironment
 from ._replay import Replayed, replay, replay_run
 
 __all__ = [
+    "POINTS",
+    "CrashCase",
+    "CrashMatrix",
     "HistoryFile",
     "Replayed",
     "RunHistory",
     "TestEnvironment",
+    "crash_matrix",
     "load_histories",
     "replay",
     "replay_run",
