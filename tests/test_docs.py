@@ -71,6 +71,18 @@ async def test_the_quickstart_testing_recipe_runs_as_written() -> None:
     await tests["test_checkout"]()
 
 
+TEST_HOWTO = ROOT / "docs" / "how-to" / "test-workflows.md"
+
+
+async def test_the_testing_how_to_runs_as_written() -> None:
+    """Every block of "Test your workflows", in order; then each test it defines."""
+    namespace = run_blocks(python_blocks(TEST_HOWTO), TEST_HOWTO)
+    tests = {k: v for k, v in namespace.items() if k.startswith("test_") and callable(v)}
+    assert len(tests) == 3, list(tests)
+    for test in tests.values():
+        await test()
+
+
 def test_the_quickstart_run_it_example_runs_on_the_default_store(tmp_path: Path) -> None:
     """ "A first workflow" then the first block of "Run it", as one script in a fresh
     directory: the default store (SQLite under ./.substantial/), a worker, a run."""

@@ -49,7 +49,8 @@ def compact(records: Sequence[R.Record], *, next_seq: int, compacts: int) -> Com
     for rec in records:
         if "key" in rec:
             last[rec["key"]] = max(last.get(rec["key"], -1), rec["s"])
-            first = min(first, rec["s"])
+            if rec.get("p") != "patch":  # a patch marker is keyed to stay one, not a loop's
+                first = min(first, rec["s"])
         elif rec["k"] == R.MARK:
             first = min(first, int(rec.get("from", first)))
     keep = [

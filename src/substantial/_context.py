@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import _records as R
 from ._calls import caller, one_at_a_time
 from ._composition import ChildHandle, Composition, child_event, child_outcome
+from ._replay import patch_key
 from ._steps import Done
 from ._types import Retry, Seconds, to_seconds
 from .workflow import Workflow, workflow_name
@@ -223,7 +224,10 @@ class Context(Composition):
             self._check_writable()
             taken, seq = self._replay.patch(patch_id, deprecated=deprecated)
             if seq is not None:
-                marker = self._rec(R.CALL, seq, "patch", caller(), name=patch_id, v=True)
+                at = caller()
+                marker = self._rec(
+                    R.CALL, seq, "patch", at, name=patch_id, key=patch_key(patch_id), v=True
+                )
                 self._pending.append(marker)  # written with the next record
             return taken
         finally:

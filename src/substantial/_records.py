@@ -19,7 +19,7 @@ start      wf, kw (kwargs), t (epoch seconds); origin, traceparent, tracestate i
 event      name, v (payload), id (inbox id), t
 call       s, p, at, t0, and the outcome: v (value) | err {type,msg,n} | to (timed out)
            | ev (receive: the event's log position); save: step, ms;
-           patched(): p "patch", name (the patch id), v true
+           patched(): p "patch", name (the patch id), key "patch:<id>", v true
 try        s, p, at, t0, n (attempt), err {type,msg}, retry (epoch seconds); step, ms [save]
 arm        s, p, at, t0, due (epoch seconds, or None)  [sleep; receive, ensure that wait]
 log        s, p, at, level, msg, fields, t

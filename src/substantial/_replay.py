@@ -54,6 +54,12 @@ def _same(rec: R.Record, p: str, name: str | None, key: str | None) -> bool:
     return rec.get("p") == p and rec.get("name") == name and rec.get("key") == key
 
 
+def patch_key(patch_id: str) -> str:
+    """The key of a patch marker: compaction keeps one per patch, however many
+    rounds of a loop record it."""
+    return f"patch:{patch_id}"
+
+
 def _is_marker(rec: R.Record, patch_id: str) -> bool:
     return rec.get("p") == "patch" and rec.get("name") == patch_id
 
@@ -255,15 +261,10 @@ class Replay:
         its later calls keep their ids. At the live edge the run takes the patch
         and records its marker; a deprecated patch records nothing (new runs need
         none) but still steps over the marker of a run that has it."""
-        if self.in_compacted_stretch():  # markers are unkeyed calls: rule 1
+        if self.in_compacted_stretch():  # a marker is keyed by its id: rule 1
             mark = self._mark
             assert mark is not None
-            if self._matched < len(mark.unkeyed):
-                first = self.records[self.calls[mark.unkeyed[self._matched]][0]]
-                if _is_marker(first, patch_id):
-                    self._matched += 1
-                    return True, None
-            return False, None
+            return patch_key(patch_id) in mark.keyed, None
         seq = self.next_seq
         positions = self.calls.get(seq)
         if positions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from substantial import Conductor, Context, NonDeterminismError, RunFailed, Workflow, workflow
 from substantial.backends import Backend
 from substantial.backends.memory import MemoryBackend
+from substantial.testing import TestEnvironment, replay
 
 from .helpers import eventually, worker
 
@@ -177,3 +179,57 @@ async def test_a_patch_id_must_be_a_non_empty_string(store: Backend) -> None:
     async with worker(c):
         assert "non-empty string" in await (await c.start(bad_patch)).result(timeout=10)
     await c.close()
+
+
+slips: list[tuple[str, int]] = []
+
+
+def plus_one(n: int) -> Callable[[], int]:
+    return lambda: n + 1
+
+
+def slip(run_id: str, n: int) -> Callable[[], None]:
+    return lambda: slips.append((run_id, n))
+
+
+@workflow(name="payroll")
+async def payroll_v1(c: Context, rounds: int) -> int:
+    n = 0
+    while n < rounds:
+        n = await c.save(plus_one(n), name="pay", key="pay")
+        await c.sleep(timedelta(days=1), key="period")
+        await c.compact()
+    return n
+
+
+@workflow(name="payroll")
+async def payroll_v2(c: Context, rounds: int) -> int:
+    n = 0
+    while n < rounds:
+        n = await c.save(plus_one(n), name="pay", key="pay")
+        if c.patched("payslip"):
+            await c.save(slip(c.run_id, n), name="payslip", key="payslip")
+        await c.sleep(timedelta(days=1), key="period")
+        await c.compact()
+    return n
+
+
+async def test_a_patch_in_a_compacted_loop_starts_at_the_next_round_and_stays_one_record(
+    store: Backend,
+) -> None:
+    """The guide's payroll loop, compacted every round, gets a new step behind a
+    patch while a run is in its fourth round: it sends payslips from its next
+    round on, its log keeps one marker however many rounds record it, and its
+    history replays against the new code."""
+    slips.clear()
+    async with TestEnvironment(payroll_v1, backend=store) as env:
+        h = await env.conductor.start(payroll_v1, {"rounds": 6}, run_id="pay-1")
+        await env.advance(timedelta(days=3, hours=12))  # rounds 1-4 paid, asleep in 4
+        paused_at = env.now()
+    async with TestEnvironment(payroll_v2, backend=store, start=paused_at) as env:
+        assert await env.conductor.handle(h.run_id).result(timeout=10) == 6
+        history = await env.conductor.export([h.run_id])
+    assert slips == [("pay-1", 5), ("pay-1", 6)]
+    markers = [r for r in history.runs[0].records if r.get("p") == "patch"]
+    assert len(markers) == 1
+    assert (await replay(history, payroll_v2)).outcome == "ended"
