@@ -203,3 +203,26 @@ async def test_the_environment_is_a_clean_context_manager() -> None:
     with pytest.raises(RuntimeError, match="async with"):
         _ = env.conductor
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("substantial")]
+
+
+@workflow()
+async def watcher(c: Context) -> str:
+    state = {"ready": False}
+    c.handle("ready", lambda _: state.update(ready=True))
+    try:
+        await c.ensure(lambda: state["ready"], poll=timedelta(hours=1), timeout=timedelta(days=2))
+    except TimeoutError:
+        return "gave up"
+    return "ready"
+
+
+async def test_ensure_polls_and_times_out_on_the_virtual_clock() -> None:
+    async with TestEnvironment(watcher) as env:
+        t0 = env.now()
+        h = await env.conductor.start(watcher)
+        assert await h.result(timeout=10) == "gave up"  # 48 hourly polls, then the timeout
+        assert env.now() - t0 == timedelta(days=2)
+        ready = await env.conductor.start(watcher)
+        await env.advance(timedelta(hours=5))
+        await ready.send("ready")
+        assert await ready.result(timeout=10) == "ready"
