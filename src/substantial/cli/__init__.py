@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from . import _dashboard, _recovery, _replay, _runs, _show, _store, _worker
+from . import _dashboard, _lint, _recovery, _replay, _runs, _show, _store, _worker
 from ._common import INTERNAL, OK, Settings, click_style, describe
 
 __all__ = ["app", "main"]
@@ -58,6 +58,7 @@ _store.register(app)
 _dashboard.register(app)
 _recovery.register(app)
 _replay.register(app)
+_lint.register(app)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
