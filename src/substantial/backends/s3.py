@@ -1,8 +1,9 @@
 """The S3 store (``s3://bucket/prefix?endpoint_url=...&region=...``): an append-only,
 fenced log on an object store's conditional writes, with no broker and no server.
 
-The objects and their encoding are in ``_s3_layout``; every request goes through
-``_s3_client.Bucket``. Why this is safe with many workers on many machines:
+The objects and their encoding are in ``_s3_layout``, the reads and writes of the log
+in ``_s3_log``; every request goes through ``_s3_client.Bucket``. Why this is safe with
+many workers on many machines:
 
 * **The log is the truth.** An append is one object created at its position with
   ``If-None-Match: *``: of two writers at one position exactly one wins, so the log
@@ -43,14 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from .._types import RunStatus
-from ..errors import BackendError, LeaseLost, RunFinished, RunNotFound, SchemaVersionError
+from ..errors import LeaseLost, RunFinished, RunNotFound, SchemaVersionError
 from . import _rules as rules
 from ._hub import shared_hub
 from ._protocol import (
@@ -70,12 +69,9 @@ from ._s3_layout import (
     FORMAT,
     DueEntry,
     Keys,
-    LogObject,
     RunDoc,
     created_stamp,
-    dump_log,
     dump_run,
-    load_log,
     load_run,
     log_pos,
     parse_created,
@@ -83,52 +79,33 @@ from ._s3_layout import (
     time_key,
     wake_at,
 )
+from ._s3_log import PARALLEL, Moved, RunLogs, Scan, Tail, each, new_nonce
 
 T = TypeVar("T")
-_PARALLEL = 16  # requests in flight for one operation (a log read, a claim scan)
 _ORPHAN_AGE = 60.0  # a due entry whose run object is missing this long: a create that died
 _MIN_PASS = 0.5  # ... but always runs this long, so a pass makes progress
-_CACHE = 4096  # log objects kept in memory (they never change once written)
 
 
-def _nonce() -> str:
-    return uuid.uuid4().hex[:16]
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Want:
+    """What one claim pass takes: runs of ``queue`` and ``workflows``, for ``owner``."""
 
+    queue: str
+    workflows: set[str]
+    owner: str
+    lease_seconds: float
+    now: float
 
-async def _each(
-    items: Sequence[Any], fn: Callable[[Any], Awaitable[T]], parallel: int = _PARALLEL
-) -> list[T]:
-    """``fn`` over ``items`` with at most ``parallel`` in flight, results in order."""
-    gate = asyncio.Semaphore(parallel)
+    def claimable(self, rec: RunRecord) -> bool:
+        return rules.claimable(rec, self.queue, self.workflows, self.now)
 
-    async def one(item: Any) -> T:
-        async with gate:
-            return await fn(item)
-
-    return list(await asyncio.gather(*(one(i) for i in items)))
-
-
-@dataclass(slots=True)
-class _Tail:
-    """What this process knows of the log end of a run it holds the lease of."""
-
-    token: int
-    gen: str
-    positions: list[int]  # the record objects of ``gen``, in order
-    end: int  # the log's length
-    fence: str | None  # ETag of the fence at ``end`` our first append replaces
-
-
-@dataclass(slots=True)
-class _Scan:
-    gen: str
-    positions: list[int]
-    end: int
-    last: LogObject | None
-
-
-class _Moved(Exception):
-    """The log changed under a read (a compaction deleted what it listed): read again."""
+    def claimed(self, rec: RunRecord, log_len: int) -> RunRecord:
+        return rules.claimed(
+            rec.evolve(log_len=log_len),
+            owner=self.owner,
+            lease_seconds=self.lease_seconds,
+            now=self.now,
+        )
 
 
 class S3Backend(S3Registry):
@@ -152,10 +129,9 @@ class S3Backend(S3Registry):
         self._keys = Keys(prefix)
         self._poll = poll_interval
         self._hub = shared_hub(f"s3:{endpoint_url or 'aws'}/{bucket}/{self._keys.root}")
-        self._tails: dict[str, _Tail] = {}  # the runs this process holds: their log ends
-        self._docs: dict[str, RunDoc] = {}  # ... and the run object it wrote last
+        self._logs = RunLogs(self._bucket, self._keys, self._fetch)  # and the held runs' tails
+        self._docs: dict[str, RunDoc] = {}  # the runs this process holds: its last run object
         self._locks: dict[str, asyncio.Lock] = {}  # ... its writes of each, one at a time
-        self._objects: OrderedDict[str, LogObject] = OrderedDict()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     @property
@@ -222,7 +198,7 @@ class S3Backend(S3Registry):
             and keep_after < float(old.indexed) <= at
         ):
             indexed = old.indexed
-        new = replace(old, rec=rec, indexed=indexed, nonce=_nonce(), **more)
+        new = replace(old, rec=rec, indexed=indexed, nonce=new_nonce(), **more)
         if indexed is not None and indexed != old.indexed:
             await self._bucket.put(self._keys.due(rec, indexed), new.nonce.encode())
         etag = await self._bucket.put(self._keys.run(rec.run_id), dump_run(new), if_match=old.etag)
@@ -274,7 +250,7 @@ class S3Backend(S3Registry):
                 return result
             written = await self._write(doc, rec, **more)
             if written is not None:
-                if written.rec.lease_owner is not None and run_id in self._tails:
+                if written.rec.lease_owner is not None and self._logs.holds(run_id):
                     self._docs[run_id] = written
                 else:
                     self._drop_held(run_id)
@@ -283,168 +259,20 @@ class S3Backend(S3Registry):
 
     def _drop_held(self, run_id: str) -> None:
         """Forget what this process kept for a run it no longer holds."""
-        self._tails.pop(run_id, None)
+        self._logs.drop(run_id)
         self._docs.pop(run_id, None)
         lock = self._locks.get(run_id)
         if lock is not None and not lock.locked():
             del self._locks[run_id]
-
-    # -- the log --------------------------------------------------------------------------
-
-    async def _object(self, run_id: str, key: str) -> LogObject | None:
-        hit = self._objects.get(key)
-        if hit is not None:
-            self._objects.move_to_end(key)
-            return hit
-        got = await self._bucket.get(key)
-        if got is None:
-            return None
-        obj = load_log(run_id, log_pos(key), *got)
-        if obj.records:  # fences are replaced; record objects never change
-            self._remember(key, obj)
-        return obj
-
-    def _remember(self, key: str, obj: LogObject) -> None:
-        self._objects[key] = obj
-        if len(self._objects) > _CACHE:
-            self._objects.popitem(last=False)
-
-    async def _scan(self, run_id: str, gen: str) -> _Scan:
-        """The log's generation, record objects and end, following seals."""
-        while True:
-            listed = await self._bucket.list(self._keys.gen(run_id, gen))
-            if not listed:
-                return _Scan(gen, [], 0, None)
-            last = await self._object(run_id, listed[-1].key)
-            if last is None:
-                raise _Moved
-            if last.seal is not None:
-                gen = last.seal
-                continue
-            positions = [log_pos(o.key) for o in listed]
-            if last.fence:
-                positions.pop()
-            return _Scan(gen, positions, last.end, last)
-
-    async def _records(
-        self, run_id: str, gen: str, positions: list[int], start: int = 0, stop: int | None = None
-    ) -> list[bytes]:
-        """The records at ``start <= pos < stop`` of the objects at ``positions``."""
-        bounds = [*positions[1:], None]
-        wanted = [
-            p
-            for p, nxt in zip(positions, bounds, strict=True)
-            if (nxt is None or nxt > start) and (stop is None or p < stop)
-        ]
-        objs = await _each(wanted, lambda p: self._object(run_id, self._keys.log(run_id, gen, p)))
-        out: list[bytes] = []
-        for p, obj in zip(wanted, objs, strict=True):
-            if obj is None:
-                raise _Moved
-            out.extend(obj.records[max(start - p, 0) : None if stop is None else max(stop - p, 0)])
-        return out
-
-    async def _snapshot(
-        self, run_id: str, start: int, stop: int | None
-    ) -> tuple[RunDoc, list[bytes], int] | None:
-        """The run object, its records in ``[start, stop)`` and the log's length."""
-        for _ in range(10):
-            doc = await self._fetch(run_id)
-            if doc is None:
-                return None
-            try:
-                tail = self._tails.get(run_id)
-                if (
-                    tail is not None
-                    and tail.token == doc.rec.lease_token
-                    and doc.rec.lease_owner is not None
-                ):
-                    gen, positions, end = tail.gen, list(tail.positions), tail.end
-                else:
-                    scan = await self._scan(run_id, doc.gen)
-                    gen, positions, end = scan.gen, scan.positions, scan.end
-                if start < 0:
-                    start = max(end + start, 0)
-                return doc, await self._records(run_id, gen, positions, start, stop), end
-            except _Moved:
-                continue
-        raise BackendError(f"run {run_id!r}: its log kept moving while being read")
-
-    async def _tail(self, run_id: str, token: int) -> _Tail:
-        """The log end a writer with ``token`` appends at: known, or found and checked."""
-        tail = self._tails.get(run_id)
-        if tail is not None and tail.token == token:
-            return tail
-        doc = await self._fetch(run_id)
-        if doc is None:
-            raise RunNotFound(run_id)
-        if doc.rec.lease_token != token:
-            raise LeaseLost(run_id)
-        try:
-            scan = await self._scan(run_id, doc.gen)
-        except _Moved:
-            raise LeaseLost(run_id) from None
-        last = scan.last
-        fence = None
-        if last is not None and last.fence:
-            if last.token != token:
-                raise LeaseLost(run_id)
-            fence = last.etag
-        elif last is not None and last.token > token:
-            raise LeaseLost(run_id)
-        tail = _Tail(token, scan.gen, scan.positions, scan.end, fence)
-        self._tails[run_id] = tail
-        return tail
-
-    async def _tail_at(self, run_id: str, token: int, expected_len: int) -> _Tail:
-        """The tail, if the log is ``expected_len`` long (else "log moved"). A known
-        end that disagrees is checked against the store first: another writer with
-        this token (this run's lost lease, not yet noticed) may have moved it."""
-        tail = await self._tail(run_id, token)
-        if tail.end != expected_len:
-            self._forget(run_id, tail)
-            tail = await self._tail(run_id, token)
-            if tail.end != expected_len:
-                raise rules.log_moved(run_id, tail.end, expected_len)
-        return tail
-
-    def _forget(self, run_id: str, tail: _Tail) -> None:
-        if self._tails.get(run_id) is tail:
-            del self._tails[run_id]
-
-    async def _put_at(self, run_id: str, tail: _Tail, body: bytes, nonce: str) -> bool:
-        """Write the log object at the tail's end: replacing our fence, or a new
-        position. False if another writer holds that position."""
-        key = self._keys.log(run_id, tail.gen, tail.end)
-        for _ in range(2):
-            if tail.fence is not None:
-                etag = await self._bucket.put(key, body, if_match=tail.fence)
-            else:
-                etag = await self._bucket.put(key, body, if_absent=True)
-            if etag is not None:
-                return True
-            there = await self._bucket.get(key)
-            if there is None:
-                tail.fence = None
-                continue
-            obj = load_log(run_id, tail.end, *there)
-            if obj.nonce == nonce:
-                return True  # our write landed; its reply was lost
-            if obj.fence and obj.token == tail.token and obj.etag != tail.fence:
-                tail.fence = obj.etag  # a racing claimer of our token re-placed the fence
-                continue
-            return False
-        return False
 
     # -- runs -----------------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> bool:
         self._count("create_run")
         rec = rules.new_record(new)
-        gen, nonce = _nonce()[:12], _nonce()
-        log_key = self._keys.log(new.run_id, gen, 0)
-        first = dump_log(token=0, nonce=nonce, records=[new.first_record, *new.more_records])
-        await self._bucket.put(log_key, first)
+        nonce = new_nonce()
+        records = [new.first_record, *new.more_records]
+        gen = await self._logs.begin(new.run_id, token=0, records=records, nonce=nonce)
         await self._bucket.put(self._keys.created(new.run_id, new.created_at), b"")
         at = wake_at(rec)
         doc = RunDoc(
@@ -462,7 +290,7 @@ class S3Backend(S3Registry):
         ):
             there = await self._fetch(new.run_id)
             if there is None or there.nonce != nonce:
-                await self._bucket.delete(log_key)
+                await self._logs.discard(new.run_id, gen)
                 return False
         self._hub.publish(new.run_id)
         return True
@@ -478,7 +306,9 @@ class S3Backend(S3Registry):
         now: float,
     ) -> list[Claim]:
         self._count("claim_due")
-        wanted = set(workflows)
+        want = _Want(
+            queue=queue, workflows=set(workflows), owner=owner, lease_seconds=lease_seconds, now=now
+        )
         claims: list[Claim] = []
         after: str | None = None
         # A pass starts no batch after a quarter lease: the runs it claimed first wait
@@ -489,15 +319,13 @@ class S3Backend(S3Registry):
             entries = [e for e in map(parse_due, (o.key for o in page)) if e is not None]
             due = [e for e in entries if e.at <= now]
             seen = {o.key: o for o in page}
-            mine = [e for e in due if e.workflow in wanted]
+            mine = [e for e in due if e.workflow in want.workflows]
             while mine and len(claims) < limit and time.monotonic() < stop:
-                size = min(limit - len(claims), _PARALLEL)
+                size = min(limit - len(claims), PARALLEL)
                 batch, mine = mine[:size], mine[size:]
-                got = await _each(
+                got = await each(
                     [(e, seen[e.key]) for e in batch],
-                    lambda el: self._claim_one(
-                        el[0], el[1], queue, wanted, owner, lease_seconds, now
-                    ),
+                    lambda el: self._claim_one(el[0], el[1], want),
                 )
                 claims.extend(c for c in got if c is not None)
             if len(due) < len(entries) or len(page) < 100:
@@ -505,19 +333,29 @@ class S3Backend(S3Registry):
             after = page[-1].key
         return claims
 
-    async def _claim_one(
-        self,
-        entry: DueEntry,
-        listed: Listed,
-        queue: str,
-        wanted: set[str],
-        owner: str,
-        lease_seconds: float,
-        now: float,
-    ) -> Claim | None:
-        """Claim the run of one due entry, or None."""
-        run_id = entry.run_id
-        doc = await self._fetch(run_id)
+    async def _claim_one(self, entry: DueEntry, listed: Listed, want: _Want) -> Claim | None:
+        """Claim the run of one due entry, or None: fence the log's end with the next
+        lease token, then write that token into the run object."""
+        doc = await self._due_doc(entry, listed, want)
+        if doc is None:
+            return None
+        try:
+            scan = await self._logs.scan(entry.run_id, doc.gen)
+        except Moved:
+            return None
+        doc = await self._rolled_forward(doc, scan, want)
+        if doc is None:
+            return None
+        token = doc.rec.lease_token + 1
+        fence = await self._logs.fence(entry.run_id, scan, token)
+        if fence is None:
+            return None  # a writer or another claimer got there first
+        return await self._take(doc, scan, token, fence, want)
+
+    async def _due_doc(self, entry: DueEntry, listed: Listed, want: _Want) -> RunDoc | None:
+        """The run object of a due entry if the run is claimable; else None, after
+        tidying the index (a create that died, a stray entry, an early one)."""
+        doc = await self._fetch(entry.run_id)
         if doc is None:
             if time.time() - listed.modified > _ORPHAN_AGE:
                 await self._bucket.delete(entry.key, if_match=listed.etag)  # a create that died
@@ -525,62 +363,52 @@ class S3Backend(S3Registry):
         if doc.indexed != entry.stamp:
             await self._drop_stray(listed, doc)
             return None
-        rec = doc.rec
-        if not rules.claimable(rec, queue, wanted, now):
-            wake = wake_at(rec)
+        if not want.claimable(doc.rec):
+            wake = wake_at(doc.rec)
             if wake is None or time_key(wake) != doc.indexed:
-                await self._write(doc, rec)  # an early entry (a renewed lease): move it
+                await self._write(doc, doc.rec)  # an early entry (a renewed lease): move it
             return None
-        try:
-            scan = await self._scan(run_id, doc.gen)
-        except _Moved:
+        return doc
+
+    async def _rolled_forward(self, doc: RunDoc, scan: Scan, want: _Want) -> RunDoc | None:
+        """The run object with the update of the log's last object applied, if its
+        writer died before writing it there (*roll forward*, see the module docstring);
+        None if the run is not to be claimed now after all."""
+        rec, last = doc.rec, scan.last
+        if last is None or last.update is None or last.end <= rec.log_len:
+            return doc
+        if last.token != rec.lease_token:
             return None
-        last = scan.last
-        if last is not None and last.update is not None and last.end > rec.log_len:
-            if last.token != rec.lease_token:
-                return None
-            # roll forward: the update of a writer that died before writing the run object
-            rolled, _ = rules.appended(
-                rec, last.update, log_len=scan.end, last_inbox_id=doc.last_inbox_id, now=now
-            )
-            written = await self._write(doc, rolled, gen=scan.gen)
-            if written is None:
-                return None
-            if rules.ends_lease(last.update):
-                self._hub.publish(run_id)
-            doc, rec = written, rolled
-            if not rules.claimable(rec, queue, wanted, now):
-                return None
-        token = rec.lease_token + 1
-        fence_key = self._keys.log(run_id, scan.gen, scan.end)
-        body = dump_log(token=token, nonce=_nonce(), fence=True)
-        if last is not None and last.fence:
-            fence = await self._bucket.put(fence_key, body, if_match=last.etag)
-        else:
-            fence = await self._bucket.put(fence_key, body, if_absent=True)
-        if fence is None:
-            return None  # a writer or another claimer got there first
-        claimed = rules.claimed(
-            rec.evolve(log_len=scan.end), owner=owner, lease_seconds=lease_seconds, now=now
+        rolled, _ = rules.appended(
+            rec, last.update, log_len=scan.end, last_inbox_id=doc.last_inbox_id, now=want.now
         )
+        written = await self._write(doc, rolled, gen=scan.gen)
+        if written is None:
+            return None
+        if rules.ends_lease(last.update):
+            self._hub.publish(rec.run_id)
+        return written if want.claimable(rolled) else None
+
+    async def _take(
+        self, doc: RunDoc, scan: Scan, token: int, fence: str, want: _Want
+    ) -> Claim | None:
+        """Write the claim into the run object, its log fenced already: retried when a
+        delivery or a cancel came first, as long as the run stays claimable."""
+        run_id, before = doc.rec.run_id, doc.rec.lease_token
+        claimed = want.claimed(doc.rec, scan.end)
         for _ in range(3):
             written = await self._write(doc, claimed, gen=scan.gen)
             if written is not None:
-                self._tails[run_id] = _Tail(token, scan.gen, scan.positions, scan.end, fence)
+                self._logs.hold(run_id, token, scan, fence)
                 self._docs[run_id] = written
                 return Claim(run_id=run_id, token=token)
             latest = await self._fetch(run_id)  # a delivery or cancel came first?
-            if latest is None or latest.rec.lease_token != rec.lease_token:
+            if latest is None or latest.rec.lease_token != before:
                 return None
-            if not rules.claimable(latest.rec, queue, wanted, now):
+            if not want.claimable(latest.rec):
                 return None
             doc = latest
-            claimed = rules.claimed(
-                latest.rec.evolve(log_len=scan.end),
-                owner=owner,
-                lease_seconds=lease_seconds,
-                now=now,
-            )
+            claimed = want.claimed(latest.rec, scan.end)
         return None
 
     async def _drop_stray(self, entry: Listed, doc: RunDoc) -> None:
@@ -592,7 +420,7 @@ class S3Backend(S3Registry):
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
-        got = await self._snapshot(run_id, log_from, None)
+        got = await self._logs.snapshot(run_id, log_from, None)
         if got is None:
             return None
         doc, log, end = got
@@ -606,14 +434,14 @@ class S3Backend(S3Registry):
             self._keys.inbox(run_id), after=self._keys.item(run_id, after)
         )
         ids = [i for i in (log_pos(o.key) for o in listed) if i <= last]
-        got = await _each(ids, lambda i: self._bucket.get(self._keys.item(run_id, i)))
+        got = await each(ids, lambda i: self._bucket.get(self._keys.item(run_id, i)))
         return [InboxItem(id=i, data=g[0]) for i, g in zip(ids, got, strict=True) if g is not None]
 
     async def read_log_page(
         self, run_id: str, *, start: int, stop: int
     ) -> tuple[RunRecord, list[bytes]] | None:
         self._count("read_log_page")
-        got = await self._snapshot(run_id, start, max(start, stop))
+        got = await self._logs.snapshot(run_id, start, max(start, stop))
         if got is None:
             return None
         doc, log, end = got
@@ -630,30 +458,20 @@ class S3Backend(S3Registry):
         now: float,
     ) -> int:
         self._count("append")
-        tail = await self._tail_at(run_id, token, expected_len)
+        tail = await self._logs.tail_at(run_id, token, expected_len)
         records = list(records)
         if not records:  # a status change alone: the run object's write is fenced by token
             if update is not None:
                 await self._settle(run_id, tail, update, now)
             return tail.end
-        nonce = _nonce()
-        body = dump_log(token=token, nonce=nonce, records=records, update=update)
-        if not await self._put_at(run_id, tail, body, nonce):
-            self._forget(run_id, tail)
+        end = await self._logs.append(run_id, tail, records, update)
+        if end is None:
             raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
-        pos = tail.end
-        self._remember(
-            self._keys.log(run_id, tail.gen, pos),
-            LogObject(pos=pos, records=records, token=token, update=update, nonce=nonce),
-        )
-        tail.positions.append(pos)
-        tail.end = end = pos + len(records)
-        tail.fence = None
         if update is not None:
             await self._settle(run_id, tail, update, now)
         return end
 
-    async def _settle(self, run_id: str, tail: _Tail, update: RunUpdate, now: float) -> None:
+    async def _settle(self, run_id: str, tail: Tail, update: RunUpdate, now: float) -> None:
         """Apply an append's run update to the run object (the log holds it already)."""
         end, gen = tail.end, tail.gen
         ends = False
@@ -690,17 +508,11 @@ class S3Backend(S3Registry):
         now: float,
     ) -> int:
         self._count("rewrite_log")
-        tail = await self._tail_at(run_id, token, expected_len)
-        gen, nonce = _nonce()[:12], _nonce()
+        tail = await self._logs.tail_at(run_id, token, expected_len)
         records = list(records)
-        new_key = self._keys.log(run_id, gen, 0)
-        await self._bucket.put(new_key, dump_log(token=token, nonce=nonce, records=records))
-        if not await self._put_at(
-            run_id, tail, dump_log(token=token, nonce=nonce, seal=gen), nonce
-        ):
-            await self._bucket.delete(new_key)
+        gen = await self._logs.compact(run_id, tail, records)
+        if gen is None:
             raise rules.log_moved(run_id, f"past {tail.end}", expected_len)
-        self._tails[run_id] = _Tail(token, gen, [0], len(records), None)
 
         def change(doc: RunDoc | None) -> tuple[RunRecord | None, None]:
             if doc is None or doc.rec.lease_token != token:
@@ -708,15 +520,8 @@ class S3Backend(S3Registry):
             return doc.rec.evolve(log_len=len(records)), None
 
         await self._mutate(run_id, change, mine=True, gen=gen)
-        await self._drop_generations(run_id, keep=gen)
+        await self._logs.drop_generations(run_id, keep=gen)
         return len(records)
-
-    async def _drop_generations(self, run_id: str, *, keep: str) -> None:
-        """Delete the log objects of every generation but ``keep`` (after a compaction
-        or a reopen has pointed the run object at it)."""
-        listed = await self._bucket.list(self._keys.logs(run_id))
-        stale = [o.key for o in listed if o.key.rsplit("/", 2)[1] != keep]
-        await self._bucket.delete_many(stale)
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
@@ -738,7 +543,7 @@ class S3Backend(S3Registry):
             return await self._mutate(run_id, change, mine=True, keep_after=keep)
 
         items = list(leases.items())
-        held = await _each(items, one, parallel=max(len(items), 1))  # all at once
+        held = await each(items, one, parallel=max(len(items), 1))  # all at once
         return {run_id for (run_id, _), ok in zip(items, held, strict=True) if ok}
 
     async def release(
@@ -751,13 +556,13 @@ class S3Backend(S3Registry):
         now: float,
     ) -> bool:
         self._count("release")
-        tail = self._tails.get(run_id)
+        tail = self._logs.held(run_id, token)
 
         def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
             if doc is None or not rules.holds_lease(doc.rec, token):
                 return None, False
             rec = doc.rec
-            if tail is not None and tail.token == token:
+            if tail is not None:
                 rec = rec.evolve(log_len=tail.end)
             pending = doc.last_inbox_id > rec.inbox_pos
             return rules.released(rec, status=status, due_at=due_at, now=now, pending=pending), True
@@ -821,17 +626,13 @@ class S3Backend(S3Registry):
         self, run_id: str, *, status: RunStatus, expected_len: int, keep_len: int, now: float
     ) -> bool:
         self._count("reopen")
-        got = await self._snapshot(run_id, 0, keep_len)
+        got = await self._logs.snapshot(run_id, 0, keep_len)
         if got is None:
             raise RunNotFound(run_id)
         doc, kept, _ = got
         if doc.rec.status != status or doc.rec.log_len != expected_len:
             return False
-        gen = _nonce()[:12]
-        await self._bucket.put(
-            self._keys.log(run_id, gen, 0),
-            dump_log(token=doc.rec.lease_token, nonce=_nonce(), records=kept),
-        )
+        gen = await self._logs.begin(run_id, token=doc.rec.lease_token, records=kept)
 
         def change(doc: RunDoc | None) -> tuple[RunRecord | None, bool]:
             if doc is None:
@@ -841,9 +642,9 @@ class S3Backend(S3Registry):
             return rules.reopened(doc.rec, keep_len=len(kept), now=now), True
 
         if not await self._mutate(run_id, change, gen=gen):
-            await self._bucket.delete(self._keys.log(run_id, gen, 0))
+            await self._logs.discard(run_id, gen)
             return False
-        await self._drop_generations(run_id, keep=gen)
+        await self._logs.drop_generations(run_id, keep=gen)
         self._hub.publish(run_id)
         return True
 
@@ -856,7 +657,7 @@ class S3Backend(S3Registry):
 
     async def _all_runs(self) -> list[RunRecord]:
         listed = await self._bucket.list(self._keys.runs)
-        docs = await _each(listed, lambda o: self._fetch(self._keys.run_id_of(o.key)))
+        docs = await each(listed, lambda o: self._fetch(self._keys.run_id_of(o.key)))
         return [d.rec for d in docs if d is not None]
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
@@ -864,7 +665,7 @@ class S3Backend(S3Registry):
         so a page costs about one GET per run it shows (plus those the filter drops)."""
         self._count("list_runs")
         if query.run_ids is not None:
-            docs = await _each(sorted(query.run_ids), self._fetch)
+            docs = await each(sorted(query.run_ids), self._fetch)
             return rules.newest_first((d.rec for d in docs if d is not None), query)
         listed = await self._bucket.list(self._keys.created_all)
         slack = 1e-5  # the keys hold microseconds: the exact test is rules.matches below
@@ -880,7 +681,7 @@ class S3Backend(S3Registry):
         out: list[RunRecord] = []
         for i in range(0, len(order), 64):
             chunk = order[i : i + 64]
-            docs = await _each(chunk, lambda p: self._fetch(p[1]))
+            docs = await each(chunk, lambda p: self._fetch(p[1]))
             for (_, _, stamp), d in zip(chunk, docs, strict=True):
                 # a run has one entry of its own; another is a lost create's
                 own = d is not None and created_stamp(d.rec.created_at) == stamp
@@ -901,20 +702,7 @@ class S3Backend(S3Registry):
         """Overwrite one stored log record (to test how bad data is handled)."""
         doc = await self._fetch(run_id)
         assert doc is not None
-        scan = await self._scan(run_id, doc.gen)
-        for p in reversed(scan.positions):
-            if p <= position:
-                key = self._keys.log(run_id, scan.gen, p)
-                obj = await self._object(run_id, key)
-                assert obj is not None
-                records = list(obj.records)
-                records[position - p] = data
-                self._objects.pop(key, None)
-                await self._bucket.put(
-                    key,
-                    dump_log(token=obj.token, nonce=_nonce(), records=records, update=obj.update),
-                )
-                return
+        await self._logs.overwrite(run_id, doc.gen, position, data)
 
     async def drop_everything(self) -> None:
         """Delete every object under this prefix (tests' cleanup); works after close() too."""
