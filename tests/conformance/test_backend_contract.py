@@ -112,6 +112,16 @@ async def test_claim_skips_runs_not_yet_due_or_waiting(backend: Backend) -> None
     assert c is not None and c.run_id == "later"
 
 
+async def test_a_run_is_claimable_at_exactly_its_due_time(backend: Backend) -> None:
+    """Due times are not rounded on the way: a run due at ``t`` is claimable at
+    ``now == t`` to the last bit (a virtual clock that waits for it stands still
+    there), and not a hair before."""
+    due = T0 + 0.0000007  # a time an index at microseconds would round up
+    await backend.create_run(new_run("r1", due=due))
+    assert await claim_one(backend, now=due - 1e-6) is None
+    assert await claim_one(backend, now=due) is not None
+
+
 async def test_claim_only_takes_registered_workflows_and_its_queue(backend: Backend) -> None:
     await backend.create_run(new_run("other-wf", wf="unknown"))
     await backend.create_run(new_run("other-q", queue="q2"))

@@ -82,6 +82,7 @@ from ._s3_layout import (
 from ._s3_log import PARALLEL, Moved, RunLogs, Scan, Tail, each, new_nonce
 
 T = TypeVar("T")
+_KEY_RESOLUTION = 1e-6  # seconds: the due index's keys are rounded to this
 _ORPHAN_AGE = 60.0  # a due entry whose run object is missing this long: a create that died
 _MIN_PASS = 0.5  # ... but always runs this long, so a pass makes progress
 
@@ -317,7 +318,9 @@ class S3Backend(S3Registry):
         while len(claims) < limit and time.monotonic() < stop:
             page = await self._bucket.list(self._keys.queue(queue), after=after, limit=100)
             entries = [e for e in map(parse_due, (o.key for o in page)) if e is not None]
-            due = [e for e in entries if e.at <= now]
+            # a key holds its time to the microsecond, rounded: one a rounding put
+            # just past ``now`` may be due (the run object's own time decides)
+            due = [e for e in entries if e.at <= now + _KEY_RESOLUTION]
             seen = {o.key: o for o in page}
             mine = [e for e in due if e.workflow in want.workflows]
             while mine and len(claims) < limit and time.monotonic() < stop:
