@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from . import _records as R
-from ._interrupts import CancelRun
+from ._interrupts import CancelRun, DeadlineExpired
 from ._replay import Replay, Step
 from .codec import coerce
 from .errors import WorkflowError
@@ -85,6 +85,8 @@ class CallCore:
         self._pending: list[R.Record] = []  # log records waiting for the next write
         self._in_call: str | None = None
         self._poisoned = False
+        deadline = session.start.get("deadline")
+        self._deadline: float | None = float(deadline) if deadline is not None else None
 
     def _enter_call(self, name: str) -> None:
         """The durable call ``name`` is in flight until its caller resets
@@ -141,8 +143,15 @@ class CallCore:
             await session.pull()
         if session.run.cancel_requested and not self._reverting:
             raise CancelRun()
+        self._check_deadline()
         self._replay.index_new()
         self._replay.advance(len(session.records))
+
+    def _check_deadline(self) -> None:
+        """At the live edge: a run past its deadline stops here (compensations of a
+        revert already under way run on: they are what a cancel asked for)."""
+        if self._deadline is not None and not self._reverting and self._clock() >= self._deadline:
+            raise DeadlineExpired(self._deadline)
 
     def _check_writable(self) -> None:
         if self._poisoned:

@@ -78,7 +78,11 @@ class Composition(Steps):
                 self._replay.stop_at = marks[0] - 1
 
     async def _start_child(
-        self, name: str, kwargs: dict[str, Any] | None, queue: str | None
+        self,
+        name: str,
+        kwargs: dict[str, Any] | None,
+        queue: str | None,
+        timeout: float | None = None,
     ) -> ChildHandle:
         step, at = self._begin("start_child", name)
         final = self._final(step)
@@ -91,6 +95,7 @@ class Composition(Steps):
                 kwargs=dict(kwargs or {}),
                 queue=queue or self._session.run.queue,
                 parent_id=self.run_id,
+                timeout=timeout,
             )
             final = self._rec(R.CALL, step.seq, "start_child", at, name, v=child_id)
             await self._write(final, what="start_child()")
@@ -183,6 +188,7 @@ class Composition(Steps):
             queue=self._session.run.queue,
             parent_id=self._session.run.parent_id,
             origin=self._session.start.get("origin", self.run_id),
+            deadline=self._session.start.get("deadline"),  # the same run, carried on
         )
         raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]}, self._unobserved())
 

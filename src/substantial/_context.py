@@ -292,8 +292,10 @@ class Context(Composition):
         queue: str | None = None,
     ) -> ChildHandle:
         """Start a child run (``<run_id>.<seq>``, on this run's queue unless
-        ``queue``); cancelling this run cancels it too."""
-        return await self._start_child(workflow_name(wf), kwargs, queue)
+        ``queue``); cancelling this run cancels it too. A ``Workflow`` with a
+        ``timeout`` gives the child its deadline."""
+        timeout = wf.timeout if isinstance(wf, Workflow) else None
+        return await self._start_child(workflow_name(wf), kwargs, queue, timeout)
 
     @one_at_a_time
     async def revert(self) -> None:

@@ -19,6 +19,14 @@ class CancelRun(Interrupt):
     """The run was cancelled by a client (or a cancelled parent)."""
 
 
+class DeadlineExpired(Interrupt):
+    """The run's deadline (``timeout=``) passed: it ends CANCELLED, saying so."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__(deadline)
+        self.deadline = deadline
+
+
 class StopRun(Interrupt):
     """The run ended by a primitive (revert / continue_using) with a final status."""
 

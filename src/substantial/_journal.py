@@ -207,13 +207,21 @@ class Journal:
         parent_id: str | None = None,
         connection: Any = None,
         origin: str | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> bool:
         """``origin``: for a run continuing another (continue_using), the first run's
-        id, under which a parent waits for it."""
+        id, under which a parent waits for it. ``timeout`` (seconds from now) or
+        ``deadline`` (epoch seconds, carried over by continue_using): when the run
+        must be over, recorded in its start record."""
         now = self.clock()
         start: R.Record = {"k": R.START, "wf": workflow, "kw": kwargs, "t": now}
         if origin is not None:
             start["origin"] = origin
+        if deadline is None and timeout is not None:
+            deadline = now + timeout
+        if deadline is not None:
+            start["deadline"] = deadline
         telemetry.inject_context(start, run_id)  # the caller's trace, so the run's spans join it
         first = self.encode(start, f"start({workflow!r}) kwargs")
         new = NewRun(

@@ -13,10 +13,11 @@ import contextlib
 import logging
 import os
 import traceback
+from datetime import UTC, datetime
 from typing import Any
 
 from ._context import Context, child_event
-from ._interrupts import CancelRun, StopRun, Suspend
+from ._interrupts import CancelRun, DeadlineExpired, StopRun, Suspend
 from ._journal import RunSession
 from ._types import RunStatus
 from .codec import to_json
@@ -61,13 +62,22 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
     if run.cancel_requested and not run.revert_requested:
         await _cancel(session)
         return None  # (a revert replays first: the compensations are in the code)
+    deadline = session.start.get("deadline")
+    if deadline is not None and session.journal.clock() >= deadline:
+        await _cancel(session, reason=_expired(deadline))  # no replay: nothing runs now
+        return None
     ctx = Context(session, hot_wait=hot_wait, events=wf.events)
     try:
         status, value = await _workflow(session, wf, ctx)
     except Suspend as s:
         _raise_if_lost(session)
-        await session.suspend(s.due, ctx.flush_records())
-        return s.due
+        due = s.due if deadline is None else min(deadline, s.due or deadline)
+        await session.suspend(due, ctx.flush_records())
+        return due
+    except DeadlineExpired as d:
+        _raise_if_lost(session)
+        await _cancel(session, ctx.flush_records(), reason=_expired(d.deadline))
+        return None
     except StopRun as stop:
         _raise_if_lost(session)
         await _stopped(session, stop, ctx.flush_records())
@@ -177,12 +187,23 @@ async def _end(
             await session.journal.deliver(parent, child_event(origin), outcome)
 
 
+def _expired(deadline: float) -> str:
+    when = datetime.fromtimestamp(deadline, UTC).isoformat(timespec="seconds")
+    return f"its deadline passed ({when})"
+
+
 async def _cancel(
-    session: RunSession, extra: list[Any] | None = None, status: RunStatus = RunStatus.CANCELLED
+    session: RunSession,
+    extra: list[Any] | None = None,
+    status: RunStatus = RunStatus.CANCELLED,
+    *,
+    reason: str | None = None,
 ) -> None:
-    """End the run CANCELLED (or REVERTED) and cancel its descendants."""
+    """End the run CANCELLED (or REVERTED) and cancel its descendants. ``reason``:
+    why, when it was not a client's cancel (a deadline)."""
     children = [r["v"] for r in session.records if r.get("p") == "start_child" and "v" in r]
-    await _end(session, status, extra=extra)
+    error_type = None if reason is None else "DeadlineExceeded"
+    await _end(session, status, extra=extra, error=reason, error_type=error_type)
     for child in children:
         with contextlib.suppress(RunNotFound):
             await session.journal.cancel(child)

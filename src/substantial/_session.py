@@ -274,6 +274,12 @@ class RunSession:
             update = RunUpdate(
                 status=status, error=error or "", error_type=error_type, ended_at=now
             )
+        elif error is not None:  # a cancel with its reason (a deadline that passed)
+            end["v"] = None
+            end["err"] = {"type": error_type, "msg": error}
+            update = RunUpdate(
+                status=status, result=None, error=error, error_type=error_type, ended_at=now
+            )
         else:
             end["v"] = result
             update = RunUpdate(status=status, result=result, ended_at=now)

@@ -35,12 +35,15 @@ class Waits(CallCore):
         if self._session.run.cancel_requested and not self._reverting:
             raise CancelRun()  # a replay reached a wait after a cancel (see cancel_revert)
         while True:
+            self._check_deadline()
             now = self._clock()
             if due is not None and now >= due:
                 return
             if now >= budget_end or (due is not None and due > budget_end and not events):
                 raise Suspend(due)
             limit = budget_end - now if due is None else min(budget_end, due) - now
+            if self._deadline is not None:
+                limit = min(limit, max(self._deadline - now, 0.0))
             await self._session.show(RunStatus.SUSPENDED)  # (its record usually did)
             if await self._session.wait_for_change(limit):
                 if events:

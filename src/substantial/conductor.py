@@ -32,7 +32,7 @@ from .errors import (
 )
 from .filters import compile_filter
 from .worker import Worker, WorkerOptions, install_sigterm
-from .workflow import Workflow, workflow_name
+from .workflow import Workflow, deadline_seconds, workflow_name
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -177,7 +177,8 @@ def _outcome(run: RunRecord) -> Any:
     if run.status == RunStatus.FAILED:
         raise RunFailed(run.error or "the run failed", run_id=run.run_id, error_type=run.error_type)
     if run.status == RunStatus.CANCELLED:
-        raise RunCancelled(f"run {run.run_id!r} was cancelled", run_id=run.run_id)
+        why = f": {run.error}" if run.error else ""
+        raise RunCancelled(f"run {run.run_id!r} was cancelled{why}", run_id=run.run_id)
     if run.status == RunStatus.REVERTED:
         raise RunReverted(f"run {run.run_id!r} was reverted", run_id=run.run_id)
     raise ClientError(f"run {run.run_id!r} ended {run.status}")  # pragma: no cover
@@ -380,6 +381,7 @@ class Conductor:
         run_id: str | None = None,
         queue: str = "default",
         connection: Any = None,
+        timeout: timedelta | float | None = None,
     ) -> RunHandle[R]: ...
     @overload
     async def start(
@@ -390,6 +392,7 @@ class Conductor:
         run_id: str | None = None,
         queue: str = "default",
         connection: Any = None,
+        timeout: timedelta | float | None = None,
     ) -> RunHandle[Any]: ...
     async def start(
         self,
@@ -399,11 +402,14 @@ class Conductor:
         run_id: str | None = None,
         queue: str = "default",
         connection: Any = None,
+        timeout: timedelta | float | None = None,
     ) -> RunHandle[Any]:
         """Start a run (idempotent on ``run_id``: the first start wins).
 
         ``connection`` (PostgreSQL): an open asyncpg connection whose transaction
-        the run joins, so it exists iff that transaction commits.
+        the run joins, so it exists iff that transaction commits. ``timeout``: the
+        run's deadline from now (default: the workflow's ``@workflow(timeout=)``);
+        a run still going then ends CANCELLED, saying so, and its descendants too.
         """
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ClientError(f"kwargs must be a dict of keyword arguments, got {kwargs!r}")
@@ -411,12 +417,19 @@ class Conductor:
             raise ClientError("run_id must be a non-empty string")
         await self._ensure_open()
         rid = run_id or str(uuid.uuid4())
+        name = workflow_name(wf)
+        if timeout is not None:
+            limit: float | None = deadline_seconds(timeout, "start(timeout=)")
+        else:
+            known = wf if isinstance(wf, Workflow) else self.workflows.get(name)
+            limit = None if known is None else known.timeout
         await self.journal.create(
             run_id=rid,
-            workflow=workflow_name(wf),
+            workflow=name,
             kwargs=dict(kwargs or {}),
             queue=queue,
             connection=connection,
+            timeout=limit,
         )
         return RunHandle(self, rid)
 

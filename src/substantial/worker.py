@@ -68,6 +68,11 @@ class Worker:
         self._outage = Outage(f"store {journal.label}", log)
         self._started_at = journal.clock()
 
+    @property
+    def active_runs(self) -> int:
+        """Runs this worker is driving now (claimed and not yet handed back)."""
+        return len(self._active)
+
     # -- hints ------------------------------------------------------------------
 
     def hint(self, run_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ class Workflow(Generic[R]):
     name: str
     fn: Callable[..., Awaitable[R]]
     events: Mapping[str, Any] | None = None
+    timeout: float | None = None  # seconds from a run's start to its deadline
 
     async def __call__(self, c: Context, **kwargs: Any) -> R:
         return await self.fn(c, **kwargs)
@@ -34,20 +36,30 @@ class Workflow(Generic[R]):
 def workflow(fn: WorkflowFn[R], /) -> Workflow[R]: ...
 @overload
 def workflow(
-    *, name: str | None = None, events: Mapping[str, Any] | None = None
+    *,
+    name: str | None = None,
+    events: Mapping[str, Any] | None = None,
+    timeout: timedelta | float | None = None,
 ) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
 @overload
 def workflow(name: str | None = None, /) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
 
 
 def workflow(
-    fn: Any = None, /, *, name: str | None = None, events: Mapping[str, Any] | None = None
+    fn: Any = None,
+    /,
+    *,
+    name: str | None = None,
+    events: Mapping[str, Any] | None = None,
+    timeout: timedelta | float | None = None,
 ) -> Any:
     """Mark an async function as a workflow: ``@workflow()`` or ``@workflow(name="x")``.
 
     ``events={"approved": bool, "item": Item}`` declares the events its runs take:
     ``send`` refuses any other name, or a payload that does not fit its type,
-    before anything is stored, and ``receive`` returns the typed value."""
+    before anything is stored, and ``receive`` returns the typed value.
+    ``timeout``: each run's deadline, counted from its start (``start(timeout=)``
+    overrides it): a run still going then ends CANCELLED, its descendants too."""
     if isinstance(fn, str):
         name, fn = fn, None
     declared = None
@@ -55,13 +67,22 @@ def workflow(
         if not isinstance(events, Mapping) or not all(isinstance(k, str) and k for k in events):
             raise TypeError("@workflow(events=) takes a mapping of event names to payload types")
         declared = dict(events)
+    limit = None if timeout is None else deadline_seconds(timeout, "@workflow(timeout=)")
 
     def wrap(f: WorkflowFn[R]) -> Workflow[R]:
         if not callable(f):
             raise TypeError("@workflow() decorates an async function")
-        return Workflow(name=name or f.__name__, fn=f, events=declared)
+        return Workflow(name=name or f.__name__, fn=f, events=declared, timeout=limit)
 
     return wrap(fn) if fn is not None else wrap
+
+
+def deadline_seconds(timeout: timedelta | float, what: str) -> float:
+    """``timeout`` in seconds, refused unless it is positive."""
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if not seconds > 0:
+        raise ValueError(f"{what} must be a positive duration, got {timeout!r}")
+    return seconds
 
 
 def workflow_name(wf: Workflow[Any] | str) -> str:

@@ -29,9 +29,11 @@ from types import TracebackType
 from typing import Any
 
 from .._history import HistoryEntry
+from .._supervision import reraise_if_cancelling
 from .._types import RunStatus, Seconds, to_seconds
 from ..backends import Backend, RunQuery, RunRecord
 from ..conductor import Conductor
+from ..worker import Worker
 from ..workflow import Workflow
 
 __all__ = ["TestEnvironment"]
@@ -67,10 +69,15 @@ class _TestConductor(Conductor):
         super().__init__(backend, clock=clock)
         self._on_wait = on_wait
         self._hints.add(on_change)
+        self.worker: Worker | None = None
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
         with self._on_wait():
             return await super()._wait_terminal(run_id)
+
+    async def _serve(self, worker: Worker) -> None:
+        self.worker = worker  # the environment asks it whether it is still driving a run
+        await super()._serve(worker)
 
 
 class TestEnvironment:
@@ -225,7 +232,12 @@ class TestEnvironment:
             self.conductor._nudge()  # the worker's next claim sees what is due now
 
     async def _look(self) -> tuple[bool, float | None]:
-        """Whether every run is waiting, and the earliest time one is due."""
+        """Whether every run is waiting, and the earliest time one is due. The
+        worker must be idle too: a run's driver may still act after its last write
+        (a deadline's cancel cascades to the children after the run ended)."""
+        worker = None if self._conductor is None else self._conductor.worker
+        if worker is not None and worker.active_runs:
+            return False, None
         served = set(self.conductor.workflows)
         runs = await self.conductor.journal.list_runs(RunQuery(statuses=_WAITING))
         now = self._clock()
@@ -246,24 +258,31 @@ class TestEnvironment:
         while True:
             self._changed.clear()
             quiet, due = await self._look()
+            reraise_if_cancelling()  # a store's driver may have eaten a cancel
             if quiet:
                 return due
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_FALLBACK):
-                    await self._changed.wait()
+            await self._changed_or_fallback()
+
+    async def _changed_or_fallback(self) -> None:
+        """Until a hint arrives, or the fallback look is due. A cancel that lands
+        as the timeout fires is not lost (3.11's asyncio.timeout can turn it into
+        the TimeoutError suppressed here)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FALLBACK):
+                await self._changed.wait()
+        reraise_if_cancelling()
 
     async def _keep(self) -> None:
         """While a client awaits a result: whenever every run waits, jump to the
         next due timer (with none due, wait for something to change)."""
         while True:
+            reraise_if_cancelling()
             await self._skip.wait()
             due = await self._until_quiet()
             if not self._skip.is_set():
                 continue
             if due is None:
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_FALLBACK):
-                        await self._changed.wait()
+                await self._changed_or_fallback()
                 continue
             self._move_to(due)

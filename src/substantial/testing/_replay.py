@@ -25,7 +25,7 @@ import orjson
 from .. import _records as R
 from .._context import Context
 from .._export import HistoryFile, RunHistory, load_histories
-from .._interrupts import CancelRun, StopRun, Suspend
+from .._interrupts import CancelRun, DeadlineExpired, StopRun, Suspend
 from .._journal import Journal
 from .._replay import describe_record
 from ..backends import NewRun
@@ -125,7 +125,7 @@ async def _drive(
         result = await workflow.fn(ctx, **ctx.kwargs)
     except NonDeterminismError:
         raise
-    except (_LiveEdge, StopRun, CancelRun):
+    except (_LiveEdge, StopRun, CancelRun, DeadlineExpired):
         return Replayed(run_id, ctx.calls_made, "live")
     except Suspend:
         return Replayed(run_id, ctx.calls_made, "waiting")
