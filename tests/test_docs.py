@@ -83,6 +83,16 @@ async def test_the_testing_how_to_runs_as_written() -> None:
         await test()
 
 
+FLOW_HOWTO = ROOT / "docs" / "how-to" / "flow-control.md"
+
+
+async def test_the_flow_control_how_to_runs_as_written() -> None:
+    namespace = run_blocks(python_blocks(FLOW_HOWTO), FLOW_HOWTO)
+    tests = {k: v for k, v in namespace.items() if k.startswith("test_") and callable(v)}
+    assert list(tests) == ["test_an_unanswered_quote_expires"], list(tests)
+    await tests["test_an_unanswered_quote_expires"]()
+
+
 def test_the_quickstart_run_it_example_runs_on_the_default_store(tmp_path: Path) -> None:
     """ "A first workflow" then the first block of "Run it", as one script in a fresh
     directory: the default store (SQLite under ./.substantial/), a worker, a run."""
