@@ -2,7 +2,8 @@
 
 ``compact()`` bounds the log of a looping workflow. What it keeps:
 
-* every record without a ``key`` (the start, events, unkeyed calls, log lines);
+* every record without a ``key`` (the start, events, unkeyed calls, log lines),
+  but only the latest published value of each state key;
 * for each key, the records of its last call (a save's failed attempts stay
   with its final record: they are one call);
 * one **mark** record, last, holding ``next``, the sequence id the run had
@@ -53,10 +54,13 @@ def compact(records: Sequence[R.Record], *, next_seq: int, compacts: int) -> Com
                 first = min(first, rec["s"])
         elif rec["k"] == R.MARK:
             first = min(first, int(rec.get("from", first)))
+    state = {rec["name"]: i for i, rec in enumerate(records) if rec["k"] == R.STATE}
     keep = [
         i
         for i, rec in enumerate(records)
-        if rec["k"] != R.MARK and ("key" not in rec or rec["s"] == last[rec["key"]])
+        if rec["k"] != R.MARK
+        and ("key" not in rec or rec["s"] == last[rec["key"]])
+        and (rec["k"] != R.STATE or state[rec["name"]] == i)  # a key's latest value
     ]
     kept_calls = len(keep)
     if kept_calls == sum(1 for rec in records if rec["k"] != R.MARK):

@@ -43,6 +43,7 @@ from ._composition import ChildHandle, Composition, child_event, child_outcome
 from ._replay import patch_key
 from ._steps import Done
 from ._types import Retry, Seconds, to_seconds
+from .codec import to_json
 from .workflow import Workflow, workflow_name
 
 if TYPE_CHECKING:
@@ -192,6 +193,24 @@ class Context(Composition):
         if len(key) <= 64:
             return key
         return "sub-" + hashlib.sha256(key.encode()).hexdigest()[:60]
+
+    # -- published state -------------------------------------------------------------
+
+    async def publish(self, key: str, value: Any) -> None:
+        """Make ``value`` the run's latest ``key``, for readers outside it:
+        ``handle.state(key)`` reads it without waking the run, searches filter on
+        it (``{"state": {key: term}}``), ``show`` and the dashboard list it.
+
+        Not a step: it is written with the run's next record, only when the run
+        is past what its log holds (a replay does not write it again), and a
+        compaction keeps the latest value of each key."""
+        if not isinstance(key, str) or not key:
+            raise ValueError("publish() needs a key: a non-empty string")
+        self._check_writable()
+        if not self._replay.live():
+            return
+        v = to_json(value, what=f"publish({key!r}) value", limit=self._session.journal.max_payload)
+        self._pending.append({"k": R.STATE, "name": key, "v": v, "t": self._clock()})
 
     # -- versioning -----------------------------------------------------------------
 

@@ -30,6 +30,7 @@ child          ``start_child``: ``name`` = workflow, ``value`` = the child's id
 continue       ``continue_using``: ``name`` = workflow, ``value`` = the new run's id
 compact        a compaction's mark: ``value`` = ``{"next", "n", "from"}``
 patch          ``patched()`` took the patch: ``name`` = the patch id
+publish        ``publish()``: ``name`` = the key, ``value`` = the value
 event          an event: ``seq``/``at`` = the receive that consumed it (else None)
 end            ``name`` = the final status; ``value`` = the result, or for a failed
                run ``{"error_type", "traceback"}``
@@ -60,7 +61,7 @@ __all__ = [
 
 KINDS: Final = frozenset(
     {"save", "sleep", "receive", "ensure", "now", "random", "uuid4", "log", "child"}
-    | {"revert", "continue", "compact", "patch", "event", "end"}
+    | {"revert", "continue", "compact", "patch", "publish", "event", "end"}
 )
 _KIND_OF: Final = {"start_child": "child", "continue_using": "continue", "compensate": "revert"}
 
@@ -327,7 +328,7 @@ class _Seen:
 
 
 _CALL_KINDS: Final = frozenset({R.CALL, R.TRY, R.ARM, R.LOG})
-_OTHER_KINDS: Final = frozenset({R.EVENT, R.MARK, R.END})
+_OTHER_KINDS: Final = frozenset({R.EVENT, R.MARK, R.END, R.STATE})
 
 
 def _call(seq: int, recs: list[R.Record], records: _Records) -> HistoryEntry:
@@ -423,6 +424,14 @@ def _other(rec: R.Record, taken_by: R.Record | None) -> HistoryEntry:
     if k == R.MARK:
         value = {"next": rec.get("next"), "n": rec.get("n"), "from": rec.get("from")}
         return HistoryEntry(seq=None, kind="compact", value=value)
+    if k == R.STATE:
+        return HistoryEntry(
+            seq=None,
+            kind="publish",
+            name=rec.get("name"),
+            started_at=_time(rec.get("t")),
+            value=rec.get("v"),
+        )
     err = rec.get("err")
     if isinstance(err, dict):
         tb = err.get("tb")

@@ -24,6 +24,8 @@ try        s, p, at, t0, n (attempt), err {type,msg}, retry (epoch seconds); ste
 arm        s, p, at, t0, due (epoch seconds, or None)  [sleep; receive, ensure that wait]
 log        s, p, at, level, msg, fields, t
 mark       p ("compact"), next (sequence id reached), n (compactions), from (first keyed)
+state      name (the published key), v (its value), t: c.publish(); no sequence id, never
+           matched on replay (written at the live edge only); compaction keeps the last
 end        status, v | err {type, msg, tb (the workflow code's traceback)}
 =========  ==========================================================
 """
@@ -45,8 +47,15 @@ ARM: Final = "arm"
 LOG: Final = "log"
 END: Final = "end"
 MARK: Final = "mark"  # where compact() rewrote the log
+STATE: Final = "state"  # a value published for readers outside the run
 
-KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END, MARK})
+KINDS: Final = frozenset({START, EVENT, CALL, TRY, ARM, LOG, END, MARK, STATE})
+
+
+def published(records: Iterable[Record]) -> dict[str, Any]:
+    """The latest value of each key the run published, as of these records."""
+    return {r["name"]: r.get("v") for r in records if r["k"] == STATE}
+
 
 CHILD_OUTCOME: Final = "substantial.child:"  # prefix of the event carrying a child's outcome
 

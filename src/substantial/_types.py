@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -57,6 +58,8 @@ class RunSummary:
     queue: str = "default"
     error_type: str | None = None  # the exception type of a failed run
     parent_id: str | None = None
+    # what the run published (c.publish), filled in by a search that filters on it
+    state: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

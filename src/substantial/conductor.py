@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -18,6 +19,7 @@ from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
+from ._records import published
 from ._supervision import Backoff, Outage, reraise_if_cancelling
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, WorkerInfo, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
@@ -30,7 +32,7 @@ from .errors import (
     RunFinished,
     RunReverted,
 )
-from .filters import compile_filter
+from .filters import compile_filter, uses_state
 from .worker import Worker, WorkerOptions, install_sigterm
 from .workflow import Workflow, deadline_seconds, workflow_name
 
@@ -91,6 +93,24 @@ class RunHandle(Generic[R]):
 
     async def status(self) -> RunStatus:
         return (await self._latest()).status
+
+    async def state(self, key: str, default: Any = None) -> Any:
+        """The latest value the run published under ``key`` (``c.publish``), across
+        its continue_using chain; ``default`` if it published none. Read from the
+        store: the run is not woken, and need not be served by a worker."""
+        return (await self.states()).get(key, default)
+
+    async def states(self) -> dict[str, Any]:
+        """Every key the run (and the runs it continued into) published, latest
+        values."""
+        journal = await self._journal()
+        out: dict[str, Any] = {}
+        run_id: str | None = self.run_id
+        while run_id is not None:
+            run, records = await journal.read_log(run_id)
+            out.update(published(records))
+            run_id = _continued_to(run)
+        return out
 
     async def summary(self) -> RunSummary:
         return summarize(await self._latest())
@@ -261,6 +281,15 @@ class Conductor:
             return value
         wf = self.workflows.get((await self.journal.get(run_id)).workflow)
         return value if wf is None else checked_event(wf, name, value)
+
+    async def _summary_for(self, run: RunRecord, with_state: bool) -> RunSummary:
+        """The run's summary, with what it published if a filter needs that (a
+        read of its log: no store indexes published state yet)."""
+        summary = summarize(run)
+        if not with_state:
+            return summary
+        _, records = await self.journal.read_log(run.run_id)
+        return dataclasses.replace(summary, state=published(records))
 
     def _nudge(self) -> None:
         """Make this process's workers and waiters look at the store again."""
@@ -506,6 +535,7 @@ class Conductor:
         if limit < 1:
             raise ClientError(f"limit must be at least 1, got {limit}")
         pred = compile_filter(filter)
+        with_state = uses_state(filter)
         narrow = narrowing(filter)
         after = decode_cursor(cursor)
         await self._ensure_open()
@@ -520,11 +550,15 @@ class Conductor:
             last_batch = len(runs) < batch
             for i, run in enumerate(runs):
                 after = (run.created_at, run.run_id)
-                summary = summarize(run)
+                summary = await self._summary_for(run, with_state)
                 if pred(summary):
                     found.append(summary)
                     if len(found) == limit:
-                        more = not last_batch or any(pred(summarize(r)) for r in runs[i + 1 :])
+                        more = not last_batch
+                        for later in runs[i + 1 :] if not more else ():
+                            if pred(await self._summary_for(later, with_state)):
+                                more = True
+                                break
                         return RunPage(
                             runs=found, next_cursor=encode_cursor(after) if more else None
                         )

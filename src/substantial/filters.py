@@ -7,7 +7,7 @@ strings)::
     term         ::= {"eq": v} | {"lt": v} | {"lte": v} | {"gt": v} | {"gte": v}
                    | {"in": v} | {"contains": v}
     special_term ::= {"run_id": term} | {"started_at": term} | {"ended_at": term}
-                   | {"status": term}
+                   | {"status": term} | {"state": {key: term}}
     expr         ::= {"not": expr} | {"or": [expr, ...]} | {"and": [expr, ...]}
                    | term | special_term
 
@@ -16,7 +16,8 @@ Every object has exactly one key.
 *Subjects.* A bare term tests the run's *value*: its result if it COMPLETED, its
 error message if it FAILED, otherwise ``None``. A special term tests a field
 instead: ``run_id`` and ``status`` as strings (``RunStatus`` members are accepted as
-values), ``started_at``/``ended_at`` as timestamps.
+values), ``started_at``/``ended_at`` as timestamps, ``state`` the latest value the
+run published under ``key`` (``c.publish``; ``None`` if it published none).
 
 *Operators.* ``eq`` is JSON equality (``1 == 1.0``, but ``true`` is not ``1``).
 ``lt``/``lte``/``gt``/``gte`` order numbers with numbers, strings with strings and
@@ -55,14 +56,14 @@ from typing import Any
 from ._types import RunStatus, RunSummary
 from .errors import FilterError
 
-__all__ = ["Predicate", "compile_filter", "matches", "parse_filter_json"]
+__all__ = ["Predicate", "compile_filter", "matches", "parse_filter_json", "uses_state"]
 
 Predicate = Callable[[RunSummary], bool]
 _Test = Callable[[Any], bool]
 
 _TERM_OPS = ("eq", "lt", "lte", "gt", "gte", "in", "contains")
 _DATE_OPS = ("eq", "lt", "lte", "gt", "gte", "in")
-_SPECIAL = ("run_id", "started_at", "ended_at", "status")
+_SPECIAL = ("run_id", "started_at", "ended_at", "status", "state")
 _LOGICAL = ("and", "or", "not")
 _EXPR_KEYS = _LOGICAL + _TERM_OPS + _SPECIAL
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
@@ -174,7 +175,37 @@ def _compile_expr(node: Any, path: str) -> Predicate:
     return lambda run: test(_run_value(run))
 
 
+def uses_state(expr: Mapping[str, Any] | None) -> bool:
+    """Whether a (valid) filter has a ``state`` term: a search must then read what
+    each candidate run published."""
+    if not isinstance(expr, Mapping):
+        return False
+    for key, value in expr.items():
+        if key == "state":
+            return True
+        if key == "not" and uses_state(value):
+            return True
+        if key in ("and", "or") and any(uses_state(v) for v in value):
+            return True
+    return False
+
+
+def _compile_state(node: Any, path: str) -> Predicate:
+    if not isinstance(node, Mapping) or len(node) != 1:
+        got = _kind(node) if not isinstance(node, Mapping) else f"{len(node)} keys"
+        raise FilterError(path, f"'state' takes an object with one published key, got {got}")
+    [(key, term)] = node.items()
+    if not isinstance(key, str) or not key:
+        raise FilterError(path, f"a published key is a non-empty string, got {key!r}")
+    here = _join(path, key)
+    op, value = _single(term, here, _TERM_OPS, f"a term on state {key!r}")
+    test = _compile_op(op, value, _join(here, op))
+    return lambda run: test(run.state.get(key))
+
+
 def _compile_special(field: str, node: Any, path: str) -> Predicate:
+    if field == "state":
+        return _compile_state(node, path)
     what = f"a {field!r} term"
     if field in ("started_at", "ended_at"):
         op, value = _single(node, path, _DATE_OPS, what)
