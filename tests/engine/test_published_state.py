@@ -6,6 +6,7 @@ on every store."""
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from .helpers import eventually
 async def onboarding(c: Context, customer: str, steps: int = 3) -> str:
     await c.publish("customer", customer)
     for i in range(steps):
-        await c.save(lambda i=i: f"step {i}", name="step", key="step")
+        await c.save(functools.partial(str, f"step {i}"), name="step", key="step")
         await c.publish("progress", {"done": i + 1, "of": steps})
         await c.sleep(timedelta(days=1), key="wait")
         await c.compact()
@@ -119,7 +120,7 @@ async def test_state_follows_a_continue_using_chain() -> None:
         h = await env.conductor.start(first_leg)
 
         async def continued() -> bool:
-            return await h.state("leg") == 2
+            return bool(await h.state("leg") == 2)
 
         await eventually(continued)
         assert await h.states() == {"leg": 2, "origin": "first"}
