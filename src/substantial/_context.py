@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import _records as R
 from ._calls import caller, one_at_a_time
 from ._composition import ChildHandle, Composition, child_event, child_outcome
+from ._latches import check_name, emit, wait_in, wake_event
 from ._replay import patch_key
 from ._steps import Done
 from ._types import Retry, Seconds, to_seconds
@@ -193,6 +194,35 @@ class Context(Composition):
         if len(key) <= 64:
             return key
         return "sub-" + hashlib.sha256(key.encode()).hexdigest()[:60]
+
+    # -- named events across runs ----------------------------------------------------
+
+    async def wait_for_event(self, name: str, *, timeout: Seconds | None = None) -> Any:
+        """The payload of named event ``name`` (``emit_event``), shared by every run:
+        a latch. Set already, it returns at once; else the run waits for it (a
+        ``timeout`` raises ``TimeoutError``). Two durable calls: a step that
+        registers the run as a waiter and looks, and, if needed, a receive."""
+        check_name(name)
+        journal, run_id = self._session.journal, self.run_id
+
+        async def register() -> dict[str, Any]:
+            return await wait_in(journal, name, run_id)
+
+        got = await self.save(register, name=f"wait_for_event:{name}")
+        if got.get("set"):
+            return got.get("v")
+        return await self.receive(wake_event(name), timeout=timeout)
+
+    async def emit_event(self, name: str, payload: Any = None) -> bool:
+        """Set named event ``name`` to ``payload`` for every run waiting for it, now
+        or later; True if this call set it (the first emit wins). A step."""
+        check_name(name)
+        journal = self._session.journal
+
+        async def emit_once() -> bool:
+            return await emit(journal, name, payload)
+
+        return bool(await self.save(emit_once, name=f"emit_event:{name}"))
 
     # -- published state -------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from .backends import (
     Backend,
     Claim,
     CountsRuns,
+    InboxItem,
     JoinsTransactions,
     KnowsNextDue,
     Migrates,
@@ -242,6 +243,13 @@ class Journal:
             return await self.backend.create_run_in(new, connection)
         return await self.backend.create_run(new)
 
+    async def inbox(self, run_id: str) -> list[InboxItem]:
+        """The run's inbox items not yet taken into its log, oldest first."""
+        snap = await self.backend.read(run_id, log_from=1)  # (its start record: not needed)
+        if snap is None:
+            raise RunNotFound(run_id)
+        return list(snap.inbox)
+
     async def deliver(self, run_id: str, name: str, value: Any) -> int:
         data = self.encode({"name": name, "v": value}, f"send({name!r}) value")
         return await self.backend.deliver(run_id, data, now=self.clock())
@@ -252,7 +260,7 @@ class Journal:
 
         Best effort across a crash: a worker dying between the end write and this
         loses these events (the window is one round trip per event)."""
-        snap = await self.backend.read(run_id, log_from=-1)
+        snap = await self.backend.read(run_id, log_from=1)  # (its start record: not needed)
         pending = [item.data for item in snap.inbox] if snap is not None else []
         for data in [*unobserved, *pending]:
             with contextlib.suppress(RunNotFound, RunFinished):

@@ -18,11 +18,13 @@ from ._export import HistoryFile, RunHistory
 from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
+from ._latches import emit
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._records import published
 from ._supervision import Backoff, Outage, reraise_if_cancelling
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, WorkerInfo, to_seconds
 from .backends import Backend, RunQuery, RunRecord, open_backend
+from .codec import to_json
 from .errors import (
     BackendUnavailable,
     ClientError,
@@ -583,6 +585,15 @@ class Conductor:
         await self._ensure_open()
         run, records = await self.journal.details_log(run_id)
         return run_details(summarize(run), records)
+
+    async def emit_event(self, name: str, payload: Any = None) -> bool:
+        """Set named event ``name`` to ``payload`` for every run that waits for it
+        (``c.wait_for_event``), now or later; True if this call set it (the first
+        emit wins, later ones change nothing but wake the waiters again)."""
+        await self._ensure_open()
+        return await emit(
+            self.journal, name, to_json(payload, what=f"emit_event({name!r}) payload")
+        )
 
     async def export(self, run_ids: Sequence[str]) -> HistoryFile:
         """The histories of ``run_ids`` (their logs as JSON records), as
