@@ -210,11 +210,13 @@ class Journal:
         origin: str | None = None,
         timeout: float | None = None,
         deadline: float | None = None,
+        delay: float = 0.0,
     ) -> bool:
         """``origin``: for a run continuing another (continue_using), the first run's
         id, under which a parent waits for it. ``timeout`` (seconds from now) or
         ``deadline`` (epoch seconds, carried over by continue_using): when the run
-        must be over, recorded in its start record."""
+        must be over, recorded in its start record. ``delay``: seconds before a
+        worker may claim it."""
         now = self.clock()
         start: R.Record = {"k": R.START, "wf": workflow, "kw": kwargs, "t": now}
         if origin is not None:
@@ -231,7 +233,7 @@ class Journal:
             queue=queue,
             first_record=first,
             created_at=now,
-            due_at=now,
+            due_at=now + delay,
             parent_id=parent_id,
         )
         if connection is not None:

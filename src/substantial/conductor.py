@@ -193,6 +193,13 @@ def _continued_to(run: RunRecord) -> str | None:
     return None
 
 
+def _non_negative(value: timedelta | float, what: str) -> float:
+    seconds = to_seconds(value)
+    if not seconds >= 0:
+        raise ClientError(f"{what} must be zero or more, got {value!r}")
+    return seconds
+
+
 def _outcome(run: RunRecord) -> Any:
     if run.status == RunStatus.COMPLETED:
         return run.result
@@ -413,6 +420,7 @@ class Conductor:
         queue: str = "default",
         connection: Any = None,
         timeout: timedelta | float | None = None,
+        delay: timedelta | float | None = None,
     ) -> RunHandle[R]: ...
     @overload
     async def start(
@@ -424,6 +432,7 @@ class Conductor:
         queue: str = "default",
         connection: Any = None,
         timeout: timedelta | float | None = None,
+        delay: timedelta | float | None = None,
     ) -> RunHandle[Any]: ...
     async def start(
         self,
@@ -434,6 +443,7 @@ class Conductor:
         queue: str = "default",
         connection: Any = None,
         timeout: timedelta | float | None = None,
+        delay: timedelta | float | None = None,
     ) -> RunHandle[Any]:
         """Start a run (idempotent on ``run_id``: the first start wins).
 
@@ -441,6 +451,8 @@ class Conductor:
         the run joins, so it exists iff that transaction commits. ``timeout``: the
         run's deadline from now (default: the workflow's ``@workflow(timeout=)``);
         a run still going then ends CANCELLED, saying so, and its descendants too.
+        ``delay``: no worker claims the run before then (it is PENDING meanwhile);
+        a deadline still counts from now.
         """
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ClientError(f"kwargs must be a dict of keyword arguments, got {kwargs!r}")
@@ -461,6 +473,7 @@ class Conductor:
             queue=queue,
             connection=connection,
             timeout=limit,
+            delay=0.0 if delay is None else _non_negative(delay, "start(delay=)"),
         )
         return RunHandle(self, rid)
 
