@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._context import ChildHandle, Context
 from ._history import History, HistoryEntry
-from ._types import LogRecord, Retry, RunStatus, RunSummary, WorkerInfo
+from ._types import LogRecord, Retry, RunStatus, RunSummary, ScheduleInfo, WorkerInfo
 from .conductor import Conductor, RunHandle
 from .errors import (
     BackendError,
@@ -57,6 +57,7 @@ __all__ = [
     "RunStatus",
     "RunSummary",
     "SaveFailed",
+    "ScheduleInfo",
     "SerializationError",
     "SubstantialError",
     "WorkerInfo",

@@ -19,6 +19,7 @@ from typing import Any
 from ._context import Context, child_event
 from ._interrupts import CancelRun, DeadlineExpired, StopRun, Suspend
 from ._journal import RunSession
+from ._schedules import call_kwargs
 from ._types import RunStatus
 from .codec import to_json
 from .errors import BackendError, RunFinished, RunNotFound
@@ -106,7 +107,7 @@ async def _workflow(session: RunSession, wf: Workflow[Any], ctx: Context) -> tup
     it, as in ``revert()``: ``drive`` handles those as it does the workflow's own."""
     try:
         await session.pull_if_needed()
-        result = await wf.fn(ctx, **ctx.kwargs)
+        result = await wf.fn(ctx, **call_kwargs(wf, ctx.kwargs))
     except CancelRun:
         _raise_if_lost(session)
         if not session.run.revert_requested:

@@ -63,6 +63,19 @@ class RunSummary:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleInfo:
+    """A scheduled workflow registered here (``Conductor.schedules()``): its
+    schedule, its overlap policy and its next ticks (aware UTC), with the run id
+    each tick's run will have."""
+
+    workflow: str
+    schedule: str
+    overlap: str
+    next_ticks: list[datetime]
+    next_run_ids: list[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerInfo:
     """A live worker, as it registered in the store (``Conductor.workers()``).
 

@@ -9,7 +9,7 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
@@ -21,8 +21,17 @@ from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summariz
 from ._latches import emit
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._records import published
+from ._schedules import tick_run_id
 from ._supervision import Backoff, Outage, reraise_if_cancelling
-from ._types import LogRecord, RunStatus, RunSummary, Seconds, WorkerInfo, to_seconds
+from ._types import (
+    LogRecord,
+    RunStatus,
+    RunSummary,
+    ScheduleInfo,
+    Seconds,
+    WorkerInfo,
+    to_seconds,
+)
 from .backends import Backend, RunQuery, RunRecord, open_backend
 from .codec import to_json
 from .errors import (
@@ -598,6 +607,28 @@ class Conductor:
         await self._ensure_open()
         run, records = await self.journal.details_log(run_id)
         return run_details(summarize(run), records)
+
+    def schedules(self, count: int = 3) -> list[ScheduleInfo]:
+        """The registered workflows that have a schedule, with their next ``count``
+        ticks on this Conductor's clock (a worker serving them starts each one)."""
+        out = []
+        for name, wf in sorted(self.workflows.items()):
+            if wf.schedule is None:
+                continue
+            ticks, t = [], self.journal.clock()
+            for _ in range(count):
+                t = wf.schedule.next_after(t)
+                ticks.append(t)
+            out.append(
+                ScheduleInfo(
+                    workflow=name,
+                    schedule=wf.schedule.describe(),
+                    overlap=wf.schedule.overlap,
+                    next_ticks=[datetime.fromtimestamp(x, UTC) for x in ticks],
+                    next_run_ids=[tick_run_id(name, x) for x in ticks],
+                )
+            )
+        return out
 
     async def emit_event(self, name: str, payload: Any = None) -> bool:
         """Set named event ``name`` to ``payload`` for every run that waits for it

@@ -24,6 +24,7 @@ from typing import Any
 from . import telemetry
 from ._journal import Journal, RunSession
 from ._runner import drive
+from ._scheduler import Scheduler
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
 from .backends import Claim, WorkerRecord
 from .errors import BackendError, BackendUnavailable
@@ -66,6 +67,8 @@ class Worker:
         self._early: set[str] = set()  # hints for runs whose session is still loading
         self._timers: list[float] = []  # due times this worker handed back
         self._outage = Outage(f"store {journal.label}", log)
+        self.scheduler = Scheduler(journal, workflows)  # starts the runs of schedules' ticks
+        self.ready = asyncio.Event()  # set once it serves: subscribed, side tasks running
         self._started_at = journal.clock()
 
     @property
@@ -78,6 +81,8 @@ class Worker:
     def hint(self, run_id: str) -> None:
         """Something changed for ``run_id`` (or "" = anything): wake the right party."""
         entry = self._active.get(run_id) if run_id else None
+        if not run_id:
+            self.scheduler.kick()  # look again at everything, the schedules too
         if entry is None:
             self._kick.set()
         elif entry[0] is not None:
@@ -101,22 +106,29 @@ class Worker:
         registry = asyncio.create_task(
             supervise("registry", self._registry_beats), name="substantial-registry"
         )
+        side = [heartbeat, registry]
+        if self.scheduler.active:  # only workers that serve a scheduled workflow
+            side.append(
+                asyncio.create_task(
+                    supervise("scheduler", self.scheduler.run), name="substantial-scheduler"
+                )
+            )
         self._log_start()
+        self.ready.set()
         try:
             await self._loop()
         finally:
             log.info("worker %s stopping: handing back %d runs", self.owner, len(self._active))
-            heartbeat.cancel()
-            registry.cancel()
+            for task in side:
+                task.cancel()
             tasks = [t for _, t in self._active.values()]
             for t in tasks:
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            with contextlib.suppress(asyncio.CancelledError):
-                await registry
+            for task in side:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._unregister()
             log.info("worker %s stopped", self.owner)
 
@@ -303,6 +315,8 @@ class Worker:
             )
             if due is not None:
                 heapq.heappush(self._timers, due)
+            elif session.released and self.scheduler.active:
+                await self.scheduler.run_ended(wf.name)  # a tick held back may start now
         except asyncio.CancelledError:
             if session is not None and session.lost is None:
                 with contextlib.suppress(Exception):

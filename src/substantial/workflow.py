@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from ._schedules import Schedule, make_schedule
+
 if TYPE_CHECKING:
     from ._context import Context
 
@@ -27,6 +29,7 @@ class Workflow(Generic[R]):
     fn: Callable[..., Awaitable[R]]
     events: Mapping[str, Any] | None = None
     timeout: float | None = None  # seconds from a run's start to its deadline
+    schedule: Schedule | None = None  # when the workers start a run on their own
 
     async def __call__(self, c: Context, **kwargs: Any) -> R:
         return await self.fn(c, **kwargs)
@@ -40,6 +43,11 @@ def workflow(
     name: str | None = None,
     events: Mapping[str, Any] | None = None,
     timeout: timedelta | float | None = None,
+    schedule: str | None = None,
+    every: timedelta | float | None = None,
+    tz: str = "UTC",
+    overlap: str = "skip",
+    catchup: timedelta | float = 0,
 ) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
 @overload
 def workflow(name: str | None = None, /) -> Callable[[WorkflowFn[R]], Workflow[R]]: ...
@@ -52,6 +60,11 @@ def workflow(
     name: str | None = None,
     events: Mapping[str, Any] | None = None,
     timeout: timedelta | float | None = None,
+    schedule: str | None = None,
+    every: timedelta | float | None = None,
+    tz: str = "UTC",
+    overlap: str = "skip",
+    catchup: timedelta | float = 0,
 ) -> Any:
     """Mark an async function as a workflow: ``@workflow()`` or ``@workflow(name="x")``.
 
@@ -59,7 +72,9 @@ def workflow(
     ``send`` refuses any other name, or a payload that does not fit its type,
     before anything is stored, and ``receive`` returns the typed value.
     ``timeout``: each run's deadline, counted from its start (``start(timeout=)``
-    overrides it): a run still going then ends CANCELLED, its descendants too."""
+    overrides it): a run still going then ends CANCELLED, its descendants too.
+    ``schedule`` (cron, seconds as an optional sixth field) in ``tz``, or
+    ``every``: the workers start one run per tick (see ``_schedules``)."""
     if isinstance(fn, str):
         name, fn = fn, None
     declared = None
@@ -68,11 +83,14 @@ def workflow(
             raise TypeError("@workflow(events=) takes a mapping of event names to payload types")
         declared = dict(events)
     limit = None if timeout is None else deadline_seconds(timeout, "@workflow(timeout=)")
+    ticks = make_schedule(schedule, every, tz, overlap, catchup)
 
     def wrap(f: WorkflowFn[R]) -> Workflow[R]:
         if not callable(f):
             raise TypeError("@workflow() decorates an async function")
-        return Workflow(name=name or f.__name__, fn=f, events=declared, timeout=limit)
+        return Workflow(
+            name=name or f.__name__, fn=f, events=declared, timeout=limit, schedule=ticks
+        )
 
     return wrap(fn) if fn is not None else wrap
 

@@ -70,6 +70,7 @@ class _TestConductor(Conductor):
         self._on_wait = on_wait
         self._hints.add(on_change)
         self.worker: Worker | None = None
+        self.serving = asyncio.Event()  # its worker serves
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
         with self._on_wait():
@@ -77,7 +78,16 @@ class _TestConductor(Conductor):
 
     async def _serve(self, worker: Worker) -> None:
         self.worker = worker  # the environment asks it whether it is still driving a run
-        await super()._serve(worker)
+
+        async def mark() -> None:
+            await worker.ready.wait()
+            self.serving.set()
+
+        marking = asyncio.ensure_future(mark())
+        try:
+            await super()._serve(worker)
+        finally:
+            marking.cancel()
 
 
 class TestEnvironment:
@@ -128,7 +138,17 @@ class TestEnvironment:
         )
         keeper = asyncio.get_running_loop().create_task(self._keep(), name="substantial-clock")
         self._tasks = [worker, keeper]
+        await self._worker_serving(worker)
         return self
+
+    async def _worker_serving(self, task: asyncio.Task[None]) -> None:
+        """Until the worker serves (its scheduler counts ticks from here on)."""
+        assert self._conductor is not None
+        ready = asyncio.ensure_future(self._conductor.serving.wait())
+        done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            await task  # it failed to start: say why
 
     async def __aexit__(
         self,
@@ -236,7 +256,7 @@ class TestEnvironment:
         worker must be idle too: a run's driver may still act after its last write
         (a deadline's cancel cascades to the children after the run ended)."""
         worker = None if self._conductor is None else self._conductor.worker
-        if worker is not None and worker.active_runs:
+        if worker is not None and (worker.active_runs or worker.scheduler.behind(self._clock())):
             return False, None
         served = set(self.conductor.workflows)
         runs = await self.conductor.journal.list_runs(RunQuery(statuses=_WAITING))
@@ -251,6 +271,9 @@ class TestEnvironment:
                 if run.due_at <= now:
                     return False, None
                 due = run.due_at if due is None else min(due, run.due_at)
+        tick = None if worker is None else worker.scheduler.next_tick()
+        if tick is not None:
+            due = tick if due is None else min(due, tick)
         return True, due
 
     async def _until_quiet(self) -> float | None:

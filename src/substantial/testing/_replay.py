@@ -28,6 +28,7 @@ from .._export import HistoryFile, RunHistory, load_histories
 from .._interrupts import CancelRun, DeadlineExpired, StopRun, Suspend
 from .._journal import Journal
 from .._replay import describe_record
+from .._schedules import call_kwargs
 from ..backends import NewRun
 from ..backends.memory import MemoryBackend
 from ..codec import to_json
@@ -122,7 +123,7 @@ async def _drive(
 ) -> Replayed:
     end = next((r for r in records if r.get("k") == R.END), None)
     try:
-        result = await workflow.fn(ctx, **ctx.kwargs)
+        result = await workflow.fn(ctx, **call_kwargs(workflow, ctx.kwargs))
     except NonDeterminismError:
         raise
     except (_LiveEdge, StopRun, CancelRun, DeadlineExpired):
