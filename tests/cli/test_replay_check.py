@@ -60,9 +60,8 @@ async def suspended(sqlite_store: Store) -> tuple[Store, str, ModuleType]:
     c = Conductor(sqlite_store.url)
     c.register(v1.order)
     try:
-        await c.run_until_idle()
         h = await c.start(v1.order, {"item": "lamp"})
-        await c.run_until_idle()
+        await c.run_until_idle(hot_wait=0)  # the receive suspends at once
         assert str(await h.status()) == "SUSPENDED"
     finally:
         await c.close()

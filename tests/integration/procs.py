@@ -104,6 +104,7 @@ class Workers:
         hot_wait: float = 5.0,
         url: str | None = None,
         env: Mapping[str, str] | None = None,
+        ticker: float | None = None,
     ) -> WorkerProc:
         n = len(self.all)
         out, err = self.tmp / f"worker-{n}.out", self.tmp / f"worker-{n}.err"
@@ -111,6 +112,7 @@ class Workers:
             sys.executable, "-m", "tests.integration.worker_proc", url or self.url,
             str(self.effects), "--lease", str(lease), "--concurrency", str(concurrency),
             "--hot-wait", str(hot_wait),
+            *([] if ticker is None else ["--ticker", str(ticker)]),
         ]  # fmt: skip
         full_env = {**os.environ, **(env or {})}  # CI and SUBSTANTIAL_* pass through
         full_env["PYTHONPATH"] = os.pathsep.join(

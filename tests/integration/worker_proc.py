@@ -1,7 +1,7 @@
 """A worker process for the crash and load tests.
 
     python -m tests.integration.worker_proc URL EFFECTS_FILE
-        [--lease S] [--concurrency N] [--hot-wait S]
+        [--lease S] [--concurrency N] [--hot-wait S] [--ticker CATCHUP]
 
 (run from the repository root so ``tests`` is importable). It registers the
 test workflows below and serves them until killed, printing ``ready`` on
@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from substantial import Conductor, Context, workflow
+from substantial import Conductor, Context, Workflow, workflow
 
 EFFECTS_FILE: str | None = None
 
@@ -123,9 +123,23 @@ async def payroll(c: Context, months: int, pause: float = 0.03) -> dict[str, obj
 WORKFLOWS = (steps, long_step, compacting, payroll)
 
 
+async def tick(c: Context) -> str:
+    """The scheduled workflow of ``--ticker``: one effect per tick's run."""
+    run_id = c.run_id
+    await c.save(functools.partial(effect, run_id, 0))
+    return run_id
+
+
+def ticker(catchup: float) -> Workflow[str]:
+    """``ticker``: every second, overlapping runs allowed, ``catchup`` seconds back."""
+    return workflow(name="ticker", every=1, overlap="allow", catchup=catchup)(tick)
+
+
 async def serve(args: argparse.Namespace) -> None:
     async with Conductor(args.url) as conductor:
         conductor.register(*WORKFLOWS)
+        if args.ticker is not None:
+            conductor.register(ticker(args.ticker))
         task = conductor.run(lease=args.lease, concurrency=args.concurrency, hot_wait=args.hot_wait)
         print("ready", flush=True)
         await task
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--hot-wait", type=float, default=5.0)
+    parser.add_argument("--ticker", type=float, default=None, metavar="CATCHUP")
     args = parser.parse_args(argv)
     EFFECTS_FILE = os.path.abspath(args.effects_file)
     logging.basicConfig(
