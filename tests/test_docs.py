@@ -90,6 +90,7 @@ async def test_the_flow_control_how_to_runs_as_written() -> None:
     namespace = run_blocks(python_blocks(FLOW_HOWTO), FLOW_HOWTO)
     tests = {k: v for k, v in namespace.items() if k.startswith("test_") and callable(v)}
     assert list(tests) == [
+        "test_the_report_runs_every_night",
         "test_an_unanswered_quote_expires",
         "test_imports_are_found_by_customer",
         "test_runs_before_and_after_the_emit_see_the_same_prices",
