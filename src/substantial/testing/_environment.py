@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -63,7 +64,7 @@ class _TestConductor(Conductor):
         backend: Backend | str,
         *,
         clock: _VirtualClock,
-        on_wait: Callable[[], contextlib.AbstractContextManager[None]],
+        on_wait: Callable[[str], contextlib.AbstractContextManager[None]],
         on_change: Callable[[str], None],
     ) -> None:
         super().__init__(backend, clock=clock)
@@ -73,7 +74,7 @@ class _TestConductor(Conductor):
         self.serving = asyncio.Event()  # its worker serves
 
     async def _wait_terminal(self, run_id: str) -> RunRecord:
-        with self._on_wait():
+        with self._on_wait(run_id):
             return await super()._wait_terminal(run_id)
 
     async def _serve(self, worker: Worker) -> None:
@@ -115,7 +116,7 @@ class TestEnvironment:
         self._backend = backend
         self._queues = queues
         self._concurrency = concurrency
-        self._waiting_results = 0
+        self._awaited: Counter[str] = Counter()  # runs whose result a client awaits
         self._skip = asyncio.Event()  # set while a client awaits a result
         self._changed = asyncio.Event()  # a hint arrived since the last look
         self._conductor: _TestConductor | None = None
@@ -233,14 +234,16 @@ class TestEnvironment:
     # -- inside ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _result_wait(self) -> Iterator[None]:
-        self._waiting_results += 1
+    def _result_wait(self, run_id: str) -> Iterator[None]:
+        self._awaited[run_id] += 1
         self._skip.set()
         try:
             yield
         finally:
-            self._waiting_results -= 1
-            if not self._waiting_results:
+            self._awaited[run_id] -= 1
+            if not self._awaited[run_id]:
+                del self._awaited[run_id]
+            if not self._awaited:
                 self._skip.clear()
 
     def _on_hint(self, run_id: str) -> None:
@@ -295,6 +298,16 @@ class TestEnvironment:
                 await self._changed.wait()
         reraise_if_cancelling()
 
+    async def _awaited_ended(self) -> bool:
+        """Whether every run a client awaits has ended: its waiter has yet to see
+        it (a hint on its way), and time must not jump in the meantime."""
+        journal = self.conductor.journal
+        for run_id in list(self._awaited):
+            run = await journal.get_or_none(run_id)
+            if run is None or not run.status.is_terminal:
+                return False
+        return True
+
     async def _keep(self) -> None:
         """While a client awaits a result: whenever every run waits, jump to the
         next due timer (with none due, wait for something to change)."""
@@ -304,7 +317,7 @@ class TestEnvironment:
             due = await self._until_quiet()
             if not self._skip.is_set():
                 continue
-            if due is None:
+            if due is None or await self._awaited_ended():
                 self._changed.clear()
                 await self._changed_or_fallback()
                 continue
