@@ -247,7 +247,7 @@ class Journal:
 
     async def inbox(self, run_id: str) -> list[InboxItem]:
         """The run's inbox items not yet taken into its log, oldest first."""
-        snap = await self.backend.read(run_id, log_from=1)  # (its start record: not needed)
+        snap = await self.backend.read(run_id, log_from=-1)  # (the inbox; one record of the log)
         if snap is None:
             raise RunNotFound(run_id)
         return list(snap.inbox)
@@ -262,7 +262,7 @@ class Journal:
 
         Best effort across a crash: a worker dying between the end write and this
         loses these events (the window is one round trip per event)."""
-        snap = await self.backend.read(run_id, log_from=1)  # (its start record: not needed)
+        snap = await self.backend.read(run_id, log_from=-1)  # (the inbox; one record of the log)
         pending = [item.data for item in snap.inbox] if snap is not None else []
         for data in [*unobserved, *pending]:
             with contextlib.suppress(RunNotFound, RunFinished):

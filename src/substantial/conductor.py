@@ -32,7 +32,6 @@ from ._types import (
     to_seconds,
 )
 from .backends import Backend, RunQuery, RunRecord, open_backend
-from .codec import to_json
 from .errors import (
     BackendUnavailable,
     ClientError,
@@ -485,9 +484,7 @@ class Conductor:
         (``c.wait_for_event``), now or later; True if this call set it (the first
         emit wins, later ones change nothing but wake the waiters again)."""
         await self._ensure_open()
-        return await emit(
-            self.journal, name, to_json(payload, what=f"emit_event({name!r}) payload")
-        )
+        return await emit(self.journal, name, payload)  # (the latch's inbox encodes it)
 
     async def export(self, run_ids: Sequence[str]) -> HistoryFile:
         """The histories of ``run_ids`` (their logs as JSON records), as
