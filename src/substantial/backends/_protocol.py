@@ -47,7 +47,7 @@ store included.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,6 +81,8 @@ class RunRecord:
     cancel_requested: bool = False
     parent_id: str | None = None
     revert_requested: bool = False  # the cancel asks for the compensations first
+    priority: int = 0  # lower first, on a queue whose limits order by priority
+    concurrency_key: str | None = None  # the slot group of a queue's concurrency limit
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``: ``dataclasses.replace`` without its per-field
@@ -108,12 +110,54 @@ class NewRun:
     due_at: float | None
     parent_id: str | None = None
     more_records: tuple[bytes, ...] = ()  # the log after first_record (a fork's prefix)
+    priority: int = 0
+    concurrency_key: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Claim:
     run_id: str
     token: int
+
+
+class Claims(list[Claim]):
+    """What ``claim_due`` returns: the claims, and, when ``limits`` held back a
+    run that was claimable but for a rate limit, ``held_until``: the time the
+    rate's window frees its next start (so a worker tries again then, not at its
+    next poll). A plain list is a ``Claims`` with nothing held back."""
+
+    held_until: float | None
+
+    def __init__(self, claims: Iterable[Claim] = (), *, held_until: float | None = None) -> None:
+        super().__init__(claims)
+        self.held_until = held_until
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueLimits:
+    """The limits a claim of one queue obeys (``Conductor.queue``), counted over
+    every run of the queue in the store, whoever holds it:
+
+    * ``concurrency``: at most this many runs of each *slot group* hold a live
+      lease (``lease_owner`` set, ``lease_expires_at > now``) at once; a run's
+      group is its ``concurrency_key`` (None: the queue's unkeyed runs form one
+      group). A claim takes a run only while its group has a free slot; a dead
+      worker's slots come back as its leases expire.
+    * ``rate`` / ``period``: at most ``rate`` runs of the queue *start* (their
+      first claim: ``started_at`` set by it) within any ``period`` seconds: a
+      never-started run is claimable at ``now`` only while fewer than ``rate``
+      runs of the queue have ``now - period < started_at <= now``. Runs that
+      started before (resuming after a wait) are not rate limited.
+    * ``priority``: candidates are taken by ``(priority, due_at, created_at,
+      run_id)`` instead of ``(due_at, created_at, run_id)``.
+
+    A run held back by a limit is skipped, not a barrier: the claim goes on to
+    the next candidate (another group, a run that started before)."""
+
+    concurrency: int | None = None
+    rate: int | None = None
+    period: float = 1.0
+    priority: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,7 +260,13 @@ class Backend(Protocol):
         owner: str,
         lease_seconds: float,
         now: float,
-    ) -> list[Claim]: ...
+        limits: QueueLimits | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` claimable runs (see the module's rules), obeying
+        ``limits`` (:class:`QueueLimits`) atomically with the claim, so that the
+        limits hold however many claimers race; returns :class:`Claims` to say
+        when a rate limit frees its next start."""
+        ...
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None: ...
 

@@ -9,13 +9,13 @@ every store reports the same failure the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .._types import RunStatus
 from ..errors import LeaseLost
-from ._protocol import NewRun, RunCounts, RunQuery, RunRecord, RunUpdate
+from ._protocol import NewRun, QueueLimits, RunCounts, RunQuery, RunRecord, RunUpdate
 
 TERMINAL: tuple[str, ...] = tuple(s.value for s in RunStatus if s.is_terminal)
 
@@ -34,6 +34,8 @@ def new_record(new: NewRun) -> RunRecord:
         due_at=new.due_at,
         log_len=1 + len(new.more_records),
         parent_id=new.parent_id,
+        priority=new.priority,
+        concurrency_key=new.concurrency_key,
     )
 
 
@@ -47,6 +49,70 @@ def claimable(rec: RunRecord, queue: str, workflows: Iterable[str], now: float) 
         and (rec.lease_expires_at is None or rec.lease_expires_at <= now)
         and not rec.status.is_terminal
     )
+
+
+def claim_order(limits: QueueLimits | None) -> Callable[[RunRecord], tuple[Any, ...]]:
+    """The order a claim takes candidates in: by due time, or by priority first."""
+    if limits is not None and limits.priority:
+        return lambda r: (r.priority, r.due_at or 0.0, r.created_at, r.run_id)
+    return lambda r: (r.due_at or 0.0, r.created_at, r.run_id)
+
+
+def holds_slot(rec: RunRecord, queue: str, now: float) -> bool:
+    """Whether ``rec`` takes one of its queue's concurrency slots: a live lease."""
+    return (
+        rec.queue == queue
+        and rec.lease_owner is not None
+        and rec.lease_expires_at is not None
+        and rec.lease_expires_at > now
+        and not rec.status.is_terminal
+    )
+
+
+class LimitGate:
+    """Admits a claim's candidates, in claim order, under a queue's limits
+    (:class:`QueueLimits`), given what the store holds now: ``busy`` slots per
+    concurrency key and the ``starts`` (``started_at``) of the queue's runs in
+    the rate's window. One implementation for every store: the Python-object
+    stores feed it their records, the SQL stores their counts, in the claim's
+    own transaction. (The Lua store mirrors it.)"""
+
+    def __init__(
+        self,
+        limits: QueueLimits | None,
+        *,
+        busy: Mapping[str | None, int],
+        starts: Iterable[float],
+        now: float,
+    ) -> None:
+        self._limits = limits or QueueLimits()
+        self._busy = dict(busy)
+        self._now = now
+        window = self._limits.period
+        self._starts = sorted(s for s in starts if s > now - window)
+        self.held_until: float | None = None
+
+    def admit(self, key: str | None, *, started: bool) -> bool:
+        """Whether a candidate of slot group ``key`` (``started``: it started
+        before) may be claimed; if so, its slot and start are counted."""
+        lim = self._limits
+        if lim.concurrency is not None and self._busy.get(key, 0) >= lim.concurrency:
+            return False
+        if lim.rate is not None and not started:
+            if len(self._starts) >= lim.rate:
+                free_at = self._starts[len(self._starts) - lim.rate] + lim.period
+                if self.held_until is None or free_at < self.held_until:
+                    self.held_until = free_at
+                return False
+            self._starts.append(self._now)
+            self._starts.sort()
+        self._busy[key] = self._busy.get(key, 0) + 1
+        return True
+
+
+def limited(limits: QueueLimits | None) -> bool:
+    """Whether a claim under ``limits`` needs the gate at all."""
+    return limits is not None and (limits.concurrency is not None or limits.rate is not None)
 
 
 def claimed(rec: RunRecord, *, owner: str, lease_seconds: float, now: float) -> RunRecord:

@@ -18,8 +18,10 @@ from ._hub import LocalHub
 from ._protocol import (
     ALL_RUNS,
     Claim,
+    Claims,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -46,6 +48,7 @@ class MemoryBackend:
         # not every run the store ever held (a test's store keeps thousands ended).
         self._due: dict[str, _Run] = {}
         self._workers: dict[str, WorkerRecord] = {}
+        self._starts: dict[str, list[float]] = {}  # queue -> first-claim times (rate limits)
         self._hub = LocalHub()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
@@ -92,16 +95,40 @@ class MemoryBackend:
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
         self._count("claim_due")
         wanted = set(workflows)
         due = [r for r in self._due.values() if rules.claimable(r.rec, queue, wanted, now)]
-        due.sort(key=lambda r: (r.rec.due_at or 0.0, r.rec.created_at, r.rec.run_id))
-        claims = []
-        for r in due[: max(limit, 0)]:
+        order = rules.claim_order(limits)
+        due.sort(key=lambda r: order(r.rec))
+        gate = self._gate(queue, limits, now) if rules.limited(limits) else None
+        claims = Claims()
+        for r in due:
+            if len(claims) >= limit:
+                break
+            if gate is not None and not gate.admit(
+                r.rec.concurrency_key, started=r.rec.started_at is not None
+            ):
+                continue
+            if gate is not None and r.rec.started_at is None:
+                self._starts.setdefault(queue, []).append(now)
             self._set(r, rules.claimed(r.rec, owner=owner, lease_seconds=lease_seconds, now=now))
             claims.append(Claim(run_id=r.rec.run_id, token=r.rec.lease_token))
+        claims.held_until = None if gate is None else gate.held_until
         return claims
+
+    def _gate(self, queue: str, limits: QueueLimits | None, now: float) -> rules.LimitGate:
+        """The limits' gate over what this store holds now: leased runs (all in the
+        claim index: a leased run keeps its due time) and the queue's starts."""
+        busy: dict[str | None, int] = {}
+        for r in self._due.values():
+            if rules.holds_slot(r.rec, queue, now):
+                busy[r.rec.concurrency_key] = busy.get(r.rec.concurrency_key, 0) + 1
+        period = limits.period if limits is not None else 0.0
+        starts = [s for s in self._starts.get(queue, []) if s > now - period]
+        self._starts[queue] = starts
+        return rules.LimitGate(limits, busy=busy, starts=starts, now=now)
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
