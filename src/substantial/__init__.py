@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._context import ChildHandle, Context
 from ._history import History, HistoryEntry
+from ._queues import Queue
 from ._types import LogRecord, Retry, RunStatus, RunSummary, ScheduleInfo, WorkerInfo
 from .conductor import Conductor, RunHandle
 from .errors import (
@@ -46,6 +47,7 @@ __all__ = [
     "LogRecord",
     "NonDeterminismError",
     "PayloadTooLarge",
+    "Queue",
     "Retry",
     "RunCancelled",
     "RunError",

@@ -31,6 +31,7 @@ from .backends import (
     AppendsInBatches,
     Backend,
     Claim,
+    Claims,
     CountsRuns,
     InboxItem,
     JoinsTransactions,
@@ -38,6 +39,7 @@ from .backends import (
     Migrates,
     NewRun,
     PagesLog,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -211,6 +213,8 @@ class Journal:
         timeout: float | None = None,
         deadline: float | None = None,
         delay: float = 0.0,
+        priority: int = 0,
+        concurrency_key: str | None = None,
     ) -> bool:
         """``origin``: for a run continuing another (continue_using), the first run's
         id, under which a parent waits for it. ``timeout`` (seconds from now) or
@@ -235,6 +239,8 @@ class Journal:
             created_at=now,
             due_at=now + delay,
             parent_id=parent_id,
+            priority=priority,
+            concurrency_key=concurrency_key,
         )
         if connection is not None:
             if not isinstance(self.backend, JoinsTransactions):
@@ -316,16 +322,27 @@ class Journal:
             raise ClientError(f"fork: run {run_id!r} exists already; choose another run_id")
 
     async def claim(
-        self, *, queue: str, workflows: Collection[str], limit: int, owner: str, lease: float
-    ) -> list[Claim]:
-        return await self.backend.claim_due(
+        self,
+        *,
+        queue: str,
+        workflows: Collection[str],
+        limit: int,
+        owner: str,
+        lease: float,
+        limits: QueueLimits | None = None,
+    ) -> Claims:
+        """Claim due runs of ``queue`` under its ``limits``; the result's
+        ``held_until`` says when a rate limit lets the next one start."""
+        got = await self.backend.claim_due(
             queue=queue,
             workflows=workflows,
             limit=limit,
             owner=owner,
             lease_seconds=lease,
             now=self.clock(),
+            **({} if limits is None else {"limits": limits}),
         )
+        return got if isinstance(got, Claims) else Claims(got)
 
     @property
     def knows_next_due(self) -> bool:

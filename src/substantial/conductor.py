@@ -21,6 +21,7 @@ from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
 from ._latches import emit
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
+from ._queues import Queue, QueueRegistry, declared
 from ._records import published
 from ._schedules import tick_run_id
 from ._supervision import Backoff, Outage, reraise_if_cancelling
@@ -96,6 +97,7 @@ class Conductor:
             **({} if clock is None else {"clock": clock}),
         )
         self.workflows: dict[str, Workflow[Any]] = {}
+        self.queues = QueueRegistry()
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self._hints = HintRelay(self.journal)
@@ -193,6 +195,24 @@ class Conductor:
                 raise ConfigurationError(f"two different workflows are named {wf.name!r}")
             self.workflows[wf.name] = wf
 
+    def queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        rate: tuple[int, timedelta | float] | None = None,
+        priority: bool = False,
+    ) -> Queue:
+        """Declare queue ``name``'s limits, which every claim of its runs obeys in
+        the store, across all workers on all machines: ``concurrency`` runs at once
+        (per ``start(concurrency_key=)``), ``rate=(limit, period)`` starts per
+        period, ``priority`` ordering by ``start(priority=)``. Declare it where the
+        workers and clients both see it; ``run(concurrency=)`` stays the limit of
+        one worker."""
+        return self.queues.declare(
+            declared(name, concurrency=concurrency, rate=rate, priority=priority)
+        )
+
     def run(
         self,
         *,
@@ -218,7 +238,7 @@ class Conductor:
             hot_wait=to_seconds(hot_wait),
             burst=burst,
         )
-        worker = Worker(self.journal, dict(self.workflows), options)
+        worker = Worker(self.journal, dict(self.workflows), options, queues=self.queues)
         task = asyncio.get_running_loop().create_task(self._serve(worker), name="substantial")
         if handle_sigterm and not burst:
             install_sigterm(task)
@@ -279,6 +299,8 @@ class Conductor:
         connection: Any = None,
         timeout: timedelta | float | None = None,
         delay: timedelta | float | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle[R]: ...
     @overload
     async def start(
@@ -291,6 +313,8 @@ class Conductor:
         connection: Any = None,
         timeout: timedelta | float | None = None,
         delay: timedelta | float | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle[Any]: ...
     async def start(
         self,
@@ -302,6 +326,8 @@ class Conductor:
         connection: Any = None,
         timeout: timedelta | float | None = None,
         delay: timedelta | float | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle[Any]:
         """Start a run (idempotent on ``run_id``: the first start wins).
 
@@ -310,7 +336,9 @@ class Conductor:
         run's deadline from now (default: the workflow's ``@workflow(timeout=)``);
         a run still going then ends CANCELLED, saying so, and its descendants too.
         ``delay``: no worker claims the run before then (it is PENDING meanwhile);
-        a deadline still counts from now.
+        a deadline still counts from now. ``priority`` (lower first) and
+        ``concurrency_key`` (the group the queue's concurrency counts) take effect
+        on a queue declared with ``Conductor.queue``.
         """
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ClientError(f"kwargs must be a dict of keyword arguments, got {kwargs!r}")
@@ -332,8 +360,35 @@ class Conductor:
             connection=connection,
             timeout=limit,
             delay=0.0 if delay is None else _non_negative(delay, "start(delay=)"),
+            **self._queue_options(queue, priority, concurrency_key),
         )
         return RunHandle(self, rid)
+
+    def _queue_options(
+        self, queue: str, priority: int | None, concurrency_key: str | None
+    ) -> dict[str, Any]:
+        """``start``'s queue options, checked; against the queue's declared limits
+        when this Conductor declared it (an option the queue would ignore is a
+        mistake: a ClientError, not a silent no-op)."""
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise ClientError(f"start(priority=) must be a whole number, got {priority!r}")
+        if concurrency_key is not None and (
+            not isinstance(concurrency_key, str) or not concurrency_key
+        ):
+            raise ClientError("start(concurrency_key=) must be a non-empty string")
+        declared_queue = self.queues.get(queue)
+        if declared_queue is not None:
+            if priority is not None and not declared_queue.priority:
+                raise ClientError(
+                    f"start(priority=) on queue {queue!r}, which does not order by priority: "
+                    f"declare it with conductor.queue({queue!r}, priority=True)"
+                )
+            if concurrency_key is not None and declared_queue.concurrency is None:
+                raise ClientError(
+                    f"start(concurrency_key=) on queue {queue!r}, which has no concurrency "
+                    f"limit: declare it with conductor.queue({queue!r}, concurrency=N)"
+                )
+        return {"priority": priority or 0, "concurrency_key": concurrency_key}
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import telemetry
 from ._journal import Journal, RunSession
+from ._queues import QueueRegistry
 from ._runner import drive
 from ._scheduler import Scheduler
 from ._supervision import Backoff, Outage, reraise_if_cancelling, supervise
@@ -55,10 +56,13 @@ class Worker:
         journal: Journal,
         workflows: Mapping[str, Workflow[Any]],
         options: WorkerOptions,
+        *,
+        queues: QueueRegistry | None = None,
     ) -> None:
         self.journal = journal
         self.workflows = workflows
         self.options = options
+        self.queues = QueueRegistry() if queues is None else queues  # limits, read per claim
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._active: dict[str, tuple[RunSession | None, asyncio.Task[None]]] = {}
         self._tokens: dict[str, int] = {}  # lease token of each active run, from its claim
@@ -69,6 +73,9 @@ class Worker:
         self._outage = Outage(f"store {journal.label}", log)
         self.scheduler = Scheduler(journal, workflows)  # starts the runs of schedules' ticks
         self.ready = asyncio.Event()  # set once it serves: subscribed, side tasks running
+        # when its last claim pass found runs held back by a queue's rate limit: the
+        # earliest time one may start (a virtual clock jumps there, not past them)
+        self.held_until: float | None = None
         self._started_at = journal.clock()
 
     @property
@@ -212,6 +219,7 @@ class Worker:
             if free > 0:
                 try:
                     started = self.journal.clock()  # the clock leases run on
+                    held: list[float] = []
                     for queue in opts.queues:
                         claims = await self.journal.claim(
                             queue=queue,
@@ -219,10 +227,15 @@ class Worker:
                             limit=free - got,
                             owner=self.owner,
                             lease=opts.lease,
+                            limits=self.queues.limits(queue),
                         )
                         for c in claims:
                             self._start(c)
                         got += len(claims)
+                        if claims.held_until is not None:  # a rate limit frees a start then
+                            heapq.heappush(self._timers, claims.held_until)
+                            held.append(claims.held_until)
+                    self.held_until = min(held, default=None)
                     if got and self.journal.clock() - started > opts.lease / 6:
                         # the first runs of a slow pass have spent part of their lease
                         # waiting for it; the next beat may be a third of a lease away

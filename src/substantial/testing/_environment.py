@@ -262,6 +262,7 @@ class TestEnvironment:
         if worker is not None and (worker.active_runs or worker.scheduler.behind(self._clock())):
             return False, None
         served = set(self.conductor.workflows)
+        held = None if worker is None else worker.held_until
         runs = await self.conductor.journal.list_runs(RunQuery(statuses=_WAITING))
         now = self._clock()
         due: float | None = None
@@ -271,13 +272,22 @@ class TestEnvironment:
             if run.lease_owner is not None:
                 return False, None
             if run.due_at is not None:
-                if run.due_at <= now:
-                    return False, None
-                due = run.due_at if due is None else min(due, run.due_at)
+                wakes = run.due_at
+                if wakes <= now:
+                    if held is None or held <= now or not self._rate_held(run):
+                        return False, None
+                    wakes = held  # due, but its queue's rate lets it start only then
+                due = wakes if due is None else min(due, wakes)
         tick = None if worker is None else worker.scheduler.next_tick()
         if tick is not None:
             due = tick if due is None else min(due, tick)
         return True, due
+
+    def _rate_held(self, run: RunRecord) -> bool:
+        """Whether ``run`` waits for its queue's rate limit (it never started, and
+        its queue has one): the worker's last claim pass held such runs back."""
+        limits = self.conductor.queues.limits(run.queue)
+        return run.started_at is None and limits is not None and limits.rate is not None
 
     async def _until_quiet(self) -> float | None:
         """Wait until every run is waiting; returns the next due time (or None)."""
