@@ -165,6 +165,6 @@ async def test_start_options_a_declared_queue_would_ignore_are_refused() -> None
         with pytest.raises(ClientError, match="has no concurrency limit"):
             await conductor.start(job, {"name": "x"}, queue="unbounded", concurrency_key="k")
         with pytest.raises(ClientError, match="whole number"):
-            await conductor.start(job, {"name": "x"}, queue="unbounded", priority=1.5)  # type: ignore[arg-type]
+            await conductor.start(job, {"name": "x"}, queue="unbounded", priority=1.5)  # type: ignore[call-overload]
         with pytest.raises(ClientError, match="non-empty string"):
             await conductor.start(job, {"name": "x"}, queue="plain", concurrency_key="")
