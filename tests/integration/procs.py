@@ -105,6 +105,7 @@ class Workers:
         url: str | None = None,
         env: Mapping[str, str] | None = None,
         ticker: float | None = None,
+        queues: tuple[str, ...] = (),
     ) -> WorkerProc:
         n = len(self.all)
         out, err = self.tmp / f"worker-{n}.out", self.tmp / f"worker-{n}.err"
@@ -113,6 +114,7 @@ class Workers:
             str(self.effects), "--lease", str(lease), "--concurrency", str(concurrency),
             "--hot-wait", str(hot_wait),
             *([] if ticker is None else ["--ticker", str(ticker)]),
+            *(arg for q in queues for arg in ("--queue", q)),
         ]  # fmt: skip
         full_env = {**os.environ, **(env or {})}  # CI and SUBSTANTIAL_* pass through
         full_env["PYTHONPATH"] = os.pathsep.join(

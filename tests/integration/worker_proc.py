@@ -1,7 +1,7 @@
 """A worker process for the crash and load tests.
 
     python -m tests.integration.worker_proc URL EFFECTS_FILE
-        [--lease S] [--concurrency N] [--hot-wait S] [--ticker CATCHUP]
+        [--lease S] [--concurrency N] [--hot-wait S] [--ticker CATCHUP] [--queue Q]...
 
 (run from the repository root so ``tests`` is importable). It registers the
 test workflows below and serves them until killed, printing ``ready`` on
@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 
 from substantial import Conductor, Context, Workflow, workflow
 
@@ -120,7 +121,31 @@ async def payroll(c: Context, months: int, pause: float = 0.03) -> dict[str, obj
     return {"got": got, "final": final}
 
 
-WORKFLOWS = (steps, long_step, compacting, payroll)
+@workflow()
+async def critical(c: Context, hold: float) -> str:
+    """One step: an effect as it enters (step 0) and one as it leaves (step 1),
+    ``hold`` seconds later, so a test can count the runs inside it at once."""
+    run_id = c.run_id
+
+    def inside() -> int:
+        effect(run_id, 0)
+        time.sleep(hold)
+        return effect(run_id, 1)
+
+    await c.save(inside)
+    return "done"
+
+
+WORKFLOWS = (steps, long_step, compacting, payroll, critical)
+
+
+def declare_queues(conductor: Conductor) -> None:
+    """The limited queues of the flow-control tests (the test's client declares
+    the same, as an application's workers and clients import one module)."""
+    conductor.queue("narrow", concurrency=5)
+    conductor.queue("paced", rate=(10, timedelta(seconds=1)))
+    conductor.queue("keyed", concurrency=1)
+    conductor.queue("ranked", priority=True)
 
 
 async def tick(c: Context) -> str:
@@ -138,9 +163,15 @@ def ticker(catchup: float) -> Workflow[str]:
 async def serve(args: argparse.Namespace) -> None:
     async with Conductor(args.url) as conductor:
         conductor.register(*WORKFLOWS)
+        declare_queues(conductor)
         if args.ticker is not None:
             conductor.register(ticker(args.ticker))
-        task = conductor.run(lease=args.lease, concurrency=args.concurrency, hot_wait=args.hot_wait)
+        task = conductor.run(
+            queues=args.queue or ["default"],
+            lease=args.lease,
+            concurrency=args.concurrency,
+            hot_wait=args.hot_wait,
+        )
         print("ready", flush=True)
         await task
 
@@ -154,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--hot-wait", type=float, default=5.0)
     parser.add_argument("--ticker", type=float, default=None, metavar="CATCHUP")
+    parser.add_argument("--queue", action="append", default=[], help="serve this queue")
     args = parser.parse_args(argv)
     EFFECTS_FILE = os.path.abspath(args.effects_file)
     logging.basicConfig(
