@@ -92,6 +92,7 @@ async def test_the_flow_control_how_to_runs_as_written() -> None:
     assert list(tests) == [
         "test_the_report_runs_every_night",
         "test_an_unanswered_quote_expires",
+        "test_one_import_per_customer_and_refunds_first",
         "test_imports_are_found_by_customer",
         "test_runs_before_and_after_the_emit_see_the_same_prices",
     ], list(tests)
