@@ -25,7 +25,10 @@ FRAME = struct.Struct(">I")
 _FIELDS = tuple(f.name for f in fields(RunRecord))
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
-Entry = list[Any]  # [due_at, lease_expires_at, workflow, created_at]
+# [due_at, lease_expires_at, workflow, created_at, started, priority, concurrency_key],
+# the tail (what a limited claim picks by) cut after its last non-default field,
+# so an index of plain runs is what it always was. See ``entry``.
+Entry = list[Any]
 
 
 def file_name(key: str) -> str:
@@ -72,8 +75,14 @@ class Txn:
 
 def dump(st: State) -> bytes:
     doc = {k: getattr(st.rec, k) for k in _FIELDS}
-    if not st.rec.revert_requested:  # absent unless set, so older versions read the run
+    # Absent unless set, so older versions (whose RunRecord lacks them) read the
+    # run; a missing field reads as its default (see ``parse``).
+    if not st.rec.revert_requested:
         del doc["revert_requested"]
+    if not st.rec.priority:
+        del doc["priority"]
+    if st.rec.concurrency_key is None:
+        del doc["concurrency_key"]
     doc["last_inbox_id"] = st.last_inbox_id
     doc["log_bytes"] = st.log_bytes
     if st.log_gen:  # absent until a rewrite, so older versions still read other runs
@@ -119,19 +128,64 @@ def unframe(run_id: str, buf: bytes, st: State, log_from: int) -> list[bytes]:
     return out
 
 
+def pack(
+    due_at: float,
+    lease: float | None,
+    workflow: str,
+    created_at: float,
+    started: bool,
+    priority: int,
+    key: str | None,
+) -> Entry:
+    """An index entry; the tail only as long as its last non-default field."""
+    e: Entry = [due_at, lease, workflow, created_at]
+    if key is not None:
+        e += [int(started), priority, key]
+    elif priority:
+        e += [int(started), priority]
+    elif started:
+        e.append(1)
+    return e
+
+
+def started(e: Entry) -> bool:
+    """Whether the entry says the run started (it may lag a crashed claim: a
+    limited claim re-reads run.json before it admits a run)."""
+    return len(e) > 4 and bool(e[4])
+
+
+def priority(e: Entry) -> int:
+    return int(e[5]) if len(e) > 5 else 0
+
+
+def slot_key(e: Entry) -> str | None:
+    """The run's concurrency key (its slot group)."""
+    return e[6] if len(e) > 6 else None
+
+
 def entry(rec: RunRecord) -> Entry | None:
     """The run's due-index entry (None: not indexed)."""
     if rec.due_at is None or rec.status.is_terminal:
         return None
-    return [rec.due_at, rec.lease_expires_at, rec.workflow, rec.created_at]
+    return pack(
+        rec.due_at,
+        rec.lease_expires_at,
+        rec.workflow,
+        rec.created_at,
+        rec.started_at is not None,
+        rec.priority,
+        rec.concurrency_key,
+    )
 
 
 def eager(a: Entry | None, b: Entry | None) -> Entry | None:
-    """The entry that is claimable whenever ``a`` or ``b`` is (lease None = free)."""
+    """The entry that is claimable whenever ``a`` or ``b`` is (lease None = free),
+    and started if either is (a limited claim may skip an unstarted one unread)."""
     if a is None or b is None:
         return b if a is None else a
     lease = None if a[1] is None or b[1] is None else min(a[1], b[1])
-    return [min(a[0], b[0]), lease, b[2], b[3]]
+    on = started(a) or started(b)
+    return pack(min(a[0], b[0]), lease, b[2], b[3], on, priority(b), slot_key(b))
 
 
 class Writer:

@@ -11,8 +11,13 @@ Layout under ``root`` (``<name>`` is an id made safe for a path, see ``_fs_layou
     runs/<name>/inbox/<id>     one file per delivered item, id as %08d
     runs/<name>/lock           flock(LOCK_EX) by every writer of the run
     queues/<name>/index.json   due index: run_id -> [due_at, lease_expires_at, workflow,
-                               created_at], so claim_due never reads every run
-    queues/<name>/lock         flock(LOCK_EX) by every writer of index.json
+                               created_at, started, priority, concurrency_key] (the tail cut
+                               after its last non-default field), so claim_due never reads
+                               every run
+    queues/<name>/starts.json  first-claim times of the queue's rate-limited claims, in
+                               the rate's window (see _fs_claim)
+    queues/<name>/lock         flock(LOCK_EX) by every writer of index.json and starts.json,
+                               and every change of a lease of the queue's runs
     workers/<name>.json        the worker registry: one entry per worker (see _registry)
 
 Why this is safe with several processes:
@@ -32,7 +37,8 @@ Why this is safe with several processes:
   directory, which fails when the target exists: the loser of a race returns False and
   nobody ever sees half a run.
 * Locks are always taken queue first, then run; a plain append (no release, not
-  terminal) and a renew that extends the lease take only the run lock.
+  terminal) and a renew that extends a live lease take only the run lock (neither
+  changes which runs hold a slot or are claimable, so queue limits hold: _fs_claim).
 * The index is a hint that is never *later* than the truth (entry missing only if the
   run has no due_at or is terminal; indexed due_at and lease never above the real ones).
   So it may only be lowered before ``run.json`` changes and raised after: a crash in
@@ -62,6 +68,7 @@ import orjson
 from .._types import RunStatus
 from ..errors import BackendError, RunFinished, RunNotFound, SchemaVersionError
 from . import _rules as rules
+from ._fs_claim import Ask, Claimer
 from ._fs_layout import (
     FORMAT,
     Entry,
@@ -84,8 +91,10 @@ from ._protocol import (
     ALL_RUNS,
     Append,
     Claim,
+    Claims,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -259,46 +268,18 @@ class FSBackend(FsRegistry):
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
+        """Under the queue lock; the limits are enforced there too (``_fs_claim``)."""
         self._count("claim_due")
-        wanted, lease = set(workflows), lease_seconds
+        if limit <= 0:
+            return Claims()
+        ask = Ask(queue, set(workflows), limit, owner, lease_seconds, now, limits)
 
-        def claim() -> list[Claim]:
-            qdir = self._queue_dir(queue)
-            claims: list[Claim] = []
-            with flock(qdir / "lock"):
-                idx = read_index(qdir)
-                fixed = dict(idx)
-                due = sorted(
-                    (e[0], e[3], rid)
-                    for rid, e in idx.items()
-                    if e[2] in wanted and e[0] <= now and (e[1] is None or e[1] <= now)
-                )
-                for _, _, rid in due:
-                    if len(claims) >= limit:
-                        break
-                    d = self._run_dir(rid)
-                    if load_state(d) is None:  # left by a create_run that crashed
-                        del fixed[rid]
-                        continue
-                    with flock(d / "lock"):
-                        st = load_state(d)
-                        assert st is not None
-                        rec = st.rec
-                        if rules.claimable(rec, queue, wanted, now):
-                            rec = rules.claimed(rec, owner=owner, lease_seconds=lease, now=now)
-                            self._files.replace(d / "run.json", dump(replace(st, rec=rec)))
-                            claims.append(Claim(run_id=rid, token=rec.lease_token))
-                        e = entry(rec) if rec.queue == queue else None
-                        if e is None:
-                            del fixed[rid]
-                        else:
-                            fixed[rid] = e  # the truth, also for stale entries we skipped
-                if fixed != idx:  # raising entries after run.json is safe
-                    self._files.replace(qdir / "index.json", orjson.dumps(fixed))
-            return claims
+        def claim() -> Claims:
+            return Claimer(self._queue_dir(queue), self._run_dir, self._files).claim(ask)
 
-        return await asyncio.to_thread(claim) if limit > 0 else []
+        return await asyncio.to_thread(claim)
 
     def _committed(self, run_id: str, log_from: int) -> tuple[Path, State, list[bytes]] | None:
         """run.json and the log it commits, from ``log_from``; lock-free (run.json is a
@@ -444,14 +425,16 @@ class FSBackend(FsRegistry):
         self._count("renew")
 
         def renew(run_id: str, token: int) -> bool:
-            # Extending a lease only raises it, which the index may lag (run lock only);
-            # shortening lowers it, which must reach the index first (queue lock too).
+            # Extending a live lease only raises it, which the index may lag (run lock
+            # only); shortening lowers it, which must reach the index first, and
+            # reviving an expired one takes its slot back, which a limited claim may
+            # be counting: both take the queue lock too.
             for indexed in (False, True):
                 with self._txn(run_id, indexed=indexed) as t:
                     if t is None or not rules.holds_lease(t.st.rec, token):
                         return False
                     expires, old = now + lease_seconds, t.st.rec.lease_expires_at
-                    if indexed or old is None or expires >= old:
+                    if indexed or (old is not None and now < old <= expires):
                         rec = t.st.rec.evolve(lease_expires_at=expires)
                         self._commit(t, replace(t.st, rec=rec))
                         return True
