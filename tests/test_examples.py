@@ -100,3 +100,12 @@ def test_quickstart_check_allows_only_the_step_in_flight_to_repeat() -> None:
         check(steps[:3], [*steps[3:], "step-2"])  # a repeat later than the restart
     with pytest.raises(AssertionError):
         check(steps[:3], steps[4:])  # a step never ran
+
+
+def test_the_flow_control_example_paces_payments_and_imports(tmp_path: Path) -> None:
+    out = run_example([str(ROOT / "examples" / "flow_control.py")], cwd=tmp_path)
+    charges = [line for line in out.splitlines() if line.startswith("charge ")]
+    offsets = sorted(float(line.split("+")[1].split("s")[0]) for line in charges)
+    assert len(offsets) == 10
+    assert all(offsets[i + 4] >= offsets[i] + 0.9 for i in range(6)), offsets  # 4 a second
+    assert out.count("'progress': {'done': 3, 'of': 3}") == 3
