@@ -33,11 +33,17 @@ import orjson
 from ._journal import Journal
 from .errors import ClientError, RunFinished, RunNotFound
 
-__all__ = ["LATCH_QUEUE", "emit", "latch_id", "wait_in", "wake_event"]
+__all__ = ["LATCH_QUEUE", "emit", "is_latch", "latch_id", "wait_in", "wake_event"]
 
 LATCH_QUEUE = "substantial.events"  # no worker serves it: latch runs are never claimed
 _WORKFLOW = "substantial.event"
 _UNSET: Any = object()
+
+
+def is_latch(workflow: str) -> bool:
+    """Whether runs of ``workflow`` are latches: the engine's bookkeeping, left out
+    of listings and counts that do not ask for that workflow by name."""
+    return workflow == _WORKFLOW
 
 
 def latch_id(name: str) -> str:

@@ -19,7 +19,7 @@ from ._handle import RunHandle
 from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
 from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
-from ._latches import emit
+from ._latches import emit, is_latch
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._queues import Queue, QueueRegistry, declared
 from ._records import published
@@ -470,6 +470,9 @@ class Conductor:
         if narrow.matches_nothing:
             return RunPage(runs=[], next_cursor=None)
         name = None if workflow_name is None else globals()["workflow_name"](workflow_name)
+        if name is None:  # every workflow's runs but the latches of named events
+            wanted = pred
+            pred = lambda s: not is_latch(s.workflow) and wanted(s)  # noqa: E731
         batch = max(limit, 100)
         found: list[RunSummary] = []
         while True:
@@ -502,6 +505,8 @@ class Conductor:
         await self._ensure_open()
         found = {name: dict.fromkeys(RunStatus, 0) for name in self.workflows}
         for (name, status), n in (await self.journal.counts()).items():
+            if is_latch(name):
+                continue  # a named event's latch: bookkeeping, not a run of the user's
             found.setdefault(name, dict.fromkeys(RunStatus, 0))[status] = n
         return found
 
@@ -558,7 +563,9 @@ class Conductor:
         await self._ensure_open()
         waiting = frozenset(s for s in RunStatus if not s.is_terminal)
         found = await self.journal.list_runs(RunQuery(workflow=workflow, statuses=waiting))
-        return [r.run_id for r in reversed(found)]
+        return [
+            r.run_id for r in reversed(found) if workflow is not None or not is_latch(r.workflow)
+        ]
 
     async def history(
         self, run_id: str, *, limit: int | None = None, cursor: str | None = None

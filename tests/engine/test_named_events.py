@@ -77,3 +77,20 @@ async def test_an_event_name_must_be_a_non_empty_string() -> None:
     async with TestEnvironment(waiter) as env:
         with pytest.raises(ClientError, match="non-empty string"):
             await env.conductor.emit_event("", 1)
+
+
+async def test_latches_stay_out_of_listings_and_counts_unless_asked_for() -> None:
+    """A latch is a run in the store, but the engine's bookkeeping: an operator's
+    list of runs, the counts and the runs a deploy replays leave it out."""
+    async with TestEnvironment(publisher) as env:
+        run = await env.conductor.start(publisher, {"version": 1})
+        assert await run.result() is True
+        await env.conductor.emit_event("regions-back", None)
+        assert [s.run_id for s in await env.conductor.search(None)] == [run.run_id]
+        assert set(await env.conductor.counts()) == {"publisher"}
+        assert await env.conductor.unfinished_runs() == []
+        latches = await env.conductor.search("substantial.event")  # asked for by name
+        assert sorted(s.run_id for s in latches) == [
+            "substantial.event:prices-published",
+            "substantial.event:regions-back",
+        ]
