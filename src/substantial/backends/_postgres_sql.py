@@ -19,6 +19,153 @@ from . import _rules as rules
 from ._protocol import RunQuery, RunRecord
 from ._registry import PG_MIGRATION
 
+# The limited claim (migration 8), one call: a claim of a queue with limits takes a
+# transaction-level advisory lock on (schema, queue) first, so limited claims of one
+# queue run one at a time, each seeing what the previous one committed (every
+# statement of a volatile function takes a fresh snapshot), while claims of other
+# queues, unlimited claims and every other operation never wait for it. Under the
+# lock it counts the live leases per slot group and the starts in the rate window,
+# then walks the candidates through the gate, which mirrors ``_rules.LimitGate``:
+# concurrency first, then the rate for a never-started run, ``o_held`` the earliest
+# time the window frees a start for a run it held back. The candidate SELECT leaves
+# out what the gate would refuse (full groups; never-started runs once the rate held
+# one back, which cannot change ``o_held`` again), and is run again, after the last
+# candidate seen, when a group fills up or the rate runs out: the loop sees about
+# ``p_limit`` rows however long the backlog. A taken row is locked SKIP LOCKED and
+# checked again, as the unlimited claim does (an unlimited claimer may race it).
+CLAIM_LIMITED_FUNCTION = """
+CREATE FUNCTION {s}.claim_limited(
+    p_queue text, p_workflows text[], p_now double precision, p_limit integer,
+    p_owner text, p_lease double precision, p_concurrency integer, p_rate integer,
+    p_period double precision, p_priority boolean, p_terminal text[],
+    OUT o_ids text[], OUT o_tokens bigint[], OUT o_held double precision)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_keys text[] := ARRAY[]::text[];          -- slot groups with a live lease
+    v_counts integer[] := ARRAY[]::integer[];  -- their leases, in the same order
+    v_full text[] := ARRAY[]::text[];          -- the keyed groups that are full
+    v_full_null boolean := false;              -- the unkeyed group is full
+    v_starts double precision[] := ARRAY[]::double precision[];  -- ascending
+    v_started_only boolean := false;
+    v_resume boolean := false;
+    v_prio integer; v_due double precision; v_created double precision; v_id text;
+    v_again boolean; v_rows integer; v_batch integer; v_i integer; v_token bigint;
+    r record; v_cur refcursor;
+BEGIN
+    o_ids := ARRAY[]::text[]; o_tokens := ARRAY[]::bigint[];
+    IF p_limit <= 0 OR p_concurrency <= 0 THEN RETURN; END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended({q} || p_queue, 0));
+    IF p_concurrency IS NOT NULL THEN
+        SELECT coalesce(array_agg(b.k), ARRAY[]::text[]),
+               coalesce(array_agg(b.n), ARRAY[]::integer[])
+          INTO v_keys, v_counts
+          FROM (SELECT concurrency_key AS k, count(*)::integer AS n FROM {s}.runs
+                 WHERE queue = p_queue AND lease_owner IS NOT NULL
+                   AND lease_expires_at > p_now AND status <> ALL(p_terminal)
+                 GROUP BY concurrency_key) b;
+        FOR v_i IN 1 .. coalesce(cardinality(v_keys), 0) LOOP
+            IF v_counts[v_i] >= p_concurrency THEN
+                IF v_keys[v_i] IS NULL THEN v_full_null := true;
+                ELSE v_full := array_append(v_full, v_keys[v_i]);
+                END IF;
+            END IF;
+        END LOOP;
+    END IF;
+    IF p_rate IS NOT NULL THEN
+        SELECT coalesce(array_agg(started_at ORDER BY started_at), ARRAY[]::double precision[])
+          INTO v_starts
+          FROM {s}.runs WHERE queue = p_queue AND started_at > p_now - p_period;
+    END IF;
+    LOOP
+        v_again := false; v_rows := 0; v_batch := p_limit - cardinality(o_ids) + 1;
+        IF v_full_null THEN  -- keyed runs only: runs_keyed_idx, not the whole backlog
+            OPEN v_cur FOR @CANDIDATES@
+               AND c.concurrency_key IS NOT NULL AND c.concurrency_key <> ALL(v_full)
+             @ORDER@;
+        ELSE
+            OPEN v_cur FOR @CANDIDATES@
+               AND (c.concurrency_key IS NULL OR c.concurrency_key <> ALL(v_full))
+             @ORDER@;
+        END IF;
+        LOOP
+            FETCH v_cur INTO r;
+            EXIT WHEN NOT FOUND;
+            v_rows := v_rows + 1;
+            v_resume := true;
+            v_prio := r.prio; v_due := r.due_at; v_created := r.created_at; v_id := r.run_id;
+            v_i := array_position(v_keys, r.k);
+            IF p_concurrency IS NOT NULL AND v_i IS NOT NULL
+               AND v_counts[v_i] >= p_concurrency THEN
+                CONTINUE;  -- a full group (not selected: kept as the gate's own check)
+            END IF;
+            IF p_rate IS NOT NULL AND NOT r.started
+               AND cardinality(v_starts) >= p_rate THEN
+                o_held := least(o_held, v_starts[cardinality(v_starts) - p_rate + 1] + p_period);
+                IF NOT v_started_only THEN
+                    v_started_only := true; v_again := true;  -- the rate is spent
+                    EXIT;
+                END IF;
+                CONTINUE;
+            END IF;
+            UPDATE {s}.runs SET status = 'RUNNING',
+                   started_at = coalesce(started_at, p_now), lease_token = lease_token + 1,
+                   lease_owner = p_owner, lease_expires_at = p_now + p_lease
+             WHERE run_id = (SELECT x.run_id FROM {s}.runs x
+                              WHERE x.run_id = r.run_id AND x.due_at <= p_now
+                                AND (x.lease_expires_at IS NULL OR x.lease_expires_at <= p_now)
+                                AND x.status <> ALL(p_terminal)
+                                FOR UPDATE SKIP LOCKED)
+            RETURNING lease_token INTO v_token;
+            CONTINUE WHEN NOT FOUND;  -- taken by another claimer meanwhile
+            o_ids := array_append(o_ids, r.run_id);
+            o_tokens := array_append(o_tokens, v_token);
+            IF p_rate IS NOT NULL AND NOT r.started THEN
+                v_starts := ARRAY(SELECT u FROM unnest(array_append(v_starts, p_now)) u ORDER BY u);
+            END IF;
+            IF p_concurrency IS NOT NULL THEN
+                IF v_i IS NULL THEN
+                    v_keys := array_append(v_keys, r.k);
+                    v_counts := array_append(v_counts, 1);
+                    v_i := cardinality(v_keys);
+                ELSE
+                    v_counts[v_i] := v_counts[v_i] + 1;
+                END IF;
+                IF v_counts[v_i] >= p_concurrency THEN  -- the group is full: select without it
+                    IF r.k IS NULL THEN v_full_null := true;
+                    ELSE v_full := array_append(v_full, r.k);
+                    END IF;
+                    v_again := true;
+                END IF;
+            END IF;
+            EXIT WHEN cardinality(o_ids) >= p_limit OR v_again;
+        END LOOP;
+        CLOSE v_cur;
+        EXIT WHEN cardinality(o_ids) >= p_limit OR (NOT v_again AND v_rows < v_batch);
+    END LOOP;
+END
+$fn$;
+"""
+# The candidates: claimable runs of the queue in claim order, from after the last
+# one seen, leaving out what the gate would refuse; a group filter goes in between.
+_CANDIDATES = """
+            SELECT c.run_id, c.concurrency_key AS k, c.started_at IS NOT NULL AS started,
+                   CASE WHEN p_priority THEN c.priority ELSE 0 END AS prio,
+                   c.due_at, c.created_at
+              FROM {s}.runs c
+             WHERE c.queue = p_queue AND c.workflow = ANY(p_workflows) AND c.due_at <= p_now
+               AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= p_now)
+               AND c.status <> ALL(p_terminal)
+               AND (NOT v_started_only OR c.started_at IS NOT NULL)
+               AND (NOT v_resume
+                    OR (CASE WHEN p_priority THEN c.priority ELSE 0 END, c.due_at,
+                        c.created_at, c.run_id) > (v_prio, v_due, v_created, v_id))"""
+_ORDER = """ORDER BY CASE WHEN p_priority THEN c.priority ELSE 0 END, c.due_at,
+                      c.created_at, c.run_id
+             LIMIT v_batch"""
+CLAIM_LIMITED_FUNCTION = CLAIM_LIMITED_FUNCTION.replace("@CANDIDATES@", _CANDIDATES).replace(
+    "@ORDER@", _ORDER
+)
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial layout
     """
@@ -216,6 +363,22 @@ ALTER TABLE {s}.runs ADD COLUMN revert_requested boolean NOT NULL DEFAULT false;
     """
 CREATE INDEX runs_wf_status_idx ON {s}.runs (workflow, status);
 """,
+    # 8: queue limits (QueueLimits). A run's priority and slot group; the starts in a
+    # rate's window (one range of runs_started_idx) and the live leases per group
+    # (runs_leased_idx holds leased runs only; a renewal changes neither index's
+    # columns, so it stays a HOT update); the claimable runs that have a key
+    # (runs_keyed_idx: a claim whose unkeyed group is full reads only those, and the
+    # unkeyed runs of unlimited queues never enter it); claim_limited, the claim.
+    """
+ALTER TABLE {s}.runs ADD COLUMN priority integer NOT NULL DEFAULT 0,
+    ADD COLUMN concurrency_key text;
+CREATE INDEX runs_started_idx ON {s}.runs (queue, started_at) WHERE started_at IS NOT NULL;
+CREATE INDEX runs_leased_idx ON {s}.runs (queue, concurrency_key)
+    WHERE lease_owner IS NOT NULL;
+CREATE INDEX runs_keyed_idx ON {s}.runs (queue, concurrency_key, due_at)
+    WHERE concurrency_key IS NOT NULL;
+"""
+    + CLAIM_LIMITED_FUNCTION,
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -225,7 +388,8 @@ LATEST_VERSION = len(MIGRATIONS)
 FIELDS = (
     "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
     "result", "error", "error_type", "log_len", "inbox_pos", "lease_token", "lease_owner",
-    "lease_expires_at", "cancel_requested", "parent_id", "revert_requested",
+    "lease_expires_at", "cancel_requested", "parent_id", "revert_requested", "priority",
+    "concurrency_key",
 )  # fmt: skip
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY,
@@ -241,6 +405,11 @@ CREATE = """WITH ins AS (
     UNION ALL
     SELECT ins.run_id, t.o, t.d FROM ins, unnest($9::bytea[]) WITH ORDINALITY AS t(d, o))
 SELECT pg_notify($8, run_id) FROM ins"""
+# The same for a run with a priority or a slot group (migration 8's columns): a run
+# without either inserts what it did before, the columns' defaults.
+CREATE_LIMITED = CREATE.replace("parent_id)", "parent_id, priority, concurrency_key)").replace(
+    "$6)", "$6, $10, $11)"
+)
 # When an idle worker should look again (KnowsNextDue): runs_claim's (queue, due_at)
 # range, the later of due time and lease expiry.
 NEXT_DUE = """SELECT min(greatest(due_at, coalesce(lease_expires_at, due_at))) FROM {s}.runs
@@ -260,6 +429,12 @@ CLAIM = """WITH picked AS MATERIALIZED (
     RETURNING r.run_id, r.lease_token, r.due_at, r.created_at
 )
 SELECT run_id, lease_token FROM claimed ORDER BY due_at, created_at, run_id"""
+# The unlimited claim of a queue that orders by priority (QueueLimits(priority=True)).
+CLAIM_PRIORITY = CLAIM.replace("ORDER BY due_at", "ORDER BY priority, due_at").replace(
+    "r.due_at, r.created_at", "r.priority, r.due_at, r.created_at"
+)
+CLAIM_LIMITED = """SELECT o_ids, o_tokens, o_held
+  FROM {s}.claim_limited($1, $2::text[], $3, $4, $5, $6, $7, $8, $9, $10, {t})"""
 READ = """SELECT {c},
     ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
            AND l.pos >= CASE WHEN $2::bigint < 0 THEN {n} + $2 ELSE $2 END

@@ -29,9 +29,10 @@ from ._sqlite_tx import is_busy, transact, wrap
 T = TypeVar("T")
 
 CHECKPOINT_EVERY = 1000  # writes between two WAL checkpoints (SQLite's default: 1000 pages)
-SCHEMA_VERSION = 5  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+SCHEMA_VERSION = 6  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
 # 3: the workers table (the worker registry); 4: runs.revert_requested; 5: index
-# runs_wf_status (count_runs)
+# runs_wf_status (count_runs); 6: runs.priority and runs.concurrency_key, indexes
+# runs_started, runs_leased and runs_keyed (queue limits)
 
 
 class SQLiteConnection:

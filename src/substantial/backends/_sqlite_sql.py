@@ -23,9 +23,15 @@ CREATE TABLE IF NOT EXISTS runs (
     inbox_pos INTEGER NOT NULL DEFAULT 0, last_inbox_id INTEGER NOT NULL DEFAULT 0,
     lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT,
-    revert_requested INTEGER NOT NULL DEFAULT 0
+    revert_requested INTEGER NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 0, concurrency_key TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (queue, started_at) WHERE started_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_leased ON runs (queue, concurrency_key)
+    WHERE lease_owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_keyed ON runs (queue, concurrency_key, due_at)
+    WHERE concurrency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at, run_id);
 CREATE INDEX IF NOT EXISTS runs_wf_created ON runs (workflow, created_at, run_id);
 CREATE INDEX IF NOT EXISTS runs_wf_status ON runs (workflow, status);
@@ -50,12 +56,22 @@ UPGRADES = {
     3: (SQLITE_TABLE,),
     4: ("ALTER TABLE runs ADD COLUMN revert_requested INTEGER NOT NULL DEFAULT 0",),
     5: ("CREATE INDEX IF NOT EXISTS runs_wf_status ON runs (workflow, status)",),
+    6: (
+        "ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN concurrency_key TEXT",
+        "CREATE INDEX IF NOT EXISTS runs_started ON runs (queue, started_at) "
+        "WHERE started_at IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS runs_leased ON runs (queue, concurrency_key) "
+        "WHERE lease_owner IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS runs_keyed ON runs (queue, concurrency_key, due_at) "
+        "WHERE concurrency_key IS NOT NULL",
+    ),
 }
 
 COLS = (
     "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
     "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id, revert_requested"
+    "cancel_requested, parent_id, revert_requested, priority, concurrency_key"
 )
 
 # The release rule of _rules.apply_release, in SQL. {st} is the run's status after
@@ -102,6 +118,73 @@ REOPEN = """UPDATE runs SET status = 'PENDING', ended_at = NULL, result = NULL, 
 WHERE run_id = ? AND status = ? AND log_len = ?"""
 
 FIELDS = [name.strip() for name in COLS.split(",")]
+
+# -- claims: the claimable runs of a queue (the rule of _rules.claimable), in claim order
+
+DUE_ORDER = "due_at, created_at, run_id"
+PRIORITY_ORDER = "priority, due_at, created_at, run_id"
+CLAIMABLE = (
+    "queue = ? AND due_at <= ? AND workflow IN ({marks}) AND status NOT IN " + TERMINAL + " "
+    "AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+)
+# A limited claim's view of the queue (see _sqlite_tx.claim_limited): the slots its
+# live leases hold per key (runs_leased: leased runs only, a handful), and the starts
+# in the rate's window (runs_started: one range). Renewals touch neither index, nor
+# runs_keyed, which holds only runs with a concurrency key: once the unkeyed group is
+# full, a limited claim reads its candidates there, not the queue's whole backlog.
+BUSY = (
+    "SELECT concurrency_key, count(*) FROM runs WHERE queue = ? AND lease_owner IS NOT NULL "
+    f"AND lease_expires_at > ? AND status NOT IN {TERMINAL} GROUP BY concurrency_key"
+)
+STARTS = "SELECT started_at FROM runs WHERE queue = ? AND started_at > ?"
+
+
+def claim_select(workflows: int, *, priority: bool) -> str:
+    """An unlimited claim's SELECT: the first ``LIMIT ?`` claimable runs, in claim
+    order (by due time, or by priority first). Arguments: queue, now, the
+    ``workflows`` names, now, limit."""
+    order = PRIORITY_ORDER if priority else DUE_ORDER
+    where = CLAIMABLE.format(marks=", ".join("?" * workflows))
+    return f"SELECT run_id, lease_token FROM runs WHERE {where} ORDER BY {order} LIMIT ?"
+
+
+def limited_select(
+    workflows: int, *, priority: bool, full: int, full_unkeyed: bool, started_only: bool,
+    resume: bool,
+) -> str:  # fmt: skip
+    """A limited claim's SELECT of its next candidates: claimable runs in claim order
+    but for the slot groups already full (``full`` keys, and the unkeyed group if
+    ``full_unkeyed``) and, once the rate held a run back (``started_only``), the
+    runs that never started: those could not be taken, so the database skips them,
+    not Python. ``resume``: only the runs after a candidate already seen, by claim
+    order. Arguments: queue, now, the workflows, now, the full keys, the seen
+    candidate's order columns (if ``resume``), limit. Rows: run_id, lease_token,
+    concurrency_key, started_at, then the order columns. With the unkeyed group
+    full the keyed runs are all that is left, and runs_keyed holds just those
+    (named: the planner would rather walk runs_claim, unkeyed backlog and all)."""
+    order = PRIORITY_ORDER if priority else DUE_ORDER
+    source = "runs INDEXED BY runs_keyed" if full_unkeyed else "runs"
+    where = [CLAIMABLE.format(marks=", ".join("?" * workflows))]
+    if full_unkeyed:
+        where.append("concurrency_key IS NOT NULL")
+    if full:
+        where.append(
+            f"(concurrency_key IS NULL OR concurrency_key NOT IN ({', '.join('?' * full)}))"
+        )
+    if started_only:
+        where.append("started_at IS NOT NULL")
+    if resume:
+        where.append(f"({order}) > ({', '.join('?' * len(order.split(',')))})")
+    return (
+        f"SELECT run_id, lease_token, concurrency_key, started_at, {order} FROM {source} "
+        f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+    )
+
+
+CLAIM = (
+    "UPDATE runs SET status = 'RUNNING', started_at = COALESCE(started_at, ?), "
+    "lease_token = lease_token + 1, lease_owner = ?, lease_expires_at = ? WHERE run_id = ?"
+)
 
 # count_runs: one pass over the covering index runs_wf_status, in index order (no sort,
 # no table row read): about 70 ms per million runs on a small machine.

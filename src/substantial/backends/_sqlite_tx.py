@@ -4,7 +4,7 @@ run on the store's worker thread (see ``sqlite``), and the error mapping."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -13,7 +13,7 @@ from .._types import RunStatus
 from ..errors import BackendError, BackendUnavailable, LeaseLost, RunNotFound
 from . import _rules as rules
 from . import _sqlite_sql as sql
-from ._protocol import Append, RunRecord
+from ._protocol import Append, Claim, Claims, QueueLimits, RunRecord
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -86,6 +86,82 @@ def append_in(c: sqlite3.Connection, op: Append) -> int:
         rows = [(op.run_id, op.expected_len + i, data) for i, data in enumerate(op.records)]
         c.executemany("INSERT INTO log (run_id, pos, data) VALUES (?, ?, ?)", rows)
     return op.expected_len + len(op.records)
+
+
+def claim_limited(
+    c: sqlite3.Connection,
+    *,
+    queue: str,
+    workflows: Sequence[str],
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    now: float,
+    limits: QueueLimits,
+) -> Claims:
+    """A claim under ``limits``, inside the claim's BEGIN IMMEDIATE transaction: the
+    write lock is held from the first read, so what the limits count (live leases,
+    starts in the window) cannot change before the claim's UPDATEs commit, in this
+    process or any other; the shared ``LimitGate`` decides.
+
+    Candidates come in claim order a few at a time, and the SELECT leaves out what
+    the gate would refuse anyway: slot groups already full, and never-started runs
+    once the rate held one back (the first such refusal sets ``held_until``, later
+    ones cannot change it). Each candidate fetched is then either taken or the
+    reason to select again with one more exclusion, so Python sees about ``limit``
+    rows however long the queue's backlog, and the gate's answer is exactly what it
+    would give seeing every candidate."""
+    cap = limits.concurrency
+    if cap is not None and cap <= 0:
+        return Claims()  # no slot at all: the gate would refuse every candidate
+    busy: dict[str | None, int] = {}
+    if limits.concurrency is not None:
+        busy = {key: n for key, n in c.execute(sql.BUSY, (queue, now))}
+    starts: list[float] = []
+    if limits.rate is not None:
+        starts = [row[0] for row in c.execute(sql.STARTS, (queue, now - limits.period))]
+    gate = rules.LimitGate(limits, busy=busy, starts=starts, now=now)
+    full = set() if cap is None else {key for key, n in busy.items() if n >= cap}
+    taken: list[tuple[str, int]] = []
+    after: Row = ()
+    started_only = False
+    while len(taken) < limit:
+        keys = sorted(k for k in full if k is not None)
+        stmt = sql.limited_select(
+            len(workflows),
+            priority=limits.priority,
+            full=len(keys),
+            full_unkeyed=None in full,
+            started_only=started_only,
+            resume=bool(after),
+        )
+        batch = limit - len(taken) + 1
+        rows = c.execute(stmt, (queue, now, *workflows, now, *keys, *after, batch)).fetchall()
+        again = False
+        for run_id, token, key, started_at, *order in rows:
+            after = tuple(order)
+            if not gate.admit(key, started=started_at is not None):
+                if gate.held_until is not None and not started_only:
+                    started_only = again = True  # the rate is spent: started runs only
+                    break
+                continue
+            taken.append((run_id, token))
+            if len(taken) >= limit:
+                break
+            if cap is not None:
+                busy[key] = busy.get(key, 0) + 1
+                if busy[key] >= cap:
+                    full.add(key)  # this group is spent: select without it
+                    again = True
+                    break
+        if not again and len(rows) < batch:
+            break  # no candidate left
+    if taken:
+        c.executemany(
+            sql.CLAIM,
+            [(now, owner, now + lease_seconds, run_id) for run_id, _ in taken],
+        )
+    return Claims((Claim(run_id=r, token=t + 1) for r, t in taken), held_until=gate.held_until)
 
 
 def is_busy(exc: BaseException) -> bool:

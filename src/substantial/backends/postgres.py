@@ -13,7 +13,10 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
 * ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
 * Indexes on ``runs``: ``(created_at, run_id)`` and ``(workflow, created_at, run_id)``
   for ``list_runs`` read backwards, ``(workflow, status)`` for ``count_runs``
-  (migration 7).
+  (migration 7), and for limited claims (migration 8, with the columns ``priority``
+  and ``concurrency_key``) ``(queue, started_at)`` of started runs (rate windows)
+  and ``(queue, concurrency_key)`` of leased runs (busy slots), ``(queue,
+  concurrency_key, due_at)`` of keyed runs (candidates once the unkeyed group is full).
 
 Migrations run on :meth:`~PostgresBackend.open` (or :meth:`~PostgresBackend.migrate`)
 in one transaction holding ``pg_advisory_xact_lock`` on the schema, so workers
@@ -38,7 +41,12 @@ renewals use a connection of their own so they never queue behind steps.
 
 Claims use ``FOR UPDATE SKIP LOCKED``: concurrent claimers skip rows another one
 is locking instead of queueing behind it, so they never get the same run and
-never wait for each other.
+never wait for each other. That cannot enforce a count, so a claim under queue
+limits (concurrency, rate) calls the plpgsql function ``claim_limited`` (migration
+8) instead: it takes ``pg_advisory_xact_lock`` on (schema, queue), so limited
+claims of one queue run one after the other, then counts the live leases per slot
+group and the starts in the rate's window and takes the candidates the gate admits,
+in that one transaction (one round trip). Unlimited claims never take that lock.
 
 Wake-ups: changes that make a run claimable or end it ``NOTIFY`` the channel
 ``<schema>_hints`` with the run id, in the same statement (so the hint of a
@@ -71,14 +79,17 @@ from ..errors import (
     SchemaVersionError,
 )
 from . import _postgres_sql as sql
+from . import _rules as rules
 from ._postgres_pool import PostgresConnections, is_connection_error
 from ._postgres_sql import LATEST_VERSION as LATEST_VERSION  # re-exported
 from ._protocol import (
     ALL_RUNS,
     Append,
     Claim,
+    Claims,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -132,7 +143,13 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         columns = ", ".join(
             f"{length} AS log_len" if f == "log_len" else f"r.{f}" for f in sql.FIELDS
         )
-        self._fmt = {"s": f'"{schema}"', "t": terminal, "c": columns, "n": length}
+        self._fmt = {
+            "s": f'"{schema}"',
+            "t": terminal,
+            "c": columns,
+            "n": length,
+            "q": f"'substantial.claim:{schema}:'",  # the limited claims' lock, per queue
+        }
         self._statements: dict[str, str] = {}
 
     def _sql(self, template: str) -> str:
@@ -203,7 +220,8 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
     async def create_run(self, new: NewRun) -> bool:
         self._count("create_run")
         # not retried once sent: a first try that landed would then say False
-        return len(await self._q("fetch", sql.CREATE, *self._create_args(new), retry=False)) == 1
+        stmt, args = self._create(new)
+        return len(await self._q("fetch", stmt, *args, retry=False)) == 1
 
     async def create_run_in(self, new: NewRun, connection: Any) -> bool:
         """Insert the run through the caller's asyncpg ``connection``, typically in
@@ -213,15 +231,21 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         if self._pool is None:  # open() made sure the schema exists
             raise BackendError(f"the PostgreSQL store {self._safe_url} is not open")
         try:
-            return len(await connection.fetch(self._sql(sql.CREATE), *self._create_args(new))) == 1
+            stmt, args = self._create(new)
+            return len(await connection.fetch(self._sql(stmt), *args)) == 1
         except Exception as exc:
             if is_connection_error(exc):
                 raise self._unavailable(exc) from exc
             raise
 
-    def _create_args(self, n: NewRun) -> tuple[Any, ...]:
-        return (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
+    def _create(self, n: NewRun) -> tuple[str, tuple[Any, ...]]:
+        """``create_run``'s statement template and arguments: a run with a priority
+        or a slot group also sets those columns (``sql.CREATE_LIMITED``)."""
+        args = (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
                 n.first_record, self._channel, list(n.more_records))  # fmt: skip
+        if n.priority == 0 and n.concurrency_key is None:
+            return sql.CREATE, args
+        return sql.CREATE_LIMITED, (*args, n.priority, n.concurrency_key)
 
     async def claim_due(
         self,
@@ -232,10 +256,18 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
         self._count("claim_due")
         args = (queue, list(workflows), now, max(limit, 0), owner, lease_seconds)
-        rows = await self._q("fetch", sql.CLAIM, *args)
+        if limits is not None and rules.limited(limits):
+            # One call, serialized per queue by an advisory lock (see sql.CLAIM_LIMITED_FUNCTION)
+            lim = (limits.concurrency, limits.rate, limits.period, limits.priority)
+            row = await self._q("fetchrow", sql.CLAIM_LIMITED, *args, *lim)
+            pairs = zip(row["o_ids"], row["o_tokens"], strict=True)
+            return Claims((Claim(run_id=r, token=t) for r, t in pairs), held_until=row["o_held"])
+        template = sql.CLAIM_PRIORITY if limits is not None and limits.priority else sql.CLAIM
+        rows = await self._q("fetch", template, *args)
         return [Claim(run_id=r["run_id"], token=r["lease_token"]) for r in rows]
 
     async def next_due(self, *, queue: str, workflows: Collection[str], now: float) -> float | None:

@@ -7,6 +7,9 @@ Layout (one file, schema version in ``meta``)::
           index runs_claim (queue, due_at)         -- claim_due's range scan
           index runs_created (created_at, run_id)  -- list_runs' order
           index runs_wf_created (workflow, created_at, run_id), runs_wf_status (workflow, status)
+          index runs_started (queue, started_at) WHERE started_at IS NOT NULL  -- rate windows
+          index runs_leased (queue, concurrency_key) WHERE lease_owner IS NOT NULL  -- slots
+          index runs_keyed (queue, concurrency_key, due_at) WHERE concurrency_key IS NOT NULL
     log   (run_id, pos, data BLOB)  PRIMARY KEY (run_id, pos), WITHOUT ROWID
     inbox (run_id, id, data BLOB)   PRIMARY KEY (run_id, id),  WITHOUT ROWID
     workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
@@ -36,6 +39,12 @@ Why it is built this way:
   release rule is evaluated inside that UPDATE (no RETURNING: old SQLite works).
   ``rewrite_log`` (compaction) is the same fenced UPDATE, then a DELETE of the
   run's log rows and the INSERT of the new ones, in one transaction.
+* **Queue limits** need no lock of their own: a claim already holds the write lock
+  (BEGIN IMMEDIATE) from its first read, so a limited claim counts the queue's
+  live leases per key and its starts in the rate window, feeds the candidates
+  through ``_rules.LimitGate`` and writes its claims in that one transaction: no
+  other claimer, in any process, can change what it counted before it commits
+  (``_sqlite_tx.claim_limited``). An unlimited claim is one SELECT and the UPDATEs.
 
 Changes made in this process are hinted through the process-wide hub of this file
 (every backend object on the same resolved path shares it, so a second Conductor in
@@ -68,6 +77,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -77,7 +87,7 @@ from ._protocol import (
 from ._registry import SQLiteRegistry
 from ._sqlite_conn import SCHEMA_VERSION as SCHEMA_VERSION  # re-exported
 from ._sqlite_conn import SQLiteConnection
-from ._sqlite_tx import append_in, fence_error, to_record
+from ._sqlite_tx import append_in, claim_limited, fence_error, to_record
 
 Row = tuple[Any, ...]
 
@@ -116,7 +126,8 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
-                "due_at, log_len, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "due_at, log_len, parent_id, priority, concurrency_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.run_id,
                     new.workflow,
@@ -126,6 +137,8 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
                     new.due_at,
                     1 + len(new.more_records),
                     new.parent_id,
+                    new.priority,
+                    new.concurrency_key,
                 ),
             )
             if cur.rowcount != 1:
@@ -151,31 +164,27 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
         self._count("claim_due")
         wanted = list(set(workflows))
         if not wanted or limit <= 0:
             return []
-        marks = ", ".join("?" * len(wanted))
-        select = (
-            f"SELECT run_id, lease_token FROM runs WHERE queue = ? AND due_at <= ? "
-            f"AND workflow IN ({marks}) AND status NOT IN {sql.TERMINAL} "
-            f"AND (lease_expires_at IS NULL OR lease_expires_at <= ?) "
-            f"ORDER BY due_at, created_at, run_id LIMIT ?"
-        )
+        if limits is not None and rules.limited(limits):
+            lim = limits
+            return await self._write(
+                lambda c: claim_limited(
+                    c, queue=queue, workflows=wanted, limit=limit, owner=owner,
+                    lease_seconds=lease_seconds, now=now, limits=lim,
+                )
+            )  # fmt: skip
+        # Unlimited: one SELECT and the UPDATEs, as before limits existed.
+        select = sql.claim_select(len(wanted), priority=limits is not None and limits.priority)
 
         def tx(c: sqlite3.Connection) -> list[Claim]:
             rows = c.execute(select, (queue, now, *wanted, now, limit)).fetchall()
             if rows:
-                c.executemany(
-                    "UPDATE runs SET status = ?, started_at = COALESCE(started_at, ?), "
-                    "lease_token = lease_token + 1, lease_owner = ?, lease_expires_at = ? "
-                    "WHERE run_id = ?",
-                    [
-                        (RunStatus.RUNNING.value, now, owner, now + lease_seconds, r[0])
-                        for r in rows
-                    ],
-                )
+                c.executemany(sql.CLAIM, [(now, owner, now + lease_seconds, r[0]) for r in rows])
             return [Claim(run_id=r[0], token=r[1] + 1) for r in rows]
 
         return await self._write(tx)
