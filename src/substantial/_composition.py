@@ -189,6 +189,8 @@ class Composition(Steps):
             parent_id=self._session.run.parent_id,
             origin=self._session.start.get("origin", self.run_id),
             deadline=self._session.start.get("deadline"),  # the same run, carried on
+            priority=self._session.run.priority,  # and its place in a limited queue
+            concurrency_key=self._session.run.concurrency_key,
         )
         raise StopRun(RunStatus.CONTINUED, {"continued_to": final["v"]}, self._unobserved())
 

@@ -107,6 +107,7 @@ def summarize(run: RunRecord) -> RunSummary:
         queue=run.queue,
         error_type=run.error_type,
         parent_id=run.parent_id,
+        state={} if run.state is None else dict(run.state),
     )
 
 
@@ -315,6 +316,9 @@ class Journal:
             queue=snap.run.queue,
             first_record=self.encode(start, f"fork of {source!r}"),
             more_records=tuple(snap.log[1:cut]),
+            state=R.published(records[1:cut]),
+            priority=snap.run.priority,
+            concurrency_key=snap.run.concurrency_key,
             created_at=now,
             due_at=now,
         )

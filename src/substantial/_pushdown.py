@@ -4,7 +4,8 @@
 what matches. To avoid loading every run, it first asks the store only for
 runs that *must* be considered: :func:`narrowing` reads the constraints that
 every matching run satisfies (status, run id and time terms at the top level
-or under ``and``) into the fields of a :class:`~substantial.backends.RunQuery`.
+or under ``and``, and a published state key equal to a scalar) into the fields
+of a :class:`~substantial.backends.RunQuery`.
 The rule that keeps this correct: the pushed-down set is never stricter than
 the filter. So ``or`` and ``not`` push nothing down, a ``gt`` pushes an
 inclusive bound, and time bounds are widened by a millisecond so rounding
@@ -37,6 +38,7 @@ class Narrowing:
     started_before: float | None = None
     ended_after: float | None = None
     ended_before: float | None = None
+    state_equals: tuple[tuple[str, Any], ...] = ()  # published key == a scalar
 
     @property
     def matches_nothing(self) -> bool:
@@ -61,6 +63,8 @@ def narrowing(expr: Mapping[str, Any] | None) -> Narrowing:
         return out
     if key == "status":
         return Narrowing(statuses=required_statuses(expr))
+    if key == "state":
+        return Narrowing(state_equals=_state_equals(value))
     if not isinstance(value, Mapping) or len(value) != 1:
         return Narrowing()
     [(op, v)] = value.items()
@@ -80,6 +84,21 @@ def _ids(op: str, v: Any) -> frozenset[str] | None:
     if op == "in" and isinstance(v, list | tuple):  # a string is a substring test: no
         return frozenset(x for x in v if isinstance(x, str))
     return None
+
+
+def _state_equals(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``{key: {"eq": v}}`` with ``v`` a string, number or bool: runs that published
+    ``v`` under ``key``. (``eq None`` also matches runs that never published the
+    key, and lists and objects compare deeply: those push nothing down.)"""
+    if not isinstance(value, Mapping) or len(value) != 1:
+        return ()
+    [(key, term)] = value.items()
+    if not isinstance(term, Mapping) or len(term) != 1:
+        return ()
+    [(op, v)] = term.items()
+    if op == "eq" and isinstance(v, str | int | float) and (v == v):  # (not NaN)
+        return ((key, v),)
+    return ()
 
 
 def _bounds(op: str, v: Any) -> tuple[float | None, float | None]:
@@ -112,6 +131,7 @@ def _both(a: Narrowing, b: Narrowing) -> Narrowing:
         started_before=_min(a.started_before, b.started_before),
         ended_after=_max(a.ended_after, b.ended_after),
         ended_before=_min(a.ended_before, b.ended_before),
+        state_equals=a.state_equals + b.state_equals,
     )
 
 

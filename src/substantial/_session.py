@@ -102,6 +102,11 @@ class RunSession:
         if self._staged_inbox is not None:
             moved = RunUpdate(inbox_pos=self._staged_inbox)
             update = moved if update is None else replace(update, inbox_pos=self._staged_inbox)
+        published = {r["name"]: r.get("v") for r in recs if r["k"] == R.STATE}
+        if published:  # the store keeps the latest of each key with the run, for search
+            update = (
+                RunUpdate(state=published) if update is None else replace(update, state=published)
+            )
         first = len(self.records)
         try:
             await self.journal.append(

@@ -152,10 +152,11 @@ class Conductor:
         return value if wf is None else checked_event(wf, name, value)
 
     async def _summary_for(self, run: RunRecord, with_state: bool) -> RunSummary:
-        """The run's summary, with what it published if a filter needs that (a
-        read of its log: no store indexes published state yet)."""
+        """The run's summary, with what it published if a filter needs that: kept
+        with the run by the store, or (a run from before the store kept it) read
+        from its log."""
         summary = summarize(run)
-        if not with_state:
+        if not with_state or run.state is not None:  # the store keeps it with the run
             return summary
         _, records = await self.journal.read_log(run.run_id)
         return dataclasses.replace(summary, state=published(records))

@@ -14,6 +14,7 @@ import pytest
 
 from substantial import Context, FilterError, RunStatus, workflow
 from substantial.backends import Backend
+from substantial.backends.memory import MemoryBackend
 from substantial.filters import compile_filter
 from substantial.testing import TestEnvironment
 
@@ -99,6 +100,23 @@ async def test_runs_are_found_by_what_they_published(backend: Backend) -> None:
         assert {s.run_id for s in prefix} == {runs["acme"].run_id, runs["acme-eu"].run_id}
         none = await env.conductor.search("onboarding", {"state": {"nothing": {"eq": 1}}})
         assert none == []
+
+
+async def test_a_search_by_state_reads_no_log_and_is_pushed_down() -> None:
+    """The store keeps each run's latest published values with the run: a search
+    by them lists runs (filtered in the store where it can) and reads no log."""
+    backend = MemoryBackend()
+    async with TestEnvironment(onboarding, backend=backend) as env:
+        for customer in ("acme", "globex", "initech"):
+            await env.conductor.start(onboarding, {"customer": customer, "steps": 1})
+        await env.run_until_idle()
+        reads = {op: backend.calls.get(op, 0) for op in ("read", "read_log_page")}
+        found = await env.conductor.search(
+            "onboarding",
+            {"and": [{"state": {"customer": {"eq": "acme"}}}, {"status": {"eq": "SUSPENDED"}}]},
+        )
+        assert [s.state["customer"] for s in found] == ["acme"]
+        assert {op: backend.calls.get(op, 0) for op in reads} == reads
 
 
 @workflow()

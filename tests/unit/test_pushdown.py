@@ -8,6 +8,7 @@ from typing import Any
 
 from substantial import RunStatus, RunSummary
 from substantial._pushdown import Narrowing, narrowing
+from substantial.backends._rules import state_may_equal
 from substantial.filters import compile_filter
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -33,6 +34,7 @@ def admits(n: Narrowing, run: RunSummary, stored: Stored) -> bool:
         and (n.run_ids is None or run.run_id in n.run_ids)
         and within(started, n.started_after, n.started_before)
         and within(ended, n.ended_after, n.ended_before)
+        and all(state_may_equal(run.state, k, v) for k, v in n.state_equals)
     )
 
 
@@ -51,11 +53,16 @@ def a_run(rng: random.Random, i: int, stored: Stored) -> RunSummary:
         started_at=dt(started),
         ended_at=dt(ended),
         result=rng.choice([None, 1, "x", [1, 2]]),
+        state={} if rng.random() < 0.2 else {"customer": rng.choice(STATE_VALUES)},
     )
 
 
+STATE_VALUES: list[Any] = ["acme", "globex", 1, 1.0, 2, True, False, None, [1], {"a": 1}]
+
+
 def a_filter(rng: random.Random, runs: list[RunSummary], depth: int = 0) -> dict[str, Any]:
-    kind = rng.choice(["status", "run_id", "time", "value"] + (["and", "or", "not"] * (depth < 2)))
+    kinds = ["status", "run_id", "time", "value", "state"]
+    kind = rng.choice(kinds + (["and", "or", "not"] * (depth < 2)))
     if kind in ("and", "or"):
         return {kind: [a_filter(rng, runs, depth + 1) for _ in range(rng.randrange(0, 3))]}
     if kind == "not":
@@ -76,6 +83,10 @@ def a_filter(rng: random.Random, runs: list[RunSummary], depth: int = 0) -> dict
             return {field: {"in": [pick, rng.choice(times)]}}
         value: Any = pick.isoformat() if pick is not None and rng.random() < 0.3 else pick
         return {field: {op: value}}
+    if kind == "state":
+        op = rng.choice(["eq", "eq", "in", "contains", "gt"])
+        value = rng.choice(STATE_VALUES) if op != "in" else rng.sample(STATE_VALUES, 2)
+        return {"state": {rng.choice(["customer", "other"]): {op: value}}}
     return {"eq": rng.choice([None, 1, "x"])}
 
 
@@ -111,6 +122,22 @@ def test_terms_under_and_are_pushed_down_together() -> None:
     assert n.started_after is not None and abs(n.started_after - T0.timestamp()) < 0.01
     assert n.started_before is not None and n.started_before >= (T0 + timedelta(days=1)).timestamp()
     assert n.ended_after is not None and n.ended_before is not None
+
+
+def test_a_published_key_equal_to_a_scalar_is_pushed_down() -> None:
+    n = narrowing(
+        {
+            "and": [
+                {"state": {"customer": {"eq": "acme"}}},
+                {"state": {"tier": {"eq": 2}}},
+                {"state": {"anything": {"eq": None}}},  # also runs that never published it
+                {"state": {"tags": {"eq": ["a"]}}},  # deep equality: left to the filter
+                {"state": {"name": {"contains": "ac"}}},
+            ]
+        }
+    )
+    assert n.state_equals == (("customer", "acme"), ("tier", 2))
+    assert narrowing({"or": [{"state": {"customer": {"eq": "acme"}}}]}) == Narrowing()
 
 
 def test_or_and_not_push_nothing_down() -> None:

@@ -83,6 +83,10 @@ class RunRecord:
     revert_requested: bool = False  # the cancel asks for the compensations first
     priority: int = 0  # lower first, on a queue whose limits order by priority
     concurrency_key: str | None = None  # the slot group of a queue's concurrency limit
+    # the latest value of each key the run published (c.publish), kept with the run
+    # so a search by published state needs no log; None: a run the store holds no
+    # such index of (made before it kept one): its log says what it published
+    state: Mapping[str, Any] | None = None
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``: ``dataclasses.replace`` without its per-field
@@ -112,6 +116,7 @@ class NewRun:
     more_records: tuple[bytes, ...] = ()  # the log after first_record (a fork's prefix)
     priority: int = 0
     concurrency_key: str | None = None
+    state: Mapping[str, Any] | None = None  # what more_records published (None: nothing)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -188,6 +193,7 @@ class RunUpdate:
     inbox_pos: int | None = None
     release: bool = False  # drop the lease (then due_at applies)
     due_at: float | None = None  # next due time when releasing; None = wait for an event
+    state: Mapping[str, Any] | None = None  # published values: merged into the run's, by key
 
     @property
     def has_result(self) -> bool:
@@ -217,6 +223,11 @@ class RunQuery:
     ended_before: float | None = None
     limit: int | None = None
     before: tuple[float, str] | None = None
+    # (key, value) pairs: only runs whose ``state[key]`` equals ``value`` (a str, an
+    # int or float, or a bool), and runs whose ``state`` is None (not indexed: the
+    # caller reads their logs). A store may return more (it is a narrowing: the
+    # caller's filter decides), never fewer.
+    state_equals: tuple[tuple[str, Any], ...] = ()
 
 
 ALL_RUNS = RunQuery()

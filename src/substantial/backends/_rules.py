@@ -36,6 +36,7 @@ def new_record(new: NewRun) -> RunRecord:
         parent_id=new.parent_id,
         priority=new.priority,
         concurrency_key=new.concurrency_key,
+        state=dict(new.state or {}),
     )
 
 
@@ -144,7 +145,16 @@ def apply_update(rec: RunRecord, u: RunUpdate | None, *, log_len: int | None = N
         changes["ended_at"] = u.ended_at
     if u.inbox_pos is not None:
         changes["inbox_pos"] = u.inbox_pos
+    if u.state and rec.state is not None:
+        changes["state"] = merged_state(rec.state, u.state)
     return rec.evolve(**changes) if changes else rec
+
+
+def merged_state(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's published state after an append publishing ``new``: key by key, the
+    latest value wins. (A run with no index, None, keeps none: what it published
+    before is in its log only.)"""
+    return {**(old or {}), **new}
 
 
 def appended(
@@ -248,7 +258,14 @@ def matches(rec: RunRecord, q: RunQuery) -> bool:
         and _within(rec.started_at, q.started_after, q.started_before)
         and _within(rec.ended_at, q.ended_after, q.ended_before)
         and (q.before is None or (rec.created_at, rec.run_id) < q.before)
+        and all(state_may_equal(rec.state, key, value) for key, value in q.state_equals)
     )
+
+
+def state_may_equal(state: Mapping[str, Any] | None, key: str, value: Any) -> bool:
+    """The ``state_equals`` narrowing: the run published ``value`` under ``key``, or
+    the store holds no index of what it published (None)."""
+    return state is None or (key in state and state[key] == value)
 
 
 def newest_first(records: Iterable[RunRecord], q: RunQuery) -> list[RunRecord]:
