@@ -113,7 +113,10 @@ async def test_a_batch_merges_each_runs_state(backend: Backend) -> None:
         return  # (a store without batches has only append, tested above)
     await backend.create_run(new_run("a"))
     await backend.create_run(new_run("b"))
-    ca, cb = await claim(backend, "a"), await claim(backend, "b")
+    claims = await backend.claim_due(
+        queue="default", workflows=("wf",), limit=10, owner="w", lease_seconds=30, now=T0
+    )
+    ca, cb = sorted(claims, key=lambda c: c.run_id)
     got = await backend.append_batch(
         [
             Append(

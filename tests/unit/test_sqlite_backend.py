@@ -173,6 +173,6 @@ async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Pat
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
         plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql.COUNT}"))
     conn.close()
-    assert row[0] == SCHEMA_VERSION == 5
+    assert row[0] == SCHEMA_VERSION == 6
     assert {"runs_wf_created", "runs_wf_status"} <= indexes  # versions 2 and 5
     assert "COVERING INDEX runs_wf_status" in plan  # count_runs never reads the table

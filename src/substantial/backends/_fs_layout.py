@@ -83,6 +83,8 @@ def dump(st: State) -> bytes:
         del doc["priority"]
     if st.rec.concurrency_key is None:
         del doc["concurrency_key"]
+    if st.rec.state is None:  # a run from before the store kept its published state
+        del doc["state"]
     doc["last_inbox_id"] = st.last_inbox_id
     doc["log_bytes"] = st.log_bytes
     if st.log_gen:  # absent until a rewrite, so older versions still read other runs

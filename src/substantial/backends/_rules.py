@@ -100,6 +100,8 @@ class LimitGate:
         if lim.concurrency is not None and self._busy.get(key, 0) >= lim.concurrency:
             return False
         if lim.rate is not None and not started:
+            if lim.rate <= 0:
+                return False  # (Conductor.queue refuses such a rate; a caller may not)
             if len(self._starts) >= lim.rate:
                 free_at = self._starts[len(self._starts) - lim.rate] + lim.period
                 if self.held_until is None or free_at < self.held_until:

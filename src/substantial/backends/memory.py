@@ -48,7 +48,6 @@ class MemoryBackend:
         # not every run the store ever held (a test's store keeps thousands ended).
         self._due: dict[str, _Run] = {}
         self._workers: dict[str, WorkerRecord] = {}
-        self._starts: dict[str, list[float]] = {}  # queue -> first-claim times (rate limits)
         self._hub = LocalHub()
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
@@ -111,8 +110,6 @@ class MemoryBackend:
                 r.rec.concurrency_key, started=r.rec.started_at is not None
             ):
                 continue
-            if gate is not None and r.rec.started_at is None:
-                self._starts.setdefault(queue, []).append(now)
             self._set(r, rules.claimed(r.rec, owner=owner, lease_seconds=lease_seconds, now=now))
             claims.append(Claim(run_id=r.rec.run_id, token=r.rec.lease_token))
         claims.held_until = None if gate is None else gate.held_until
@@ -120,14 +117,17 @@ class MemoryBackend:
 
     def _gate(self, queue: str, limits: QueueLimits | None, now: float) -> rules.LimitGate:
         """The limits' gate over what this store holds now: leased runs (all in the
-        claim index: a leased run keeps its due time) and the queue's starts."""
+        claim index: a leased run keeps its due time) and the queue's starts (a
+        scan of every run: the memory store is for tests and small programs)."""
         busy: dict[str | None, int] = {}
         for r in self._due.values():
             if rules.holds_slot(r.rec, queue, now):
                 busy[r.rec.concurrency_key] = busy.get(r.rec.concurrency_key, 0) + 1
-        period = limits.period if limits is not None else 0.0
-        starts = [s for s in self._starts.get(queue, []) if s > now - period]
-        self._starts[queue] = starts
+        starts = [
+            r.rec.started_at
+            for r in self._runs.values()
+            if r.rec.queue == queue and r.rec.started_at is not None
+        ]
         return rules.LimitGate(limits, busy=busy, starts=starts, now=now)
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
