@@ -51,6 +51,8 @@ def to_record(h: dict[bytes, bytes]) -> RunRecord:
         cancel_requested="cancel_requested" in d,
         revert_requested="revert_requested" in d,
         parent_id=d.get("parent_id"),
+        priority=int(d.get("priority", 0)),  # absent on runs written before queue limits
+        concurrency_key=d.get("concurrency_key"),
     )
 
 

@@ -1,13 +1,15 @@
 """Lua of the Redis store: one script per protocol operation, each atomic.
 
 Every script is sent with ``PRELUDE`` in front (the terminal statuses, ``opt`` for
-optional arguments, and the shared ``recount`` / ``reindex`` / ``release`` rules).
-Key layout and argument conventions are described in ``redis.py``.
+optional arguments, and the shared ``recount`` / ``lease_key`` / ``reindex`` /
+``release`` rules). Key layout and argument conventions are described in
+``redis.py``; the limited claim and its indexes in ``_redis_limits.py``.
 """
 
 from __future__ import annotations
 
 from .._types import RunStatus
+from ._redis_limits import CLAIM_LIMITED
 
 NONCE_TTL = 300  # seconds a delivery's nonce is kept (retry de-duplication)
 
@@ -17,17 +19,39 @@ PRELUDE = (
     + "}\n"
     + """
 local function opt(a) if a == '' then return nil end return string.sub(a, 2) end
+local function counted(rk, tagc, id, wf, status, was)
+  if was == status then return end
+  local ck = tagc .. 'counts'
+  if was then redis.call('HINCRBY', ck, was .. ':' .. wf, -1) end
+  redis.call('HINCRBY', ck, status .. ':' .. wf, 1)
+  redis.call('HSET', rk, 'counted', status)
+end
 local function recount(rk)
   local f = redis.call('HMGET', rk, 'run_id', 'workflow', 'status', 'counted')
-  if f[4] == f[3] then return end
-  local ck = string.sub(rk, 1, #rk - #f[1] - 4) .. 'counts'
-  if f[4] then redis.call('HINCRBY', ck, f[4] .. ':' .. f[2], -1) end
-  redis.call('HINCRBY', ck, f[3] .. ':' .. f[2], 1)
-  redis.call('HSET', rk, 'counted', f[3])
+  counted(rk, string.sub(rk, 1, #rk - #f[1] - 4), f[1], f[2], f[3], f[4])
+end
+local function lease_key(tagc, queue, ck)
+  if ck then return tagc .. 'lease:' .. #queue .. ':' .. queue .. '=' .. ck end
+  return tagc .. 'lease:' .. #queue .. ':' .. queue .. '-'
 end
 local function reindex(rk)
-  recount(rk)
-  local f = redis.call('HMGET', rk, 'run_id', 'dkey', 'status', 'due_at', 'lease_expires_at')
+  local f = redis.call('HMGET', rk, 'run_id', 'dkey', 'status', 'due_at', 'lease_expires_at',
+    'lease_owner', 'queue', 'concurrency_key', 'workflow', 'counted', 'keyed')
+  local tagc = string.sub(rk, 1, #rk - #f[1] - 4)
+  counted(rk, tagc, f[1], f[9], f[3], f[10])
+  if f[8] and (not TERM[f[3]]) ~= (f[11] ~= false) then  -- the queue's keyed runs
+    local kk = tagc .. 'keyed:' .. #f[7] .. ':' .. f[7]
+    if f[11] then
+      redis.call('DECR', kk)
+      redis.call('HDEL', rk, 'keyed')
+    else
+      redis.call('INCR', kk)
+      redis.call('HSET', rk, 'keyed', 1)
+    end
+  end
+  local lk = lease_key(tagc, f[7], f[8])
+  if f[6] and f[5] and not TERM[f[3]] then redis.call('ZADD', lk, f[5], f[1])
+  else redis.call('ZREM', lk, f[1]) end
   if TERM[f[3]] or not f[4] then redis.call('ZREM', f[2], f[1]) return end
   local s = f[4]
   if f[5] and tonumber(f[5]) > tonumber(s) then s = f[5] end
@@ -47,23 +71,25 @@ end
 )
 
 # KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
-# nonce, channel, more records...
+# nonce, channel, priority, concurrency_key?, more records...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
   return 0
 end
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
-  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 8, 'inbox_pos', 0,
-  'lease_token', 0,
+  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 10, 'inbox_pos', 0,
+  'lease_token', 0, 'priority', ARGV[10],
   'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
 local due = opt(ARGV[5])
 if due then redis.call('HSET', KEYS[1], 'due_at', due) end
 local parent = opt(ARGV[6])
 if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
+local ck = opt(ARGV[11])
+if ck then redis.call('HSET', KEYS[1], 'concurrency_key', ck) end
 redis.call('DEL', KEYS[2])
 redis.call('RPUSH', KEYS[2], ARGV[7])
-for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 reindex(KEYS[1])
@@ -71,9 +97,13 @@ redis.call('PUBLISH', ARGV[9], ARGV[1])
 return 1
 """
 
-# KEYS the due indexes of the claimer's workflows; ARGV now, owner, expiry, limit, run-key prefix
+# KEYS the due indexes of the claimer's workflows; ARGV now, owner, expiry, limit, run-key
+# prefix, the queue's starts and rated keys (the unlimited claim: the limited one, and those
+# keys, are in _redis_limits.py; a rated queue's claims record their first claims)
 _CLAIM = """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[4])
+local rated = tonumber(redis.call('GET', ARGV[7]))
+if rated then redis.call('ZREMRANGEBYSCORE', ARGV[6], '-inf', now - rated - 1) end
 local cands = {}
 for i = 1, #KEYS do
   local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, limit)
@@ -98,9 +128,14 @@ for _, c in ipairs(cands) do
   elseif not TERM[f[1]] and f[2] and tonumber(f[2]) <= now
       and (not f[3] or tonumber(f[3]) <= now) then
     local tok = tonumber(f[4]) + 1
-    redis.call('HSET', rk, 'status', 'RUNNING', 'lease_token', tok, 'lease_owner', ARGV[2],
-      'lease_expires_at', ARGV[3])
-    if not f[5] then redis.call('HSET', rk, 'started_at', ARGV[1]) end
+    if f[5] then
+      redis.call('HSET', rk, 'status', 'RUNNING', 'lease_token', tok, 'lease_owner', ARGV[2],
+        'lease_expires_at', ARGV[3])
+    else
+      redis.call('HSET', rk, 'status', 'RUNNING', 'lease_token', tok, 'lease_owner', ARGV[2],
+        'lease_expires_at', ARGV[3], 'started_at', ARGV[1])
+      if rated then redis.call('ZADD', ARGV[6], ARGV[1], c[1]) end
+    end
     reindex(rk)
     out[#out + 1] = c[1]
     out[#out + 1] = tok
@@ -265,6 +300,7 @@ return #ARGV - 1
 SCRIPTS = dict(
     create=_CREATE,
     claim=_CLAIM,
+    claim_limited=CLAIM_LIMITED,
     read=_READ,
     read_page=_READ_PAGE,
     append=_APPEND,

@@ -7,7 +7,8 @@ one Cluster slot and a script may touch any of them)::
                               result as JSON; a flag is true when present) +
                               last_inbox_id, dkey (its due index), create_nonce,
                               op_nonce/op_result (retry de-duplication), counted
-                              (the status it is counted under in {P}:counts)
+                              (the status it is counted under in {P}:counts);
+                              priority, concurrency_key (absent = 0 / None), keyed
     {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
@@ -24,6 +25,8 @@ one Cluster slot and a script may touch any of them)::
     {P}:workers       hash    worker registry: worker id -> entry JSON
     {P}:workers:beat  hash    worker id -> last beat (epoch seconds, repr text)
     {P}:hints         channel run ids published on create, deliver, cancel, release, end
+    {P}:lease:..., {P}:keyed:..., {P}:rated:..., {P}:starts:...
+                              per queue: what a limited claim counts (``_redis_limits``)
 
 One due index per (queue, workflow): ``claim_due`` reads only the workflows the
 claimer serves (``limit`` entries of each, merged), so due runs of a workflow no
@@ -52,8 +55,8 @@ for 5 minutes (no duplicate item), renew and request_cancel are idempotent. Only
 leased until the lease expires, then are claimed again.
 
 Scripts touch undeclared keys (the due index named in the hash; run keys in
-claim_due), all under the same hash tag: fine on Redis, and in the script's slot
-on Redis Cluster.
+claim_due; a queue's lease indexes), all under the same hash tag: fine on Redis,
+and in the script's slot on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from ..errors import (
     RunFinished,
     RunNotFound,
 )
+from . import _redis_limits as limiting
 from . import _redis_lua as lua
 from . import _rules as rules
 from ._protocol import (
@@ -89,6 +93,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -253,6 +258,8 @@ class RedisBackend(RedisRegistry):
             new.first_record,
             uuid.uuid4().hex,
             self._channel,
+            str(new.priority),
+            opt(new.concurrency_key),
             *new.more_records,
         ]
         return bool(await self._script("create_run", "create", keys, args))
@@ -266,13 +273,21 @@ class RedisBackend(RedisRegistry):
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
         if limit <= 0 or not workflows:
             self._count("claim_due")
             return []
         keys = [self._due_key(queue, wf) for wf in sorted(set(workflows))]
+        if limits is not None and (limits.priority or rules.limited(limits)):
+            keys[:0] = limiting.keys(self._tag, queue)
+            args = limiting.claim_args(self._tag, queue, limits, now, owner, lease_seconds, limit)
+            reply = await self._script("claim_due", "claim_limited", keys, args)
+            return limiting.parse_claims(reply, limits)
         args = [num(now), owner, num(now + lease_seconds), limit, f"{self._tag}:run:"]
-        flat = await self._script("claim_due", "claim", keys, args)
+        flat = await self._script(
+            "claim_due", "claim", keys, args + limiting.keys(self._tag, queue)[:2]
+        )
         return [
             Claim(run_id=flat[i].decode(), token=int(flat[i + 1])) for i in range(0, len(flat), 2)
         ]
