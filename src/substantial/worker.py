@@ -256,7 +256,8 @@ class Worker:
                 return
             reraise_if_cancelling()  # a driver may have eaten a cancel during the claim
             wait = poll
-            if quiet >= DEEP_IDLE_AFTER and opts.idle_poll is None and not got:
+            if quiet >= DEEP_IDLE_AFTER and opts.idle_poll is None and not got and free > 0:
+                # (a full worker waits for a freed slot, which kicks it, or the poll)
                 wait = await self._until_next_due(poll)
             woken = await self._idle(wait)
             quiet = 0 if woken or got else quiet + 1
@@ -277,10 +278,24 @@ class Worker:
             reraise_if_cancelling()
             log.debug("worker %s: next due time unknown (%r)", self.owner, exc)
             return poll
-        known = [d for d in dues if d is not None]
+        now = self.journal.clock()
+        known = [
+            self._wake_for(queue, due, now, poll)
+            for queue, due in zip(self.options.queues, dues, strict=True)
+            if due is not None
+        ]
         if not known:
             return MAX_IDLE
-        return min(MAX_IDLE, max(min(known) - self.journal.clock(), 0.0) + 0.001)
+        return min(MAX_IDLE, max(min(known) - now, 0.0) + 0.001)
+
+    def _wake_for(self, queue: str, due: float, now: float, poll: float | None) -> float:
+        """When to look at ``queue`` again, its next run claimable at ``due``. A run
+        due already that the last claim left is held back by the queue's limits:
+        a freed slot is hinted, a rate's window has its timer, and a dead
+        worker's slot comes back by the poll (looking at once would spin)."""
+        if due > now or self.queues.limits(queue) is None:
+            return due
+        return now + (MAX_IDLE if poll is None else poll)
 
     async def _idle(self, poll: float | None) -> bool:
         """Wait for a kick (a hint, a freed slot), a local timer or ``poll``

@@ -54,3 +54,40 @@ async def test_an_idle_worker_sleeps_until_the_next_due_run(kind: str, tmp_path:
     # polls after it ended until the test stops the worker (a few); polling all along
     # would have looked about NAP / POLL = 30 times
     assert looks <= DEEP_IDLE_AFTER + 7 < NAP / POLL / 2, looks
+
+
+@workflow(name="idle.busy")
+async def busy(c: Context, seconds: float) -> str:
+    async def work() -> str:
+        await asyncio.sleep(seconds)
+        return "worked"
+
+    return await c.save(work)
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_a_worker_whose_limited_queue_is_full_does_not_spin(
+    kind: str, tmp_path: Path
+) -> None:
+    """Runs held back by a queue's concurrency are due already: deep idle must not
+    take their due time for a wake-up (it would look at the store in a loop); the
+    freed slot's hint, or the poll, brings the next claim."""
+    url, _ = url_for(kind, tmp_path)
+    poll = f"&poll_interval={POLL}"
+    async with make_backend(kind, tmp_path, url=url + poll) as b, Conductor(b) as cond:
+        cond.register(busy)
+        cond.queue("single", concurrency=1)
+        first = await cond.start(busy, {"seconds": 2.0}, queue="single")
+        second = await cond.start(busy, {"seconds": 0.0}, queue="single")
+        worker = cond.run(queues=["single"], handle_sigterm=False)
+        try:
+            assert await first.result(timeout=30) == "worked"
+            assert await second.result(timeout=30) == "worked"
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        calls = b.calls  # type: ignore[attr-defined]
+        looks = calls.get("claim_due", 0) + calls.get("next_due", 0)
+    # polling every POLL for 2 s: about 2 * 2 / POLL = 40 looks; a worker that took
+    # the held run's past due time for its wake-up would look a thousand times
+    assert looks < 100, looks
