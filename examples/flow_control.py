@@ -1,5 +1,6 @@
 """Flow control in one script: a rate-limited queue, one import per customer at
-a time, a deadline, a named event and published state, on a local SQLite file.
+a time, a deadline, a named event, published state and a schedule, on a local
+SQLite file.
 
     python examples/flow_control.py
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from substantial import Conductor, Context, RunHandle, RunStatus, workflow
@@ -24,6 +25,11 @@ conductor.queue("imports", concurrency=1)
 @workflow()
 async def charge(c: Context, order: int) -> str:
     return await c.save(lambda: f"charged order {order}", name="charge")
+
+
+@workflow(every=timedelta(seconds=1), overlap="skip")
+async def heartbeat(c: Context, scheduled_at: datetime) -> str:
+    return await c.save(lambda: f"alive at {scheduled_at:%H:%M:%S}", name="beat")
 
 
 @workflow(timeout=timedelta(minutes=5))
@@ -39,9 +45,9 @@ async def import_customer(c: Context, customer: str, batches: int) -> int:
 
 
 async def main() -> None:
-    conductor.register(charge, import_customer)
+    conductor.register(charge, import_customer, heartbeat)
     async with conductor:
-        worker = conductor.run(queues=["payments", "imports"], handle_sigterm=False)
+        worker = conductor.run(queues=["default", "payments", "imports"], handle_sigterm=False)
         charges = [await conductor.start(charge, {"order": i}, queue="payments") for i in range(10)]
         imports = [
             await conductor.start(
@@ -62,6 +68,9 @@ async def main() -> None:
             assert s.status == RunStatus.COMPLETED and s.started_at is not None
             offset = (s.started_at - min(starts)).total_seconds()
             print(f"{s.workflow:16} started at +{offset:4.1f}s  {await h.states()}")
+        [schedule] = conductor.schedules()
+        beats = await conductor.search("heartbeat", {"status": {"eq": "COMPLETED"}})
+        print(f"heartbeat: {len(beats)} ticks ran, the next at {schedule.next_ticks[0]:%H:%M:%S}")
         worker.cancel()
         await worker
 

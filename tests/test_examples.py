@@ -109,3 +109,4 @@ def test_the_flow_control_example_paces_payments_and_imports(tmp_path: Path) -> 
     assert len(offsets) == 10
     assert all(offsets[i + 4] >= offsets[i] + 0.9 for i in range(6)), offsets  # 4 a second
     assert out.count("'progress': {'done': 3, 'of': 3}") == 3
+    assert "heartbeat: " in out and " ticks ran, the next at " in out
