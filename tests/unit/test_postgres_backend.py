@@ -15,7 +15,7 @@ else:
     asyncpg = pytest.importorskip("asyncpg")
 
 from substantial import RunStatus
-from substantial.backends import NewRun, RunUpdate
+from substantial.backends import Append, NewRun, RunQuery, RunUpdate
 from substantial.backends._postgres_sql import APPEND_RECORDS
 from substantial.backends.postgres import PostgresBackend
 from substantial.errors import BackendError, BackendUnavailable, LeaseLost, RunNotFound
@@ -256,3 +256,77 @@ async def test_a_rewrite_waits_for_an_append_in_flight_and_sees_its_records(
     assert await pg.rewrite_log("r1", token=token, expected_len=2, records=[b"c"], now=T0) == 1
     snap = await pg.read("r1")
     assert snap is not None and snap.log == [b"c"] and snap.run.log_len == 1
+
+
+async def test_published_values_of_every_shape_round_trip_and_are_found(
+    pg: PostgresBackend,
+) -> None:
+    await pg.create_run(_new("r1"))
+    [c] = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=30, now=T0
+    )
+    state = {'say "hi"': "quoted", "back\\slash": 2, "dots.and spaces": 0.1 + 0.2,
+             "none": None, "big": 1e16, "huge": -1.5e300, "tiny": 1e-7, "ünï": True,
+             "deep": {"xs": [1e20, 2**62]}}  # fmt: skip
+    await pg.append("r1", token=c.token, expected_len=1, records=[b"s"],
+                    update=RunUpdate(state=state), now=T0)  # fmt: skip
+    run = await pg.get_run("r1")
+    assert run is not None and run.state == state
+    assert {k: type(v) for k, v in run.state.items()} == {k: type(v) for k, v in state.items()}
+    assert type(run.state["deep"]["xs"][0]) is float and type(run.state["deep"]["xs"][1]) is int
+
+    async def found(key: str, value: object) -> bool:
+        return bool(await pg.list_runs(RunQuery(state_equals=((key, value),))))
+
+    assert await found('say "hi"', "quoted") and not await found('say "hi"', "other")
+    assert await found("back\\slash", 2.0) and not await found("back\\slash", "2")
+    assert await found("dots.and spaces", 0.1 + 0.2) and not await found("dots.and spaces", 0.3)
+    assert await found("ünï", True) and not await found("ünï", 1)  # JSON: true is not 1
+    assert await found("big", 1e16) and await found("big", 2e16)  # no term past 2**53: wider
+    assert await found("nul", "a\0b")  # jsonb holds no NUL: no term, wider
+    assert not await found("absent", "x")
+
+
+async def test_a_value_jsonb_cannot_hold_leaves_the_run_unindexed(pg: PostgresBackend) -> None:
+    """jsonb refuses NUL characters: the run's index is dropped, never the append."""
+    await pg.create_run(_new("r1"))
+    await pg.create_run(NewRun(run_id="fork", workflow="wf", queue="default", first_record=b"0",
+                               created_at=T0, due_at=None, state={"k": "\0"}))  # fmt: skip
+    [c] = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=1, owner="w", lease_seconds=30, now=T0
+    )
+    await pg.append("r1", token=c.token, expected_len=1, records=[b"s"],
+                    update=RunUpdate(state={"k": "v"}), now=T0)  # fmt: skip
+    await pg.append("r1", token=c.token, expected_len=2, records=[b"s"],
+                    update=RunUpdate(state={"k": "a\0b"}), now=T0)  # fmt: skip
+    await pg.append("r1", token=c.token, expected_len=3, records=[b"s"],
+                    update=RunUpdate(state={"k": "w"}), now=T0)  # fmt: skip
+    for run_id in ("r1", "fork"):
+        run = await pg.get_run(run_id)
+        assert run is not None and run.state is None
+    found = await pg.list_runs(RunQuery(state_equals=(("k", "v"),)))
+    assert {r.run_id for r in found} == {"r1", "fork"}  # unindexed runs always match
+
+
+async def test_runs_made_before_migration_9_stay_unindexed(pg: PostgresBackend) -> None:
+    await pg.create_run(_new("old"))
+    await pg.create_run(_new("new"))
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:  # what migration 9 leaves in the runs it finds
+        await conn.execute(f'UPDATE "{pg.schema}".runs SET state = NULL WHERE run_id = $1', "old")
+    finally:
+        await conn.close()
+    claims = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=2, owner="w", lease_seconds=30, now=T0
+    )
+    got = await pg.append_batch([
+        Append(run_id=c.run_id, token=c.token, expected_len=1, records=[b"s"],
+               update=RunUpdate(state={"customer": "acme"}), now=T0)
+        for c in claims
+    ])  # fmt: skip
+    assert got == [2, 2]
+    old, new = await pg.get_run("old"), await pg.get_run("new")
+    assert old is not None and old.state is None  # no index made from half the story
+    assert new is not None and new.state == {"customer": "acme"}
+    found = await pg.list_runs(RunQuery(state_equals=(("customer", "globex"),)))
+    assert [r.run_id for r in found] == ["old"]

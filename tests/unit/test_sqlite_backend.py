@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from substantial import RunStatus
-from substantial.backends import NewRun, RunUpdate, WorkerRecord
+from substantial.backends import NewRun, RunQuery, RunUpdate, WorkerRecord
 from substantial.backends import _sqlite_sql as sql
 from substantial.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from substantial.errors import BackendError, SchemaVersionError
@@ -173,6 +173,67 @@ async def test_a_version_1_file_is_upgraded_in_place_with_its_runs(tmp_path: Pat
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
         plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql.COUNT}"))
     conn.close()
-    assert row[0] == SCHEMA_VERSION == 6
+    assert row[0] == SCHEMA_VERSION == 7
     assert {"runs_wf_created", "runs_wf_status"} <= indexes  # versions 2 and 5
     assert "COVERING INDEX runs_wf_status" in plan  # count_runs never reads the table
+
+
+async def _claim(b: SQLiteBackend) -> int:
+    [c] = await b.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
+                            lease_seconds=30, now=T0)  # fmt: skip
+    return c.token
+
+
+async def test_runs_made_before_schema_7_stay_unindexed_and_always_match(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_VERSION_1)
+    conn.close()
+    b = SQLiteBackend(path)
+    await b.open()
+    try:
+        old = await b.get_run("old")
+        assert old is not None and old.state is None  # its log holds what it published
+        token = await _claim(b)
+        update = RunUpdate(state={"customer": "acme"})
+        await b.append("old", token=token, expected_len=1, records=[b"s"], update=update, now=T0)
+        run = await b.get_run("old")
+        assert run is not None and run.state is None  # no index made from half the story
+        await b.create_run(_new("new"))
+        found = await b.list_runs(RunQuery(state_equals=(("customer", "globex"),)))
+        assert [r.run_id for r in found] == ["old"]  # the new run published nothing
+    finally:
+        await b.close()
+
+
+async def test_state_keys_and_values_of_every_shape_round_trip_and_are_found(
+    tmp_path: Path,
+) -> None:
+    b = SQLiteBackend(tmp_path / "s.db")
+    await b.open()
+    try:
+        await b.create_run(_new("r1"))
+        token = await _claim(b)
+        state = {'say "hi"': "quoted", "back\\slash": 2, "dots.and spaces": 0.1 + 0.2,
+                 "nul": "a\0b", "none": None, "big": 1e16, "ünï": True}  # fmt: skip
+        await b.append("r1", token=token, expected_len=1, records=[b"s"],
+                       update=RunUpdate(state=state), now=T0)  # fmt: skip
+        await b.append("r1", token=token, expected_len=2, records=[b"t"],
+                       update=RunUpdate(state={"none": None, "ünï": False}), now=T0)  # fmt: skip
+        run = await b.get_run("r1")
+        assert run is not None and run.state == {**state, "ünï": False}
+        assert run.state["none"] is None and type(run.state["big"]) is float
+
+        async def found(key: str, value: object) -> bool:
+            return bool(await b.list_runs(RunQuery(state_equals=((key, value),))))
+
+        assert await found('say "hi"', "quoted") and not await found('say "hi"', "other")
+        assert await found("back\\slash", 2.0) and not await found("back\\slash", "2")
+        assert await found("dots.and spaces", 0.1 + 0.2)  # (0.3 too: one step away, wider)
+        assert not await found("dots.and spaces", 0.31)
+        assert await found("ünï", False) and not await found("ünï", True)
+        assert await found("big", 10**16)
+        assert await found("nul", "a\0b") and await found("nul", "x\0y")  # no term: wider
+        assert not await found("absent", "x")
+    finally:
+        await b.close()

@@ -9,6 +9,8 @@ edited once released: a change is a new migration appended to ``MIGRATIONS``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -379,6 +381,74 @@ CREATE INDEX runs_keyed_idx ON {s}.runs (queue, concurrency_key, due_at)
     WHERE concurrency_key IS NOT NULL;
 """
     + CLAIM_LIMITED_FUNCTION,
+    # 9: published state (RunRecord.state). NULL for the runs already there: the store
+    # holds no index of what they published (their logs do); the default, set after
+    # the column is added so those keep NULL, is what a new run that published
+    # nothing starts with, so CREATE need not name the column. append_step gains
+    # p_state (18 arguments), merged into the run's state by jsonb's ||, which keeps
+    # a key published as null (a JSON null instead of an object: what was published
+    # cannot be held, the run goes unindexed); the 17-argument one stays for code
+    # that predates it. list_runs' state term, ``state IS NULL OR state @> x``, is a
+    # BitmapOr of two indexes: runs_state_idx (GIN, jsonb_path_ops: @> only, the
+    # smaller kind) and runs_unindexed_idx, which holds the NULL runs only (those made
+    # before; new runs never enter it). Without the second the OR is a full scan.
+    # The GIN index makes an append that publishes a non-HOT update (every index of
+    # the row gets an entry); the others leave state alone and stay HOT.
+    """
+ALTER TABLE {s}.runs ADD COLUMN state jsonb;
+ALTER TABLE {s}.runs ALTER COLUMN state SET DEFAULT '{{}}'::jsonb;
+CREATE INDEX runs_state_idx ON {s}.runs USING gin (state jsonb_path_ops);
+CREATE INDEX runs_unindexed_idx ON {s}.runs (created_at) WHERE state IS NULL;
+CREATE FUNCTION {s}.append_step(
+    p_run_id text, p_token bigint, p_expected bigint, p_records bytea[],
+    p_has_update boolean, p_status text, p_set_result boolean, p_result text,
+    p_error text, p_error_type text, p_ended_at double precision, p_inbox_pos bigint,
+    p_release boolean, p_due_at double precision, p_now double precision,
+    p_terminal text[], p_channel text, p_state jsonb,
+    OUT o_code integer, OUT o_len bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_token bigint; v_status text; v_inbox_pos bigint; v_last bigint; v_cancel boolean;
+    v_due double precision; v_owner text; v_expires double precision;
+    v_released boolean := false;
+BEGIN
+    SELECT lease_token, status, inbox_pos, last_inbox_id, cancel_requested,
+           due_at, lease_owner, lease_expires_at
+      INTO v_token, v_status, v_inbox_pos, v_last, v_cancel, v_due, v_owner, v_expires
+      FROM {s}.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN o_code := 1; RETURN; END IF;            -- unknown run
+    IF v_token <> p_token THEN o_code := 2; RETURN; END IF;   -- stale lease token
+    SELECT coalesce(max(pos) + 1, 0) INTO o_len FROM {s}.log WHERE run_id = p_run_id;
+    IF o_len <> p_expected THEN o_code := 3; RETURN; END IF;  -- the log moved on
+    INSERT INTO {s}.log (run_id, pos, data)
+        SELECT p_run_id, p_expected + t.o - 1, t.d
+          FROM unnest(p_records) WITH ORDINALITY AS t(d, o);
+    o_len := p_expected + coalesce(cardinality(p_records), 0);
+    IF p_has_update THEN
+        v_status := coalesce(p_status, v_status);
+        v_inbox_pos := coalesce(p_inbox_pos, v_inbox_pos);
+        IF p_release OR v_status = ANY(p_terminal) THEN  -- the release rule
+            v_released := true; v_owner := NULL; v_expires := NULL;
+            IF v_status = ANY(p_terminal) THEN v_due := NULL;
+            ELSIF v_last > v_inbox_pos OR v_cancel THEN v_due := least(p_due_at, p_now);
+            ELSE v_due := p_due_at;
+            END IF;
+        END IF;
+        UPDATE {s}.runs SET
+            status = v_status, inbox_pos = v_inbox_pos, due_at = v_due,
+            lease_owner = v_owner, lease_expires_at = v_expires,
+            result = CASE WHEN p_set_result THEN p_result ELSE result END,
+            error = coalesce(p_error, error), error_type = coalesce(p_error_type, error_type),
+            ended_at = coalesce(p_ended_at, ended_at),
+            state = CASE WHEN p_state IS NULL OR state IS NULL THEN state
+                         WHEN jsonb_typeof(p_state) = 'null' THEN NULL
+                         ELSE state || p_state END
+         WHERE run_id = p_run_id;
+    END IF;
+    IF v_released THEN PERFORM pg_notify(p_channel, p_run_id); END IF;
+    o_code := 0;
+END
+$fn$;
+""",
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -389,7 +459,7 @@ FIELDS = (
     "run_id", "workflow", "queue", "status", "created_at", "started_at", "ended_at", "due_at",
     "result", "error", "error_type", "log_len", "inbox_pos", "lease_token", "lease_owner",
     "lease_expires_at", "cancel_requested", "parent_id", "revert_requested", "priority",
-    "concurrency_key",
+    "concurrency_key", "state",
 )  # fmt: skip
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY,
@@ -405,10 +475,12 @@ CREATE = """WITH ins AS (
     UNION ALL
     SELECT ins.run_id, t.o, t.d FROM ins, unnest($9::bytea[]) WITH ORDINALITY AS t(d, o))
 SELECT pg_notify($8, run_id) FROM ins"""
-# The same for a run with a priority or a slot group (migration 8's columns): a run
-# without either inserts what it did before, the columns' defaults.
-CREATE_LIMITED = CREATE.replace("parent_id)", "parent_id, priority, concurrency_key)").replace(
-    "$6)", "$6, $10, $11)"
+# The same for a run with a priority or a slot group (migration 8's columns) or a
+# published state (migration 9's: JSON text, cast, so a caller's connection with a
+# jsonb codec of its own reads it the same): a run with none of them inserts what it
+# did before, the columns' defaults (state: {}, published nothing).
+CREATE_FULL = CREATE.replace("parent_id)", "parent_id, priority, concurrency_key, state)").replace(
+    "$6)", "$6, $10, $11, $12::text::jsonb)"
 )
 # When an idle worker should look again (KnowsNextDue): runs_claim's (queue, due_at)
 # range, the later of due time and lease expiry.
@@ -448,24 +520,27 @@ READ_PAGE = """SELECT {c},
     ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id
            AND l.pos >= $2::bigint AND l.pos < $3::bigint ORDER BY l.pos) AS log_data
 FROM {s}.runs r WHERE r.run_id = $1"""
+# append_step's 18-argument overload (migration 9): $18, the published state, JSON
+# text or NULL (nothing published: the state is left as it is; see published_json).
 APPEND = "SELECT o_code, o_len FROM {s}.append_step(" + ", ".join(f"${i}" for i in range(1, 18))
-APPEND += ")"
+APPEND += ", $18::text::jsonb)"
 REWRITE = "SELECT o_code, o_len FROM {s}.rewrite_log($1, $2, $3, $4)"
 # Group commit: append_step for every append of a batch, in one statement (one round
 # trip, one transaction), in order. Records travel flattened in $16; each append
-# takes its slice [lo:hi] (lo > hi: none). Each call fences its own run and returns
+# takes its slice [lo:hi] (lo > hi: none); $20 holds each one's published state
+# (JSON text, NULL: none). Each call fences its own run and returns
 # a code instead of raising, so a refused append changes nothing and the rest commit.
 # The caller sorts the appends by run_id: rows are locked in that order (see RENEW).
 APPEND_BATCH = """SELECT a.i, s.o_code, s.o_len
   FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::int[], $6::boolean[],
               $7::text[], $8::boolean[], $9::text[], $10::text[], $11::text[], $12::float8[],
-              $13::bigint[], $14::boolean[], $15::float8[], $17::float8[])
+              $13::bigint[], $14::boolean[], $15::float8[], $17::float8[], $20::text[])
        WITH ORDINALITY AS a(run_id, token, expected, lo, hi, has_update, status, set_result,
                             result, error, error_type, ended_at, inbox_pos, release, due_at,
-                            now, i)
+                            now, state, i)
  CROSS JOIN LATERAL {s}.append_step(a.run_id, a.token, a.expected, ($16::bytea[])[a.lo:a.hi],
        a.has_update, a.status, a.set_result, a.result, a.error, a.error_type, a.ended_at,
-       a.inbox_pos, a.release, a.due_at, a.now, $18::text[], $19::text) AS s
+       a.inbox_pos, a.release, a.due_at, a.now, $18::text[], $19::text, a.state::jsonb) AS s
  ORDER BY a.i"""
 # The common case, records and no run update: one INSERT. The share lock on the run
 # row is the fence: it conflicts with every UPDATE of the row (a claim changing the
@@ -562,12 +637,83 @@ def list_query(q: RunQuery) -> tuple[str, list[Any]]:
     if q.before is not None:
         args += [q.before[0], q.before[1]]
         where.append(f"(r.created_at, r.run_id) < (${len(args) - 1}::float8, ${len(args)})")
+    for key, value in q.state_equals:
+        contained = state_probe(key, value)
+        if contained is not None:
+            term("(r.state IS NULL OR r.state @> ?::text::jsonb)", contained)
     sql = LIST + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY r.created_at DESC, r.run_id DESC"
     if q.limit is not None:
         args.append(max(q.limit, 0))
         sql += f" LIMIT ${len(args)}"
     return sql, args
+
+
+# Beyond this magnitude a double no longer holds every integer, and the number
+# orjson writes for a float (its shortest form) may differ from the float's exact
+# value, which is what Python compares an int with (see state_probe).
+_EXACT = 2**53
+
+
+def state_probe(key: str, value: Any) -> str | None:
+    """The jsonb ``{key: value}`` (JSON text) whose containment (``@>``) in a run's
+    state is ``state_equals``' (key, ``value``) term; None: no term (the query is
+    wider, which a narrowing may be: the caller's filter decides).
+
+    For a scalar, containment is equality as JSON: strings and bools compare
+    exactly, numbers as numerics (1 = 1.0). jsonb holds the decimal orjson wrote,
+    which is exact for every integer and float up to 2**53 in magnitude; beyond
+    that the shortest form of a float may not be its exact value, so a number that
+    large, or a NaN or an infinity (which orjson writes as null), gets no term, as
+    do a NUL character (jsonb refuses it) and anything but a str, an int, a float
+    or a bool."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not abs(value) <= _EXACT:  # NaN too
+            return None
+    elif not isinstance(value, str | bool):
+        return None
+    return state_json({key: value})  # None with a NUL: no run holds one (all NULL)
+
+
+def state_json(state: Mapping[str, Any]) -> str | None:
+    """``state`` as the JSON text the statements cast to jsonb; None if jsonb cannot
+    hold it: a string (or key) with a NUL character, which jsonb refuses. The run is
+    then left unindexed (NULL), which is always correct: its log holds the values.
+
+    jsonb keeps a number as the decimal it was given, but writes ``1e+16`` back as
+    ``10000000000000000``, which reads as an int: orjson writes a float that large
+    in exponent form (only those: smaller ones have a point, tiny ones come back
+    as ``0.0000001``), so such floats go as their exact decimal with a point."""
+    text = orjson.dumps(state)
+    if b"\\u0000" in text:  # (or a string holding a backslash then "u0000": harmless)
+        return None
+    if b"e+" in text:  # a float in exponent form (or a string holding "e+": harmless)
+        text = orjson.dumps(_pointed(state))
+    return text.decode()
+
+
+def published_json(state: Mapping[str, Any] | None) -> str | None:
+    """``append_step``'s ``p_state`` for an append publishing ``state``: None when it
+    publishes nothing (the state is left alone), JSON ``null`` when jsonb cannot
+    hold what it publishes (the run's index is dropped: see state_json)."""
+    if not state:
+        return None
+    return state_json(state) or "null"
+
+
+def _pointed(value: Any) -> Any:
+    """``value`` with each float written with its point (see state_json)."""
+    if isinstance(value, float):
+        return (
+            orjson.Fragment(f"{int(value)}.0")
+            if math.isfinite(value) and abs(value) >= 1e16
+            else value
+        )
+    if isinstance(value, Mapping):
+        return {k: _pointed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pointed(v) for v in value]
+    return value
 
 
 # -- rows: what the statements above return, decoded --------------------------------
@@ -590,4 +736,6 @@ def to_record(row: Any) -> RunRecord:
     fields["status"] = RunStatus(fields["status"])
     if fields["result"] is not None:
         fields["result"] = orjson.loads(fields["result"])
+    if isinstance(fields["state"], str):  # asyncpg gives jsonb as text (no codec set)
+        fields["state"] = orjson.loads(fields["state"])
     return RunRecord(**fields)

@@ -24,15 +24,16 @@ from typing import TypeVar
 
 from ..errors import BackendError, SchemaVersionError
 from . import _sqlite_sql as sql
-from ._sqlite_tx import is_busy, transact, wrap
+from ._sqlite_tx import is_busy, merged_state, transact, wrap
 
 T = TypeVar("T")
 
 CHECKPOINT_EVERY = 1000  # writes between two WAL checkpoints (SQLite's default: 1000 pages)
-SCHEMA_VERSION = 6  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
+SCHEMA_VERSION = 7  # 1: the first layout; 2: runs.error_type, index runs_wf_created;
 # 3: the workers table (the worker registry); 4: runs.revert_requested; 5: index
 # runs_wf_status (count_runs); 6: runs.priority and runs.concurrency_key, indexes
-# runs_started, runs_leased and runs_keyed (queue limits)
+# runs_started, runs_leased and runs_keyed (queue limits); 7: runs.state (published
+# state, JSON text; NULL for the runs made before)
 
 
 class SQLiteConnection:
@@ -54,11 +55,13 @@ class SQLiteConnection:
 
         The busy timeout comes first, so every later statement waits for a
         concurrent opener instead of failing; switching to WAL is skipped when the
-        file is already in WAL mode (the switch needs the file to itself)."""
+        file is already in WAL mode (the switch needs the file to itself). Appends
+        that publish call ``sql.MERGE_STATE``, registered here on every connection."""
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
+            conn.create_function(sql.MERGE_STATE, 2, merged_state, deterministic=True)
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")

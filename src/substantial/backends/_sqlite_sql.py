@@ -6,6 +6,7 @@ The release rule of ``_rules.apply_release`` is written here once in SQL
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .._types import RunStatus
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_token INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0, parent_id TEXT,
     revert_requested INTEGER NOT NULL DEFAULT 0,
-    priority INTEGER NOT NULL DEFAULT 0, concurrency_key TEXT
+    priority INTEGER NOT NULL DEFAULT 0, concurrency_key TEXT, state TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_claim ON runs (queue, due_at);
 CREATE INDEX IF NOT EXISTS runs_started ON runs (queue, started_at) WHERE started_at IS NOT NULL;
@@ -66,12 +67,15 @@ UPGRADES = {
         "CREATE INDEX IF NOT EXISTS runs_keyed ON runs (queue, concurrency_key, due_at) "
         "WHERE concurrency_key IS NOT NULL",
     ),
+    # NULL for the runs already there: the store holds no index of what they
+    # published (their logs do); create_run sets it for every new run
+    7: ("ALTER TABLE runs ADD COLUMN state TEXT",),
 }
 
 COLS = (
     "run_id, workflow, queue, status, created_at, started_at, ended_at, due_at, result, "
     "error, error_type, log_len, inbox_pos, lease_token, lease_owner, lease_expires_at, "
-    "cancel_requested, parent_id, revert_requested, priority, concurrency_key"
+    "cancel_requested, parent_id, revert_requested, priority, concurrency_key, state"
 )
 
 # The release rule of _rules.apply_release, in SQL. {st} is the run's status after
@@ -102,6 +106,16 @@ APPEND_UPDATE = f"""UPDATE runs SET
     lease_owner = CASE WHEN {RELEASING} THEN NULL ELSE lease_owner END,
     lease_expires_at = CASE WHEN {RELEASING} THEN NULL ELSE lease_expires_at END
 {FENCE}"""
+# The same for an append that publishes: the run's state merged key by key with
+# :state (JSON text) by MERGE_STATE, a Python function each connection registers
+# (``_sqlite_conn``): SQLite's json_patch would drop a key published as null, and
+# json_set needs a JSON path per key, which SQLite 3.40 cannot write for a key
+# holding a double quote. A run with no index (NULL) keeps none.
+MERGE_STATE = "substantial_merged_state"
+APPEND_UPDATE_STATE = APPEND_UPDATE.replace(
+    "    log_len = log_len + :n,",
+    f"    log_len = log_len + :n,\n    state = {MERGE_STATE}(state, :state),",
+)
 
 KEPT_ST = f"CASE WHEN status IN {TERMINAL} THEN status ELSE :status END"
 RELEASE = f"""UPDATE runs SET
@@ -220,9 +234,44 @@ def list_query(q: RunQuery) -> tuple[str, list[Any]]:
     if q.before is not None:
         where.append("(created_at, run_id) < (?, ?)")
         args += [q.before[0], q.before[1]]
+    for key, value in q.state_equals:
+        found = state_term(value)
+        if found is not None:
+            where.append(f"(state IS NULL OR EXISTS (SELECT 1 FROM json_each(state) {found[0]}))")
+            args += [key, *found[1]]
     sql = f"SELECT {COLS} FROM runs"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
     args.append(-1 if q.limit is None else max(q.limit, 0))
     return sql, args
+
+
+def state_term(value: Any) -> tuple[str, list[Any]] | None:
+    """The WHERE of the ``json_each(state)`` rows that let a run match ``state_equals``'
+    (key, ``value``), and its arguments after the key; None: no term (the query is
+    wider, which a narrowing may be: the caller's filter decides). The key is a
+    parameter compared with json_each's ``key``, never spliced into a JSON path:
+    no quoting to get wrong, whatever characters it holds.
+
+    Numbers compare as SQLite reads them (1 = 1.0, as JSON), over a range one step
+    of a double either side of the value, in case SQLite's reading of a stored
+    number is off by one rounding step; a bool compares as 1 / 0, which is what
+    json_each gives for true / false (and for the numbers 1 and 0: wider, allowed).
+    Values the term could leave out a match for (a string holding NUL, a number
+    too big for a double, NaN and infinities) get none."""
+    where = "WHERE key = ? AND "
+    if isinstance(value, bool):
+        return where + "value = ?", [int(value)]
+    if isinstance(value, str):
+        return None if "\0" in value else (where + "type = 'text' AND value = ?", [value])
+    if isinstance(value, int | float):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        if not math.isfinite(number):
+            return None
+        low, high = math.nextafter(number, -math.inf), math.nextafter(number, math.inf)
+        return where + "value BETWEEN ? AND ?", [low, high]
+    return None

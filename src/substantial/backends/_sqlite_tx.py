@@ -25,7 +25,21 @@ def to_record(row: Row) -> RunRecord:
     f["result"] = None if f["result"] is None else orjson.loads(f["result"])
     f["cancel_requested"] = bool(f["cancel_requested"])
     f["revert_requested"] = bool(f["revert_requested"])
+    if f["state"] is not None:
+        f["state"] = orjson.loads(f["state"])
     return RunRecord(**f)
+
+
+def merged_state(old: str | None, new: str) -> str | None:
+    """``sql.MERGE_STATE``, called by SQLite inside an append's UPDATE: the run's
+    state (JSON text) with the values just published (JSON text) merged in key by
+    key, as ``_rules.merged_state`` does, within the append's write transaction.
+    In Python because orjson round-trips every value exactly (an int stays an int,
+    a float a float, a null a null) and the keys need no JSON path. NULL (a run
+    the store holds no index of) stays NULL."""
+    if old is None:
+        return None
+    return orjson.dumps({**orjson.loads(old), **orjson.loads(new)}).decode()
 
 
 def transact(
@@ -80,7 +94,14 @@ def append_in(c: sqlite3.Connection, op: Append) -> int:
             due_at=u.due_at,
             now=op.now,
         )
-    if c.execute(sql.APPEND if u is None else sql.APPEND_UPDATE, params).rowcount != 1:
+    if u is None:
+        stmt = sql.APPEND
+    elif u.state:  # publishes: the one variant that touches the state column
+        stmt = sql.APPEND_UPDATE_STATE
+        params["state"] = orjson.dumps(u.state).decode()
+    else:
+        stmt = sql.APPEND_UPDATE
+    if c.execute(stmt, params).rowcount != 1:
         raise fence_error(c, op.run_id, op.token, op.expected_len)
     if op.records:
         rows = [(op.run_id, op.expected_len + i, data) for i, data in enumerate(op.records)]

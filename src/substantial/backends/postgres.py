@@ -11,6 +11,13 @@ Layout, inside one schema (``substantial`` unless configured; validated, always 
 * ``log(run_id, pos, data bytea)`` (primary key ``(run_id, pos)``; a run's log
   length is ``max(pos) + 1``) and ``inbox(run_id, id, data bytea)``.
 * ``workers(worker_id, info, lease, last_beat)``: the worker registry (migration 5).
+* ``runs.state`` (migration 9): the run's published state, jsonb, NULL for the runs
+  made before (the store holds no index of those: their logs do). An append that
+  publishes merges into it with ``||`` inside ``append_step`` (a published null
+  stays a key); ``list_runs`` pushes ``state_equals`` down as ``state IS NULL OR
+  state @> {key: value}``, served by a GIN index on ``state`` and a partial one of
+  the NULL runs (see migration 9). Keys come back reordered (jsonb's order),
+  values with their JSON types.
 * Indexes on ``runs``: ``(created_at, run_id)`` and ``(workflow, created_at, run_id)``
   for ``list_runs`` read backwards, ``(workflow, status)`` for ``count_runs``
   (migration 7), and for limited claims (migration 8, with the columns ``priority``
@@ -239,13 +246,20 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
             raise
 
     def _create(self, n: NewRun) -> tuple[str, tuple[Any, ...]]:
-        """``create_run``'s statement template and arguments: a run with a priority
-        or a slot group also sets those columns (``sql.CREATE_LIMITED``)."""
+        """``create_run``'s statement template and arguments: a run with a priority,
+        a slot group or a published state (a fork's prefix published) also sets
+        those columns (``sql.CREATE_FULL``); any other is inserted by the statement
+        that predates them, its state the column's default, ``{}``."""
         args = (n.run_id, n.workflow, n.queue, n.created_at, n.due_at, n.parent_id,
                 n.first_record, self._channel, list(n.more_records))  # fmt: skip
-        if n.priority == 0 and n.concurrency_key is None:
+        if n.priority == 0 and n.concurrency_key is None and not n.state:
             return sql.CREATE, args
-        return sql.CREATE_LIMITED, (*args, n.priority, n.concurrency_key)
+        return sql.CREATE_FULL, (
+            *args,
+            n.priority,
+            n.concurrency_key,
+            sql.state_json(n.state or {}),
+        )
 
     async def claim_due(
         self,
@@ -326,7 +340,8 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         status = None if u.status is None else u.status.value
         args = (run_id, token, expected_len, list(records), update is not None, status,
                 u.has_result, result, u.error, u.error_type, u.ended_at, u.inbox_pos,
-                u.release, u.due_at, now, _TERMINAL, self._channel)  # fmt: skip
+                u.release, u.due_at, now, _TERMINAL, self._channel,
+                sql.published_json(u.state))  # fmt: skip
         return sql.fenced(run_id, expected_len, await self._q("fetchrow", sql.APPEND, *args))
 
     async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
@@ -335,7 +350,7 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
         landed first attempt makes each retried append refuse (the log moved)."""
         self._count("append_batch")
         order = sorted(range(len(appends)), key=lambda i: appends[i].run_id)  # lock order
-        cols: list[list[Any]] = [[] for _ in range(16)]
+        cols: list[list[Any]] = [[] for _ in range(17)]
         flat: list[bytes] = []
         for op in (appends[i] for i in order):
             u = op.update or RunUpdate()
@@ -344,10 +359,11 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
             row = (op.run_id, op.token, op.expected_len, lo, len(flat), op.update is not None,
                    None if u.status is None else u.status.value, u.has_result,
                    orjson.dumps(u.result).decode() if u.has_result else None, u.error,
-                   u.error_type, u.ended_at, u.inbox_pos, u.release, u.due_at, op.now)  # fmt: skip
+                   u.error_type, u.ended_at, u.inbox_pos, u.release, u.due_at, op.now,
+                   sql.published_json(u.state))  # fmt: skip
             for col, v in zip(cols, row, strict=True):
                 col.append(v)
-        args = (*cols[:15], flat, cols[15], _TERMINAL, self._channel)
+        args = (*cols[:15], flat, cols[15], _TERMINAL, self._channel, cols[16])
         rows = await self._q("fetch", sql.APPEND_BATCH, *args)
         out: list[int | Exception] = [0] * len(appends)
         for i, row in zip(order, rows, strict=True):

@@ -15,6 +15,10 @@ Layout (one file, schema version in ``meta``)::
     workers (worker_id PRIMARY KEY, info JSON, lease, last_beat)   -- the worker registry
 
 ``result`` is JSON text (orjson) or NULL; ``status`` is the RunStatus value.
+``state`` is the run's published state, JSON text (orjson), NULL for the runs
+made before schema 7 (the store holds no index of those: their logs do); an
+append that publishes merges into it in its UPDATE (``_sqlite_sql.APPEND_UPDATE_STATE``),
+and ``list_runs`` pushes ``state_equals`` down to ``json_each(state)``.
 Inbox items are kept after consumption (like the memory store); ``read`` only
 returns those with ``id > inbox_pos``. ``last_inbox_id`` numbers deliveries.
 
@@ -65,6 +69,8 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from .._types import RunStatus
 from ..errors import BackendError, RunFinished, RunNotFound
@@ -126,8 +132,8 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
         def tx(c: sqlite3.Connection) -> bool:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, workflow, queue, status, created_at, "
-                "due_at, log_len, parent_id, priority, concurrency_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "due_at, log_len, parent_id, priority, concurrency_key, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.run_id,
                     new.workflow,
@@ -139,6 +145,7 @@ class SQLiteBackend(SQLiteConnection, SQLiteRegistry):
                     new.parent_id,
                     new.priority,
                     new.concurrency_key,
+                    orjson.dumps(new.state or {}).decode(),  # what its log published so far
                 ),
             )
             if cur.rowcount != 1:
