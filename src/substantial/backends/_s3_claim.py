@@ -20,7 +20,7 @@ Why a claim is safe, in the terms of ``s3``'s module docstring:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,9 +31,9 @@ from ._s3_client import Bucket, Listed
 from ._s3_layout import DueEntry, Keys, RunDoc, parse_due, time_key, wake_at
 from ._s3_log import PARALLEL, Moved, RunLogs, Scan, each
 
-_KEY_RESOLUTION = 1e-6  # seconds: the due index's keys are rounded to this
+KEY_RESOLUTION = 1e-6  # seconds: the due index's keys are rounded to this
 _ORPHAN_AGE = 60.0  # a due entry whose run object is missing this long: a create that died
-_MIN_PASS = 0.5  # ... but always runs this long, so a pass makes progress
+MIN_PASS = 0.5  # ... but always runs this long, so a pass makes progress
 
 
 class WriteRun(Protocol):
@@ -46,7 +46,7 @@ class WriteRun(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Want:
+class Want:
     """What one claim pass takes: runs of ``queue`` and ``workflows``, for ``owner``."""
 
     queue: str
@@ -65,6 +65,17 @@ class _Want:
             lease_seconds=self.lease_seconds,
             now=self.now,
         )
+
+    @property
+    def budget(self) -> float:
+        """How long a pass may start new work: a quarter lease, as the runs it claimed
+        first wait for it to return before anything renews them (the next pass takes
+        the rest)."""
+        return max(self.lease_seconds / 4, MIN_PASS)
+
+    def deadline(self) -> float:
+        """When a pass begun now starts nothing more (``time.monotonic``)."""
+        return time.monotonic() + self.budget
 
 
 class Claims:
@@ -91,30 +102,17 @@ class Claims:
         self._write = write
         self._held = held
 
-    async def claim_due(
-        self,
-        *,
-        queue: str,
-        workflows: Collection[str],
-        limit: int,
-        owner: str,
-        lease_seconds: float,
-        now: float,
-    ) -> list[Claim]:
-        want = _Want(
-            queue=queue, workflows=set(workflows), owner=owner, lease_seconds=lease_seconds, now=now
-        )
+    async def claim_due(self, want: Want, limit: int) -> list[Claim]:
+        """An unlimited claim: the due runs in index order (see the module docstring)."""
         claims: list[Claim] = []
         after: str | None = None
-        # A pass starts no batch after a quarter lease: the runs it claimed first wait
-        # for it to return before anything renews them (the next pass takes the rest).
-        stop = time.monotonic() + max(lease_seconds / 4, _MIN_PASS)
+        stop = want.deadline()
         while len(claims) < limit and time.monotonic() < stop:
-            page = await self._bucket.list(self._keys.queue(queue), after=after, limit=100)
+            page = await self._bucket.list(self._keys.queue(want.queue), after=after, limit=100)
             entries = [e for e in map(parse_due, (o.key for o in page)) if e is not None]
             # a key holds its time to the microsecond, rounded: one a rounding put
             # just past ``now`` may be due (the run object's own time decides)
-            due = [e for e in entries if e.at <= now + _KEY_RESOLUTION]
+            due = [e for e in entries if e.at <= want.now + KEY_RESOLUTION]
             seen = {o.key: o for o in page}
             mine = [e for e in due if e.workflow in want.workflows]
             while mine and len(claims) < limit and time.monotonic() < stop:
@@ -130,26 +128,40 @@ class Claims:
             after = page[-1].key
         return claims
 
-    async def _claim_one(self, entry: DueEntry, listed: Listed, want: _Want) -> Claim | None:
+    async def _claim_one(self, entry: DueEntry, listed: Listed, want: Want) -> Claim | None:
         """Claim the run of one due entry, or None: fence the log's end with the next
         lease token, then write that token into the run object."""
-        doc = await self._due_doc(entry, listed, want)
-        if doc is None:
-            return None
+        doc = await self.due_doc(entry, listed, want)
+        return None if doc is None else await self.claim_doc(doc, want)
+
+    async def claim_doc(self, doc: RunDoc, want: Want, *, token: int | None = None) -> Claim | None:
+        """Claim the run of a claimable run object ``doc`` (it may be stale: the fence
+        and the run object's condition decide), or None. ``token``: only with this
+        lease token (the one a limited claim reserved a slot for)."""
+        run_id = doc.rec.run_id
         try:
-            scan = await self._logs.scan(entry.run_id, doc.gen)
+            scan = await self._logs.scan(run_id, doc.gen)
         except Moved:
             return None
-        doc = await self._rolled_forward(doc, scan, want)
-        if doc is None:
+        rolled = await self._rolled_forward(doc, scan, want)
+        if rolled is None:
             return None
-        token = doc.rec.lease_token + 1
-        fence = await self._logs.fence(entry.run_id, scan, token)
+        next_token = rolled.rec.lease_token + 1
+        if token is not None and next_token != token:
+            return None  # claimed by another since the reservation
+        last = scan.last
+        if last is not None and (
+            last.token > next_token or (last.token == next_token and not last.fence)
+        ):
+            # a newer lease wrote the log: ``doc`` is stale (a fresh one never shows
+            # this), and a fence of ours would knock that holder out
+            return None
+        fence = await self._logs.fence(run_id, scan, next_token)
         if fence is None:
             return None  # a writer or another claimer got there first
-        return await self._take(doc, scan, token, fence, want)
+        return await self._take(rolled, scan, next_token, fence, want)
 
-    async def _due_doc(self, entry: DueEntry, listed: Listed, want: _Want) -> RunDoc | None:
+    async def due_doc(self, entry: DueEntry, listed: Listed, want: Want) -> RunDoc | None:
         """The run object of a due entry if the run is claimable; else None, after
         tidying the index (a create that died, a stray entry, an early one)."""
         doc = await self._fetch(entry.run_id)
@@ -167,7 +179,7 @@ class Claims:
             return None
         return doc
 
-    async def _rolled_forward(self, doc: RunDoc, scan: Scan, want: _Want) -> RunDoc | None:
+    async def _rolled_forward(self, doc: RunDoc, scan: Scan, want: Want) -> RunDoc | None:
         """The run object with the update of the log's last object applied, if its
         writer died before writing it there (*roll forward*, see the module docstring);
         None if the run is not to be claimed now after all."""
@@ -187,7 +199,7 @@ class Claims:
         return written if want.claimable(rolled) else None
 
     async def _take(
-        self, doc: RunDoc, scan: Scan, token: int, fence: str, want: _Want
+        self, doc: RunDoc, scan: Scan, token: int, fence: str, want: Want
     ) -> Claim | None:
         """Write the claim into the run object, its log fenced already: retried when a
         delivery or a cancel came first, as long as the run stays claimable."""

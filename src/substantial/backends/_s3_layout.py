@@ -11,6 +11,8 @@ Keys, under the store's prefix (``<id>`` is percent-quoted, so it never holds a 
                                             order is the claim scan, oldest first
     created/<inverted time>/<run>           the creation index: a listing in key order is
                                             newest first, for ``list_runs``
+    limits/<queue>.json                     a limited queue's slot holders and recent
+                                            starts (``_s3_limits``), replaced with If-Match
     workers/<worker>                        the worker registry
 
 A log object holds a JSON header and its records, each framed by a 4-byte length. Its
@@ -95,6 +97,9 @@ class Keys:
 
     def created(self, run_id: str, created_at: float) -> str:
         return f"{self.root}created/{created_stamp(created_at)}/{q(run_id)}"
+
+    def limits(self, queue: str) -> str:
+        return f"{self.root}limits/{q(queue)}.json"
 
     @property
     def workers(self) -> str:
@@ -190,6 +195,8 @@ def dump_run(doc: RunDoc) -> bytes:
             "cancel_requested": r.cancel_requested,
             "parent_id": r.parent_id,
             "revert_requested": r.revert_requested,
+            "priority": r.priority,
+            "concurrency_key": r.concurrency_key,
             "gen": doc.gen,
             "last_inbox_id": doc.last_inbox_id,
             "indexed": doc.indexed,
@@ -199,12 +206,55 @@ def dump_run(doc: RunDoc) -> bytes:
 
 
 def load_run(raw: bytes, etag: str) -> RunDoc:
+    """A run object; one written before ``priority`` and ``concurrency_key`` existed
+    reads as 0 and None (RunRecord's defaults)."""
     d: dict[str, Any] = orjson.loads(raw)
     gen, last, indexed, nonce = d.pop("gen"), d.pop("last_inbox_id"), d.pop("indexed"), d.pop("w")
     d["status"] = RunStatus(d["status"])
     return RunDoc(
         rec=RunRecord(**d), gen=gen, last_inbox_id=last, indexed=indexed, nonce=nonce, etag=etag
     )
+
+
+# -- a limited queue's coordination object ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A run a limited claim reserved a slot for: its concurrency key, the lease token
+    of that claim and when the lease it took ends (``until``)."""
+
+    key: str | None
+    token: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDoc:
+    """``limits/<queue>.json`` as read: the slot holders by run id, the queue's recent
+    first-claim times, and the ETag a replacement is conditional on (None: no object
+    yet, a replacement is created with If-None-Match)."""
+
+    holders: dict[str, Slot]
+    starts: list[float]
+    nonce: str = ""
+    etag: str | None = None
+
+
+def dump_limits(holders: dict[str, Slot], starts: list[float], nonce: str) -> bytes:
+    return orjson.dumps(
+        {
+            "holders": {rid: [s.key, s.token, s.until] for rid, s in holders.items()},
+            "starts": starts,
+            "w": nonce,
+        }
+    )
+
+
+def load_limits(raw: bytes, etag: str) -> LimitDoc:
+    d: dict[str, Any] = orjson.loads(raw)
+    holders = {rid: Slot(h[0], int(h[1]), float(h[2])) for rid, h in d["holders"].items()}
+    return LimitDoc(holders, [float(s) for s in d["starts"]], str(d.get("w", "")), etag)
 
 
 # -- log objects ----------------------------------------------------------------------

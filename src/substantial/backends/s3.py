@@ -2,8 +2,9 @@
 fenced log on an object store's conditional writes, with no broker and no server.
 
 The objects and their encoding are in ``_s3_layout``, the reads and writes of the log
-in ``_s3_log``, the claim pass in ``_s3_claim``; every request goes through
-``_s3_client.Bucket``. Why this is safe with many workers on many machines:
+in ``_s3_log``, the claim pass in ``_s3_claim`` (under queue limits: ``_s3_limits``);
+every request goes through ``_s3_client.Bucket``. Why this is safe with many workers
+on many machines:
 
 * **The log is the truth.** An append is one object created at its position with
   ``If-None-Match: *``: of two writers at one position exactly one wins, so the log
@@ -56,6 +57,7 @@ from ._protocol import (
     Claim,
     InboxItem,
     NewRun,
+    QueueLimits,
     RunCounts,
     RunQuery,
     RunRecord,
@@ -63,7 +65,7 @@ from ._protocol import (
     Snapshot,
 )
 from ._registry import S3Registry
-from ._s3_claim import Claims
+from ._s3_claim import Claims, Want
 from ._s3_client import Bucket, Listed
 from ._s3_layout import (
     FORMAT,
@@ -77,6 +79,7 @@ from ._s3_layout import (
     time_key,
     wake_at,
 )
+from ._s3_limits import LimitedClaims
 from ._s3_log import RunLogs, Tail, each, new_nonce
 
 T = TypeVar("T")
@@ -115,6 +118,7 @@ class S3Backend(S3Registry):
             write=self._write,
             held=self._docs,
         )
+        self._limited = LimitedClaims(self._claims, self._bucket, self._keys, self._fetch)
         self.calls: dict[str, int] = {}  # operation -> count, for tests and curiosity
 
     @property
@@ -244,6 +248,7 @@ class S3Backend(S3Registry):
         """Forget what this process kept for a run it no longer holds."""
         self._logs.drop(run_id)
         self._docs.pop(run_id, None)
+        self._limited.forget(run_id)
         lock = self._locks.get(run_id)
         if lock is not None and not lock.locked():
             del self._locks[run_id]
@@ -287,16 +292,15 @@ class S3Backend(S3Registry):
         owner: str,
         lease_seconds: float,
         now: float,
+        limits: QueueLimits | None = None,
     ) -> list[Claim]:
         self._count("claim_due")
-        return await self._claims.claim_due(
-            queue=queue,
-            workflows=workflows,
-            limit=limit,
-            owner=owner,
-            lease_seconds=lease_seconds,
-            now=now,
+        want = Want(
+            queue=queue, workflows=set(workflows), owner=owner, lease_seconds=lease_seconds, now=now
         )
+        if limits is not None and (limits.priority or rules.limited(limits)):
+            return await self._limited.claim_due(want, limit, limits)
+        return await self._claims.claim_due(want, limit)
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
