@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from ._types import to_seconds
 from .backends import QueueLimits
-from .errors import ConfigurationError
+from .errors import ClientError, ConfigurationError
 
-__all__ = ["Queue", "QueueRegistry"]
+__all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "Queue", "QueueRegistry"]
+
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # a start's priority: a 32-bit integer
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,3 +115,35 @@ class QueueRegistry:
 
     def all(self) -> list[Queue]:
         return sorted(self._queues.values(), key=lambda q: q.name)
+
+    def start_options(
+        self, queue: str, priority: int | None, concurrency_key: str | None
+    ) -> dict[str, Any]:
+        """``start``'s queue options, checked, as ``Journal.create`` takes them;
+        against the queue's limits if it is declared here (an option the queue
+        would ignore is a mistake: a ClientError, not a silent no-op)."""
+        if priority is not None and (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not PRIORITY_MIN <= priority <= PRIORITY_MAX
+        ):
+            raise ClientError(
+                f"start(priority=) must be a whole number from {PRIORITY_MIN} to "
+                f"{PRIORITY_MAX} (a 32-bit integer, as every store keeps it), got {priority!r}"
+            )
+        if concurrency_key is not None and (
+            not isinstance(concurrency_key, str) or not concurrency_key
+        ):
+            raise ClientError("start(concurrency_key=) must be a non-empty string")
+        known = self._queues.get(queue)
+        if known is not None and priority is not None and not known.priority:
+            raise ClientError(
+                f"start(priority=) on queue {queue!r}, which does not order by priority: "
+                f"declare it with conductor.queue({queue!r}, priority=True)"
+            )
+        if known is not None and concurrency_key is not None and known.concurrency is None:
+            raise ClientError(
+                f"start(concurrency_key=) on queue {queue!r}, which has no concurrency "
+                f"limit: declare it with conductor.queue({queue!r}, concurrency=N)"
+            )
+        return {"priority": priority or 0, "concurrency_key": concurrency_key}

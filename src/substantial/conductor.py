@@ -349,7 +349,10 @@ class Conductor:
         rid = run_id or str(uuid.uuid4())
         name = workflow_name(wf)
         if timeout is not None:
-            limit: float | None = deadline_seconds(timeout, "start(timeout=)")
+            try:
+                limit: float | None = deadline_seconds(timeout, "start(timeout=)")
+            except ValueError as exc:
+                raise ClientError(str(exc)) from None
         else:
             known = wf if isinstance(wf, Workflow) else self.workflows.get(name)
             limit = None if known is None else known.timeout
@@ -361,35 +364,9 @@ class Conductor:
             connection=connection,
             timeout=limit,
             delay=0.0 if delay is None else _non_negative(delay, "start(delay=)"),
-            **self._queue_options(queue, priority, concurrency_key),
+            **self.queues.start_options(queue, priority, concurrency_key),
         )
         return RunHandle(self, rid)
-
-    def _queue_options(
-        self, queue: str, priority: int | None, concurrency_key: str | None
-    ) -> dict[str, Any]:
-        """``start``'s queue options, checked; against the queue's declared limits
-        when this Conductor declared it (an option the queue would ignore is a
-        mistake: a ClientError, not a silent no-op)."""
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise ClientError(f"start(priority=) must be a whole number, got {priority!r}")
-        if concurrency_key is not None and (
-            not isinstance(concurrency_key, str) or not concurrency_key
-        ):
-            raise ClientError("start(concurrency_key=) must be a non-empty string")
-        declared_queue = self.queues.get(queue)
-        if declared_queue is not None:
-            if priority is not None and not declared_queue.priority:
-                raise ClientError(
-                    f"start(priority=) on queue {queue!r}, which does not order by priority: "
-                    f"declare it with conductor.queue({queue!r}, priority=True)"
-                )
-            if concurrency_key is not None and declared_queue.concurrency is None:
-                raise ClientError(
-                    f"start(concurrency_key=) on queue {queue!r}, which has no concurrency "
-                    f"limit: declare it with conductor.queue({queue!r}, concurrency=N)"
-                )
-        return {"priority": priority or 0, "concurrency_key": concurrency_key}
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from datetime import UTC, datetime
+
+from substantial.backends import RunRecord, open_backend
 
 from .conftest import WITH_S3, Store, Workers, cli_env, command, one_error_line
 
@@ -51,6 +54,26 @@ def test_start_is_idempotent_on_run_id(store: Store, workers: Workers) -> None:
     assert json.loads(store.ok("result", "same", "--timeout", "30")) == 2  # the first won
     listed = json.loads(store.ok("runs", "double", "--json"))["runs"]
     assert [r["run_id"] for r in listed] == ["same"]
+
+
+def test_start_takes_priority_concurrency_key_and_delay(store: Store) -> None:
+    start(store, "double", "--run-id", "later", "--delay", "3600", "--priority", "2",
+          "--concurrency-key", "acme")  # fmt: skip
+    doc = json.loads(store.ok("show", "later", "--json"))["run"]
+    assert doc["status"] == "PENDING" and doc["started_at"] is None  # not claimable for an hour
+
+    async def record() -> RunRecord | None:
+        backend = open_backend(store.url)
+        await backend.open()
+        try:
+            return await backend.get_run("later")
+        finally:
+            await backend.close()
+
+    run = asyncio.run(record())
+    assert run is not None and (run.priority, run.concurrency_key) == (2, "acme")
+    proc = store.cli("start", "double", "--priority", "high")
+    assert proc.returncode == 2 and one_error_line(proc)
 
 
 def test_a_failed_run_exits_1_with_its_error_on_one_line(store: Store, workers: Workers) -> None:

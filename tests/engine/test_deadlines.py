@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from substantial import Conductor, Context, RunCancelled, RunStatus, workflow
+from substantial import ClientError, Conductor, Context, RunCancelled, RunStatus, workflow
 from substantial.backends import Backend
 from substantial.testing import TestEnvironment
 
@@ -98,3 +98,9 @@ def test_a_timeout_must_be_positive() -> None:
         workflow(timeout=0)(slow_sleeper.fn)
     with pytest.raises(ValueError, match="positive duration"):
         workflow(timeout=timedelta(seconds=-1))(slow_sleeper.fn)
+
+
+async def test_a_start_timeout_must_be_positive() -> None:
+    async with TestEnvironment(slow_sleeper) as env:
+        with pytest.raises(ClientError, match="start\\(timeout=\\) must be a positive duration"):
+            await env.conductor.start(slow_sleeper, timeout=0)

@@ -95,6 +95,12 @@ async def test_start_refuses_bad_bodies_with_400(api: Served) -> None:
         b'{"workflow": "double", "run_id": ""}',
         b'{"workflow": "double", "queue": null}',
         b'{"workflow": "double", "colour": "red"}',
+        b'{"workflow": "double", "priority": "high"}',
+        b'{"workflow": "double", "priority": 2.5}',
+        b'{"workflow": "double", "priority": 99999999999}',
+        b'{"workflow": "double", "concurrency_key": ""}',
+        b'{"workflow": "double", "delay": -1}',
+        b'{"workflow": "double", "timeout": "1h"}',
         b'{"workflow": "do\\u0000uble"}',
         b'{"workflow": "\\ud800"}',
         b"",
@@ -105,6 +111,15 @@ async def test_start_refuses_bad_bodies_with_400(api: Served) -> None:
         )
         error_of(r, 400)
     assert (await api.client.get("/api/runs")).json()["runs"] == []
+
+
+async def test_start_takes_the_flow_control_options(api: Served) -> None:
+    await start(
+        api, "double", run_id="later", priority=-3, concurrency_key="acme", delay=3600, timeout=7200
+    )
+    run = await api.conductor.journal.get("later")
+    assert (run.priority, run.concurrency_key, run.status) == (-3, "acme", RunStatus.PENDING)
+    assert run.due_at is not None and run.due_at - run.created_at == 3600
 
 
 async def test_unknown_run_is_404_on_every_run_route(api: Served) -> None:

@@ -62,6 +62,18 @@ def start(
         float | None,
         typer.Option("--timeout", metavar="S", min=0, help="With --wait: give up after S s."),
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option("--priority", metavar="N", help="Lower first, on a priority queue."),
+    ] = None,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option("--concurrency-key", metavar="K", help="The queue's concurrency group."),
+    ] = None,
+    delay: Annotated[
+        float | None,
+        typer.Option("--delay", metavar="S", min=0, help="No worker claims it for S s."),
+    ] = None,
 ) -> None:
     """Start a run and print its id (with --wait: the result as JSON, the id on stderr)."""
     args = parse_object(kwargs, "--kwargs")
@@ -69,7 +81,15 @@ def start(
         raise usage("--timeout needs --wait")
 
     async def body(c: Conductor) -> None:
-        handle = await c.start(workflow, args, run_id=run_id, queue=queue)
+        handle = await c.start(
+            workflow,
+            args,
+            run_id=run_id,
+            queue=queue,
+            priority=priority,
+            concurrency_key=concurrency_key,
+            delay=delay,
+        )
         if not wait:
             print(handle.run_id, flush=True)
             return

@@ -25,7 +25,9 @@ from ._openapi import document
 
 HEALTH_TIMEOUT = 5.0  # seconds /healthz waits for the store before answering 503
 RESERVED_EVENTS = "substantial."  # the engine's own events (a child's outcome)
-_START_KEYS = frozenset({"workflow", "kwargs", "run_id", "queue"})
+_START_KEYS = frozenset(
+    {"workflow", "kwargs", "run_id", "queue", "priority", "concurrency_key", "delay", "timeout"}
+)
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -154,7 +156,9 @@ class Api:
                 return JSONResponse({"run_id": run_id}, status_code=200)
         # Two clients racing with one new run_id both get 201; start is idempotent,
         # so the run exists once, as the first start made it.
-        handle = await self.conductor.start(workflow, kwargs, run_id=run_id, queue=queue)
+        handle = await self.conductor.start(
+            workflow, kwargs, run_id=run_id, queue=queue, **_start_options(body)
+        )
         return JSONResponse({"run_id": handle.run_id}, status_code=201)
 
     async def _exists(self, run_id: str) -> bool:
@@ -238,3 +242,25 @@ class Api:
     @staticmethod
     def _run_id(request: Request) -> str:
         return check_name(request.path_params["run_id"], "the run id")
+
+
+def _start_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The optional flow-control fields of a start, type-checked (their values are
+    checked by ``Conductor.start``, whose ClientError is a 400 too)."""
+    out: dict[str, Any] = {}
+    priority = body.get("priority")
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise bad_input(f"priority must be an integer, got {priority!r}")
+        out["priority"] = priority
+    key = body.get("concurrency_key")
+    if key is not None:
+        out["concurrency_key"] = check_name(key, "concurrency_key")
+    for field in ("delay", "timeout"):
+        seconds = body.get(field)
+        if seconds is None:
+            continue
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise bad_input(f"{field} must be a number of seconds >= 0, got {seconds!r}")
+        out[field] = float(seconds)
+    return out

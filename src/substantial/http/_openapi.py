@@ -171,6 +171,16 @@ _SCHEMAS: dict[str, Any] = {
             "kwargs": {"type": "object", "nullable": True, "additionalProperties": True},
             "run_id": {**_NAME, "nullable": True},
             "queue": {**_NAME, "default": "default"},
+            "priority": {
+                "type": "integer",
+                "nullable": True,
+                "minimum": -(2**31),
+                "maximum": 2**31 - 1,
+                "description": "lower first, on a queue that orders by priority",
+            },
+            "concurrency_key": {**_NAME, "nullable": True},
+            "delay": {"type": "number", "minimum": 0, "nullable": True},
+            "timeout": {"type": "number", "minimum": 0, "nullable": True},
         },
     },
     "RunId": {
