@@ -9,6 +9,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +171,74 @@ async def test_list_runs_pages_orders_and_filters(rb: RedisBackend) -> None:
 
 
 async def test_keys_share_one_hash_tag_and_drop_removes_them(rb: RedisBackend) -> None:
-    await rb.create_run(_new("r", due=None))
+    await rb.create_run(replace(_new("r", due=None), state={"k": 1}))
     await rb.deliver("r", b"x", now=T0)
     keys = await _keys(rb)
     assert keys and all(k.startswith("{" + rb._prefix + "}:") for k in keys)
+    assert await _keys(rb, "state:") == ["{" + rb._prefix + "}:state:r"]
     await rb.drop_everything()
     assert await _keys(rb) == []
+
+
+async def _publish(b: RedisBackend, run_id: str, at: int, state: dict[str, Any]) -> None:
+    update = RunUpdate(state=state)
+    await b.append(run_id, token=1, expected_len=at, records=[b"s"], update=update, now=T0)
+
+
+async def test_published_values_are_kept_as_the_json_python_encoded(rb: RedisBackend) -> None:
+    """Lua never re-encodes a value (cjson would print 14 digits and make 1.0 an 1)."""
+    await rb.create_run(replace(_new("r"), state={"n": 1.0}))
+    await _claim(rb)
+    await _publish(rb, "r", 1, {"f": 0.1 + 0.2, "big": 2**63 - 1, "k.with space": None})
+    await _publish(rb, "r", 2, {"n": 2})
+    stored = await _cmd(rb._require(), "HGETALL", rb._key("state", "r"))
+    assert stored == {
+        b"n": b"2",
+        b"f": b"0.30000000000000004",
+        b"big": b"9223372036854775807",
+        b"k.with space": b"null",
+    }
+    run = await rb.get_run("r")
+    assert run is not None and run.state == {
+        "n": 2,
+        "f": 0.1 + 0.2,
+        "big": 2**63 - 1,
+        "k.with space": None,
+    }
+    page = await rb.read_log_page("r", start=5, stop=1)
+    assert page is not None and page[0].state == run.state and page[1] == []
+
+
+async def test_a_run_from_before_the_index_stays_without_one(rb: RedisBackend) -> None:
+    """No ``st`` on the run hash: its state reads as None, an append writes none (a
+    partial index would hide what its log published before), and a search by state
+    returns it for the caller to read its log."""
+    await rb.create_run(_new("old"))
+    await _cmd(rb._require(), "HDEL", rb._key("run", "old"), "st")
+    await _claim(rb)
+    await _publish(rb, "old", 1, {"customer": "acme"})
+    assert await _keys(rb, "state:") == []
+    run, snap = await rb.get_run("old"), await rb.read("old")
+    page = await rb.read_log_page("old", start=0, stop=2)
+    assert run is not None and snap is not None and page is not None
+    assert run.state is None and snap.run.state is None and page[0].state is None
+    assert snap.log == [b"{}", b"s"] and run.log_len == 2
+    found = await rb.list_runs(RunQuery(state_equals=(("customer", "globex"),)))
+    assert [r.run_id for r in found] == ["old"]
+
+
+async def test_state_equals_fills_each_page_and_misses_none(rb: RedisBackend) -> None:
+    for i in range(260):
+        state = {"c": "acme" if i % 50 == 0 else "other"}
+        await rb.create_run(replace(_new(f"r{i:03d}", due=None, created=T0 + i), state=state))
+    query = RunQuery(state_equals=(("c", "acme"),), limit=2)
+    first = await rb.list_runs(query)
+    assert [r.run_id for r in first] == ["r250", "r200"]
+    cursor = (first[-1].created_at, first[-1].run_id)
+    rest = await rb.list_runs(replace(query, before=cursor, limit=10))
+    assert [r.run_id for r in rest] == ["r150", "r100", "r050", "r000"]
+    everyone = await rb.list_runs(RunQuery(state_equals=(("c", "other"),)))
+    assert len(everyone) == 254 and all(r.state == {"c": "other"} for r in everyone)
 
 
 async def test_lost_replies_are_not_applied_twice(

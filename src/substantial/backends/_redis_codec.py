@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .._types import RunStatus
@@ -25,7 +26,8 @@ def opt(x: str | float | int | None) -> str:
     return f"={x}"
 
 
-def to_record(h: dict[bytes, bytes]) -> RunRecord:
+def to_record(h: dict[bytes, bytes], *, state: Mapping[str, Any] | None = None) -> RunRecord:
+    """A run hash as a record; ``state`` is read from its own hash (``_redis_state``)."""
     d = {k.decode(): v.decode() for k, v in h.items()}
 
     def f(k: str) -> float | None:
@@ -53,6 +55,7 @@ def to_record(h: dict[bytes, bytes]) -> RunRecord:
         parent_id=d.get("parent_id"),
         priority=int(d.get("priority", 0)),  # absent on runs written before queue limits
         concurrency_key=d.get("concurrency_key"),
+        state=state,
     )
 
 

@@ -3,13 +3,15 @@
 Every script is sent with ``PRELUDE`` in front (the terminal statuses, ``opt`` for
 optional arguments, and the shared ``recount`` / ``lease_key`` / ``reindex`` /
 ``release`` rules). Key layout and argument conventions are described in
-``redis.py``; the limited claim and its indexes in ``_redis_limits.py``.
+``redis.py``; the limited claim and its indexes in ``_redis_limits.py``; the
+published state's hash and its marker in ``_redis_state.py``.
 """
 
 from __future__ import annotations
 
 from .._types import RunStatus
 from ._redis_limits import CLAIM_LIMITED
+from ._redis_state import ROWS
 
 NONCE_TTL = 300  # seconds a delivery's nonce is kept (retry de-duplication)
 
@@ -70,16 +72,18 @@ end
 """
 )
 
-# KEYS run, log, runs, wf, due; ARGV id, workflow, queue, created, due?, parent?, first,
-# nonce, channel, priority, concurrency_key?, more records...
+# KEYS run, log, runs, wf, due, state; ARGV id, workflow, queue, created, due?, parent?,
+# first, nonce, channel, priority, concurrency_key?, ns, ns state entries (key, JSON, ...),
+# more records...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'create_nonce') == ARGV[8] then return 1 end
   return 0
 end
+local ns = tonumber(ARGV[12])
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'workflow', ARGV[2], 'queue', ARGV[3],
-  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 10, 'inbox_pos', 0,
-  'lease_token', 0, 'priority', ARGV[10],
+  'status', 'PENDING', 'created_at', ARGV[4], 'log_len', #ARGV - 11 - ns, 'inbox_pos', 0,
+  'lease_token', 0, 'priority', ARGV[10], 'st', 1,
   'last_inbox_id', 0, 'dkey', KEYS[5], 'create_nonce', ARGV[8])
 local due = opt(ARGV[5])
 if due then redis.call('HSET', KEYS[1], 'due_at', due) end
@@ -87,9 +91,12 @@ local parent = opt(ARGV[6])
 if parent then redis.call('HSET', KEYS[1], 'parent_id', parent) end
 local ck = opt(ARGV[11])
 if ck then redis.call('HSET', KEYS[1], 'concurrency_key', ck) end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('RPUSH', KEYS[2], ARGV[7])
-for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 13 + ns, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 13, 12 + ns, 1000 do
+  redis.call('HSET', KEYS[6], unpack(ARGV, i, math.min(i + 999, 12 + ns)))
+end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 reindex(KEYS[1])
@@ -146,24 +153,29 @@ end
 return out
 """
 
-# KEYS run, log, inbox; ARGV log_from
+# KEYS run, log, inbox, state; ARGV log_from
 _READ = """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
 local pos = redis.call('HGET', KEYS[1], 'inbox_pos')
-return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1)}
+return {h, redis.call('LRANGE', KEYS[2], ARGV[1], -1), redis.call('LRANGE', KEYS[3], pos, -1),
+  redis.call('HGETALL', KEYS[4])}
 """
 
-# KEYS run, log; ARGV start, stop (exclusive)
+# KEYS run, log, state; ARGV start, stop (exclusive)
 _READ_PAGE = """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
-if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then return {h, {}} end
-return {h, redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)}
+local page = {}
+if tonumber(ARGV[2]) > tonumber(ARGV[1]) then
+  page = redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)
+end
+return {h, page, redis.call('HGETALL', KEYS[3])}
 """
 
-# KEYS run, log; ARGV token, expected_len, now, channel, nonce, status?, result?, error?,
-# ended_at?, inbox_pos?, release, has_update, due?, error_type?, records...
+# KEYS run, log, state; ARGV token, expected_len, now, channel, nonce, status?, result?,
+# error?, ended_at?, inbox_pos?, release, has_update, due?, error_type?, ns, ns state
+# entries (key, JSON, ...: written only to a run that keeps the index), records...
 _APPEND = """
 local rk = KEYS[1]
 local f = redis.call('HMGET', rk, 'lease_token', 'log_len', 'op_nonce', 'op_result')
@@ -171,11 +183,16 @@ if not f[1] then return {-1} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
 if f[3] == ARGV[5] then return {1, tonumber(f[4])} end
 if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
-local n = tonumber(f[2])
-for i = 15, #ARGV, 1000 do
+local n, ns = tonumber(f[2]), tonumber(ARGV[15])
+for i = 16 + ns, #ARGV, 1000 do
   n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 redis.call('HSET', rk, 'log_len', n, 'op_nonce', ARGV[5], 'op_result', n)
+if ns > 0 and redis.call('HEXISTS', rk, 'st') == 1 then
+  for i = 16, 15 + ns, 1000 do
+    redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 999, 15 + ns)))
+  end
+end
 if ARGV[12] == '1' then
   local names = {[6] = 'status', [7] = 'result', [8] = 'error', [9] = 'ended_at',
     [10] = 'inbox_pos', [14] = 'error_type'}
@@ -312,4 +329,5 @@ SCRIPTS = dict(
     reopen=_REOPEN,
     counts=_COUNTS,
     recount=_RECOUNT,
+    rows=ROWS,
 )

@@ -8,7 +8,9 @@ one Cluster slot and a script may touch any of them)::
                               last_inbox_id, dkey (its due index), create_nonce,
                               op_nonce/op_result (retry de-duplication), counted
                               (the status it is counted under in {P}:counts);
-                              priority, concurrency_key (absent = 0 / None), keyed
+                              priority, concurrency_key (absent = 0 / None), keyed,
+                              st (the run keeps its published state: ``_redis_state``)
+    {P}:state:<id>    hash    published key -> its latest value's JSON (``_redis_state``)
     {P}:log:<id>      list    log records (RPUSH, binary-safe; rewrite_log replaces it)
     {P}:inbox:<id>    list    inbox payloads; ids are dense, item N is at index N-1,
                               so the pending items are LRANGE inbox_pos -1
@@ -55,8 +57,8 @@ for 5 minutes (no duplicate item), renew and request_cancel are idempotent. Only
 leased until the lease expires, then are claimed again.
 
 Scripts touch undeclared keys (the due index named in the hash; run keys in
-claim_due; a queue's lease indexes), all under the same hash tag: fine on Redis,
-and in the script's slot on Redis Cluster.
+claim_due, run and state keys in ``rows``; a queue's lease indexes), all under the
+same hash tag: fine on Redis, and in the script's slot on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ from ..errors import (
 )
 from . import _redis_limits as limiting
 from . import _redis_lua as lua
+from . import _redis_state as published
 from . import _rules as rules
 from ._protocol import (
     ALL_RUNS,
@@ -100,7 +103,7 @@ from ._protocol import (
     RunUpdate,
     Snapshot,
 )
-from ._redis_codec import fence_outcome, num, opt, to_record
+from ._redis_codec import fence_outcome, num, opt
 from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
@@ -247,6 +250,7 @@ class RedisBackend(RedisRegistry):
             f"{self._tag}:runs",
             self._key("wf", new.workflow),
             self._due_key(new.queue, new.workflow),
+            self._key("state", rid),
         ]
         args = [
             rid,
@@ -260,6 +264,7 @@ class RedisBackend(RedisRegistry):
             self._channel,
             str(new.priority),
             opt(new.concurrency_key),
+            *published.state_args(new.state),
             *new.more_records,
         ]
         return bool(await self._script("create_run", "create", keys, args))
@@ -310,22 +315,26 @@ class RedisBackend(RedisRegistry):
         return min(scores) if scores else None
 
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
-        keys = [self._key("run", run_id), self._key("log", run_id), self._key("inbox", run_id)]
+        keys = [
+            self._key("run", run_id),
+            self._key("log", run_id),
+            self._key("inbox", run_id),
+            self._key("state", run_id),
+        ]
         reply = await self._script("read", "read", keys, [log_from])
-        if reply is None:
+        rec = None if reply is None else published.record(reply[0], reply[3])
+        if rec is None:
             return None
-        rec = to_record(dict(zip(reply[0][::2], reply[0][1::2], strict=True)))
         inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
         return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
 
     async def read_log_page(
         self, run_id: str, *, start: int, stop: int
     ) -> tuple[RunRecord, list[bytes]] | None:
-        keys = [self._key("run", run_id), self._key("log", run_id)]
+        keys = [self._key("run", run_id), self._key("log", run_id), self._key("state", run_id)]
         reply = await self._script("read_log_page", "read_page", keys, [start, stop])
-        if reply is None:
-            return None
-        return to_record(dict(zip(reply[0][::2], reply[0][1::2], strict=True))), list(reply[1])
+        rec = None if reply is None else published.record(reply[0], reply[2])
+        return None if rec is None else (rec, list(reply[1]))
 
     async def append(
         self,
@@ -345,7 +354,9 @@ class RedisBackend(RedisRegistry):
             update=update,
             now=now,
         )
-        return await self._fenced("append", "append", run_id, expected_len, self._append_args(op))
+        keys = self._append_keys(run_id)
+        reply = await self._script("append", "append", keys, self._append_args(op))
+        return fence_outcome(run_id, expected_len, reply)
 
     async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
         """Group commit: the append scripts of every run in one pipeline (one round
@@ -353,10 +364,7 @@ class RedisBackend(RedisRegistry):
         reply re-sends the pipeline with the same nonces, so no append lands twice."""
         self._count("append_batch")
         script = self._scripts["append"]
-        calls = [
-            ([self._key("run", op.run_id), self._key("log", op.run_id)], self._append_args(op))
-            for op in appends
-        ]
+        calls = [(self._append_keys(op.run_id), self._append_args(op)) for op in appends]
 
         async def send(c: aioredis.Redis) -> list[Any]:
             pipe = c.pipeline(transaction=False)
@@ -376,6 +384,11 @@ class RedisBackend(RedisRegistry):
                 out.append(exc)
         return out
 
+    def _append_keys(self, run_id: str) -> list[str]:
+        """The append script's keys: the state hash is named even when nothing is
+        published (a name costs no command; the script writes it only if asked)."""
+        return [self._key("run", run_id), self._key("log", run_id), self._key("state", run_id)]
+
     def _append_args(self, op: Append) -> list[Any]:
         u = op.update or RunUpdate()
         result = opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
@@ -394,6 +407,7 @@ class RedisBackend(RedisRegistry):
             "0" if op.update is None else "1",
             opt(u.due_at),
             opt(u.error_type),
+            *published.state_args(u.state),
             *op.records,
         ]
 
@@ -407,14 +421,9 @@ class RedisBackend(RedisRegistry):
         now: float,
     ) -> int:
         args = [token, expected_len, uuid.uuid4().hex, *records]
-        return await self._fenced("rewrite_log", "rewrite", run_id, expected_len, args)
-
-    async def _fenced(
-        self, op: str, script: str, run_id: str, expected_len: int, args: Sequence[Any]
-    ) -> int:
-        """Run a log-writing script (token and length fence); returns the new log length."""
         keys = [self._key("run", run_id), self._key("log", run_id)]
-        return fence_outcome(run_id, expected_len, await self._script(op, script, keys, args))
+        reply = await self._script("rewrite_log", "rewrite", keys, args)
+        return fence_outcome(run_id, expected_len, reply)
 
     async def renew(
         self, leases: Mapping[str, int], *, lease_seconds: float, now: float
@@ -465,22 +474,21 @@ class RedisBackend(RedisRegistry):
         return bool(code)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        self._count("get_run")
-        key = self._key("run", run_id)
-        h = await self._exec("get_run", lambda c: _cmd(c, "HGETALL", key))
-        return to_record(h) if h else None
+        found = await self._rows("get_run", [run_id])
+        return found[0] if found else None
 
     async def list_runs(self, query: RunQuery = ALL_RUNS) -> list[RunRecord]:
         """Newest first from the created_at index (``ZREVRANGEBYSCORE`` between the
-        created bounds and the cursor), in pages; the other fields are checked on
-        each page's records. Pages are not one snapshot: a run changing meanwhile
-        is seen as it was when its page was read."""
+        created bounds and the cursor), in pages; the other fields, ``state_equals``
+        too (JSON equality needs the decoded values), are checked on each page's
+        records, and pages are read until ``limit`` runs matched, so filtering here
+        never makes a result short. Pages are not one snapshot: a run changing
+        meanwhile is seen as it was when its page was read."""
         self._count("list_runs")
         if query.limit is not None and query.limit <= 0:
             return []
         if query.run_ids is not None:  # a handful of ids: read them, no index walk
-            hashes = await self._hashes(sorted(query.run_ids))
-            return rules.newest_first((to_record(h) for h in hashes if h), query)
+            return rules.newest_first(await self._rows(None, sorted(query.run_ids)), query)
         index = f"{self._tag}:runs" if query.workflow is None else self._key("wf", query.workflow)
         high = query.created_before
         if query.before is not None:
@@ -500,8 +508,7 @@ class RedisBackend(RedisRegistry):
                 skip += len(ids)
             else:
                 hi, skip = num(scores[-1]), scores.count(scores[-1])
-            hashes = await self._hashes(ids)
-            out += rules.newest_first((to_record(h) for h in hashes if h), query)
+            out += rules.newest_first(await self._rows(None, ids), query)
             if len(ids) < batch:
                 break
         return out if query.limit is None else out[: query.limit]
@@ -536,19 +543,20 @@ class RedisBackend(RedisRegistry):
             if cursor == 0:
                 return
 
-    async def _hashes(self, run_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
-        """The run hashes of ``run_ids`` in one pipelined round trip ({} if missing)."""
+    async def _rows(self, op: str | None, run_ids: Sequence[str]) -> list[RunRecord]:
+        """The records of ``run_ids`` that exist, with their published state: one
+        script (``_redis_state.ROWS``), so one round trip and each run read with its
+        state at one moment. ``op`` None: part of a ``list_runs`` (counted once)."""
         if not run_ids:
             return []
-
-        async def fetch(c: aioredis.Redis) -> list[dict[bytes, bytes]]:
-            pipe = c.pipeline(transaction=False)
-            for rid in run_ids:
-                _cmd(pipe, "HGETALL", self._key("run", rid))
-            return list(await pipe.execute())
-
-        replies: list[dict[bytes, bytes]] = await self._exec("list_runs", fetch)
-        return replies
+        keys = [f"{self._tag}:runs"]
+        args = [f"{self._tag}:run:", f"{self._tag}:state:", *run_ids]
+        if op is None:
+            script = self._scripts["rows"]
+            reply = await self._exec("list_runs", lambda c: script(keys=keys, args=args))
+        else:
+            reply = await self._script(op, "rows", keys, args)
+        return published.records(reply)
 
     # -- hints ----------------------------------------------------------------
 
