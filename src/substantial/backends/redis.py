@@ -64,7 +64,6 @@ same hash tag: fine on Redis, and in the script's slot on Redis Cluster.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -78,6 +77,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._supervision import reraise_if_cancelling
 from .._types import RunStatus
 from ..errors import (
     BackendError,
@@ -104,6 +104,7 @@ from ._protocol import (
     Snapshot,
 )
 from ._redis_codec import fence_outcome, num, opt
+from ._redis_hints import hint_stream
 from ._registry import RedisRegistry
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts on connection errors
@@ -111,14 +112,6 @@ _LIST_BATCH = 200
 
 
 redact = rules.redact  # kept importable from here: tests and callers use it
-
-
-def _raise_if_cancelled() -> None:
-    """redis-py can swallow a cancellation that races with its own read timeout (the
-    CancelledError becomes a timeout); a pending cancel request must still win."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _cmd(c: aioredis.Redis | aioredis.client.Pipeline, *args: Any) -> Awaitable[Any]:
@@ -226,7 +219,7 @@ class RedisBackend(RedisRegistry):
             except AuthenticationError as exc:
                 raise BackendUnavailable(self._describe("refused the credentials", exc)) from exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                _raise_if_cancelled()
+                reraise_if_cancelling()
                 if attempt == len(_RETRY_DELAYS):
                     raise BackendUnavailable(self._describe(f"is unreachable ({op})", exc)) from exc
                 await asyncio.sleep(_RETRY_DELAYS[attempt])
@@ -561,49 +554,7 @@ class RedisBackend(RedisRegistry):
     # -- hints ----------------------------------------------------------------
 
     def subscribe(self) -> AsyncIterator[str]:
-        return self._hints()
-
-    async def _hints(self) -> AsyncIterator[str]:
-        """Run ids published by the scripts. "" once SUBSCRIBE is confirmed (from then
-        on every publish reaches us), and again after each reconnection."""
-        delay = 0.1
-        while not self._closed:
-            client = self._client
-            if client is None:  # not open yet
-                await asyncio.sleep(delay)
-                continue
-            pubsub = client.pubsub()
-            dropped = False
-            try:
-                await self._subscribed(pubsub)
-                delay = 0.1
-                yield ""
-                while not self._closed:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    _raise_if_cancelled()
-                    if msg is not None and msg.get("type") == "message":
-                        yield bytes(msg["data"]).decode(errors="replace")
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                _raise_if_cancelled()
-                dropped = True
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            if dropped and not self._closed:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _subscribed(self, pubsub: Any) -> None:
-        """SUBSCRIBE and wait for the server's confirmation: sending the command is not
-        enough, a publish the server handles before reading it would be missed."""
-        await pubsub.subscribe(self._channel)
-        while True:
-            _raise_if_cancelled()
-            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-            if msg is not None and msg.get("type") == "subscribe":
-                return
-            if self._closed:
-                raise RedisConnectionError("the backend was closed while subscribing")
+        return hint_stream(lambda: self._client, lambda: self._closed, self._channel)
 
     # -- test helpers -----------------------------------------------------------
 
