@@ -1,15 +1,18 @@
 """The S3 store's own behaviour beyond the shared contract: its URL, a missing bucket,
-credentials, and the requests a step costs (SeaweedFS on loopback)."""
+credentials, the requests a step costs, and published state across a writer's crash
+and an older run object (SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import uuid
+from typing import Any
 
+import orjson
 import pytest
 
-from substantial.backends import NewRun, open_backend
+from substantial.backends import NewRun, RunQuery, RunUpdate, open_backend
 from substantial.backends.s3 import S3Backend
 from substantial.errors import BackendUnavailable, ConfigurationError
 
@@ -123,6 +126,79 @@ async def test_a_slow_claim_pass_ends_early_and_the_next_takes_the_rest(
         assert 0 < len(first) < 40
         second = await backend.claim_due(**kw, now=T0)  # type: ignore[arg-type]
         assert second and not {c.run_id for c in first} & {c.run_id for c in second}
+    finally:
+        await backend.drop_everything()
+        await backend.close()
+
+
+async def test_a_dead_writers_published_state_is_rolled_forward_by_the_next_claimer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's log object (its header carries the published values) lands, then
+    it dies before the run object is written: the run object still shows the state
+    before, and the claimer after its lease merges the values in, JSON types kept."""
+    url = _url()
+    writer, claimer = open_backend(url), open_backend(url)
+    assert isinstance(writer, S3Backend) and isinstance(claimer, S3Backend)
+    await writer.open()
+    await claimer.open()
+    try:
+        new = NewRun(run_id="r", workflow="wf", queue="q", first_record=b"0", created_at=T0,
+                     due_at=T0, state={"customer": "acme"})  # fmt: skip
+        await writer.create_run(new)
+        kw: dict[str, Any] = {"queue": "q", "workflows": ["wf"], "limit": 1, "owner": "w"}
+        [c] = await writer.claim_due(**kw, lease_seconds=30, now=T0)
+
+        async def dies(*args: Any, **kwargs: Any) -> None:
+            raise BackendUnavailable("the writer died here")
+
+        monkeypatch.setattr(writer, "_settle", dies)
+        values = {"n": 1.0, "big": 12345678901234, "progress": {"done": 2, "of": 3}}
+        with pytest.raises(BackendUnavailable):
+            await writer.append("r", token=c.token, expected_len=1, records=[b"s"],
+                                update=RunUpdate(state=values), now=T0)  # fmt: skip
+        run = await claimer.get_run("r")
+        assert run is not None and run.state == {"customer": "acme"}
+
+        [again] = await claimer.claim_due(**kw, lease_seconds=30, now=T0 + 31)
+        assert again.token == c.token + 1
+        run = await claimer.get_run("r")
+        assert run is not None and run.state == {"customer": "acme", **values}
+        assert type(run.state["n"]) is float and type(run.state["big"]) is int
+    finally:
+        await claimer.drop_everything()
+        await claimer.close()
+        await writer.close()
+
+
+async def test_a_run_object_from_before_published_state_reads_as_not_indexed() -> None:
+    """No ``state`` in the object: None, so a search by state returns the run (its
+    log tells), and a later append does not start an index that would miss what the
+    run published before."""
+    backend = open_backend(_url())
+    assert isinstance(backend, S3Backend)
+    await backend.open()
+    try:
+        new = NewRun(run_id="old", workflow="wf", queue="q", first_record=b"0", created_at=T0,
+                     due_at=T0)  # fmt: skip
+        await backend.create_run(new)
+        key = f"{backend.prefix}runs/old"
+        got = await backend.bucket.get(key)
+        assert got is not None
+        doc = orjson.loads(got[0])
+        del doc["state"]
+        await backend.bucket.put(key, orjson.dumps(doc))
+        run = await backend.get_run("old")
+        assert run is not None and run.state is None
+        query = RunQuery(state_equals=(("customer", "acme"),))
+        assert [r.run_id for r in await backend.list_runs(query)] == ["old"]
+
+        kw: dict[str, Any] = {"queue": "q", "workflows": ["wf"], "limit": 1, "owner": "w"}
+        [c] = await backend.claim_due(**kw, lease_seconds=30, now=T0)
+        await backend.append("old", token=c.token, expected_len=1, records=[b"s"],
+                             update=RunUpdate(state={"customer": "globex"}), now=T0)  # fmt: skip
+        run = await backend.get_run("old")
+        assert run is not None and run.state is None
     finally:
         await backend.drop_everything()
         await backend.close()

@@ -3,8 +3,9 @@
 Keys, under the store's prefix (``<id>`` is percent-quoted, so it never holds a ``/``)::
 
     format                                  store format version ("1")
-    runs/<run>                              the run object: a RunRecord as JSON, plus the
-                                            log generation, last inbox id, index time
+    runs/<run>                              the run object: a RunRecord as JSON (its
+                                            published state too), plus the log
+                                            generation, last inbox id, index time
     logs/<run>/<gen>/<pos:012d>             a log object: the records appended at ``pos``
     inbox/<run>/<id:012d>                   one delivered item
     due/<queue>/<time>/<workflow>/<run>     the due index: empty objects; a listing in key
@@ -17,7 +18,8 @@ Keys, under the store's prefix (``<id>`` is percent-quoted, so it never holds a 
 
 A log object holds a JSON header and its records, each framed by a 4-byte length. Its
 header says which lease token wrote it, the run update it carries (applied to the run
-object right after, or rolled forward by the next claimer after a crash), and for the
+object right after, or rolled forward by the next claimer after a crash; the values
+the append published, ``RunUpdate.state``, included), and for the
 two kinds that hold no records: a *fence* (a claim reserving the log's next position for
 its token) and a *seal* (a compaction naming the generation that replaces this one).
 """
@@ -197,6 +199,7 @@ def dump_run(doc: RunDoc) -> bytes:
             "revert_requested": r.revert_requested,
             "priority": r.priority,
             "concurrency_key": r.concurrency_key,
+            "state": None if r.state is None else dict(r.state),  # orjson takes dicts only
             "gen": doc.gen,
             "last_inbox_id": doc.last_inbox_id,
             "indexed": doc.indexed,
@@ -206,8 +209,10 @@ def dump_run(doc: RunDoc) -> bytes:
 
 
 def load_run(raw: bytes, etag: str) -> RunDoc:
-    """A run object; one written before ``priority`` and ``concurrency_key`` existed
-    reads as 0 and None (RunRecord's defaults)."""
+    """A run object; one written before ``priority``, ``concurrency_key`` and
+    ``state`` existed reads as 0, None and None (RunRecord's defaults: a ``state`` of
+    None says the store holds no index of what that run published, so a search reads
+    its log instead of missing it)."""
     d: dict[str, Any] = orjson.loads(raw)
     gen, last, indexed, nonce = d.pop("gen"), d.pop("last_inbox_id"), d.pop("indexed"), d.pop("w")
     d["status"] = RunStatus(d["status"])
@@ -288,6 +293,8 @@ def _update_doc(u: RunUpdate) -> dict[str, Any]:
         value = getattr(u, name)
         if value is not None:
             d[name] = value
+    if u.state:  # so a claimer rolling a dead writer's append forward merges it too
+        d["state"] = dict(u.state)
     return d
 
 

@@ -18,8 +18,11 @@ on many machines:
   carries a run update (a status, a result, a release) writes its log object first,
   then the run object. If the writer dies in between, its lease expires and the next
   claimer, which reads the log's last object anyway to place its fence, applies the
-  update first (*roll forward*): a finished run ends, a released one sleeps, as if the
-  writer had lived. Until then the run object shows the status before that update.
+  update first (*roll forward*): a finished run ends, a released one sleeps, its
+  published values (``RunUpdate.state``) merge into the run's, as if the writer had
+  lived. Until then the run object shows the status and state before that update. (So
+  an append that publishes costs the run object's PUT too: that is what lets
+  ``list_runs`` filter on published state from the run objects, with no log read.)
 * **The due index is never later than the truth.** Each run object names the one index
   entry it owns, written before the run object that names it and deleted after the run
   object that stops naming it, and never later than the run's wake-up time (an entry
