@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from substantial import Conductor, Context, workflow
-from substantial.backends import Backend
+from substantial.backends import Backend, Claims
 from substantial.backends.memory import MemoryBackend
 from substantial.errors import BackendUnavailable
 
@@ -87,7 +87,7 @@ async def test_a_slow_claim_pass_renews_what_it_claimed_at_once() -> None:
     real_claim, real_renew = c.journal.claim, c.journal.renew
     renewed: asyncio.Queue[set[str]] = asyncio.Queue()
 
-    async def slow_claim(**kw: Any) -> list[Any]:
+    async def slow_claim(**kw: Any) -> Claims:
         got = await real_claim(**kw)
         if got:  # the pass takes its time (the heartbeat's first beat passes meanwhile)
             await asyncio.sleep(0.05)
