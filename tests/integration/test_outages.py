@@ -128,7 +128,9 @@ async def test_result_waits_through_an_outage_until_its_own_timeout(
     served = Conductor(server.url)
     served.register(wait_for_go)
     with caplog.at_level(logging.INFO, logger="substantial"):
-        async with worker(served), Conductor(server.url) as client:
+        # a short lease: a run whose hand-back met the outage is claimed again once
+        # its lease expires (the test waits for that, not for a default 30 s lease)
+        async with worker(served, lease=4), Conductor(server.url) as client:
             h = await client.start(wait_for_go)
             waiting = asyncio.create_task(h.result(timeout=120))
             await until_recorded(client, h.run_id)

@@ -23,7 +23,9 @@ from .worker_proc import declare_queues
 
 pytestmark = [
     pytest.mark.crash,
-    pytest.mark.parametrize("store", ["sqlite", "postgres", "redis"], indirect=True),
+    # the stores' side of every limit is in the conformance suite, on every store;
+    # here, the local store and a server store (Redis's Lua mirrors the same gate)
+    pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True),
 ]
 
 
@@ -98,7 +100,7 @@ async def test_rate_holds_across_workers_and_is_used(store: Store, workers: Work
     """10 starts a second across 3 workers: at most 10 (+1 for the clocks of
     several machines) in any one-second window, and at least 90 % of the allowed
     starts used over 10 s while runs wait."""
-    runs = [f"paced/{i:03d}" for i in range(130)]
+    runs = [f"paced/{i:03d}" for i in range(110)]  # more than 10 s of starts
     await start_critical(store, "paced", runs, hold=0.0)
     await workers.start(3, lease=lease_for(store.kind, 2.0), queues=("paced",))
     await wait_all_terminal(store.backend, runs, timeout=60)
