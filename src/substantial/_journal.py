@@ -459,7 +459,9 @@ class Journal:
         ]
 
     async def open_session(self, claim: Claim, lease: float) -> RunSession | None:
-        snap = await self.backend.read(claim.run_id)
+        snap = claim.snapshot
+        if snap is None:  # the store did not read it with the claim
+            snap = await self.backend.read(claim.run_id)
         if snap is None:
             return None
         return RunSession.loaded(self, claim, snap, lease)

@@ -343,6 +343,31 @@ async def test_inbox_consumption_is_recorded_with_append(backend: Backend) -> No
     assert [i.data for i in snap.inbox] == [b"2"]
 
 
+async def test_a_snapshot_that_comes_with_a_claim_is_what_a_read_would_give(
+    backend: Backend,
+) -> None:
+    """Claim.snapshot is optional; when a store attaches it, it is the run as the
+    claim left it (RUNNING, the new token), its whole log and its pending inbox."""
+    await backend.create_run(new_run("r1"))
+    c = await claim_one(backend)
+    assert c is not None
+    await backend.append(
+        "r1", token=c.token, expected_len=1, records=[b"ev0"], update=RunUpdate(inbox_pos=1),
+        now=T0,
+    )  # fmt: skip
+    await backend.release("r1", token=c.token, due_at=T0, status=RunStatus.SUSPENDED, now=T0)
+    for i in range(3):
+        await backend.deliver("r1", b"%d" % i, now=T0)
+    again = await claim_one(backend, now=T0 + 1)
+    assert again is not None
+    if again.snapshot is not None:
+        assert again.snapshot == await backend.read("r1")
+        assert again.snapshot.run.status == RunStatus.RUNNING
+        assert again.snapshot.run.lease_token == again.token
+        assert again.snapshot.log == [b'{"k":"start"}', b"ev0"]
+        assert [i.data for i in again.snapshot.inbox] == [b"1", b"2"]
+
+
 async def test_release_while_a_delivery_is_pending_keeps_the_run_due(backend: Backend) -> None:
     await backend.create_run(new_run("r1"))
     c = await claim_one(backend)

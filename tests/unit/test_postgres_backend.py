@@ -85,6 +85,22 @@ async def test_poll_interval_and_calls(pg: PostgresBackend) -> None:
     assert pg.calls["create_run"] == 1 and pg.calls["get_run"] == 2
 
 
+async def test_a_claim_carries_each_run_s_first_read(pg: PostgresBackend) -> None:
+    """The worker's read after a claim rides in the claim's round trip."""
+    await pg.create_run(_new("r1"))
+    await pg.create_run(_new("r2", due=T0 + 1))
+    await pg.deliver("r2", b"e", now=T0)
+    claims = await pg.claim_due(
+        queue="default", workflows=["wf"], limit=5, owner="w", lease_seconds=5, now=T0 + 2
+    )
+    assert [c.run_id for c in claims] == ["r1", "r2"]
+    for c in claims:
+        assert c.snapshot is not None
+        assert c.snapshot.run.lease_token == c.token
+    assert [i.data for i in claims[1].snapshot.inbox] == [b"e"]  # type: ignore[union-attr]
+    assert "read" not in pg.calls
+
+
 async def test_unreachable_server_is_unavailable_without_the_password() -> None:
     b = PostgresBackend("postgresql://someone:s3cr3t-pw@127.0.0.1:1/db", schema="x")
     with pytest.raises(BackendUnavailable) as info:

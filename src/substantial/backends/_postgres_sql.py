@@ -501,9 +501,24 @@ CLAIM = """WITH picked AS MATERIALIZED (
     RETURNING r.run_id, r.lease_token, r.due_at, r.created_at
 )
 SELECT run_id, lease_token FROM claimed ORDER BY due_at, created_at, run_id"""
-# The unlimited claim of a queue that orders by priority (QueueLimits(priority=True)).
-CLAIM_PRIORITY = CLAIM.replace("ORDER BY due_at", "ORDER BY priority, due_at").replace(
-    "r.due_at, r.created_at", "r.priority, r.due_at, r.created_at"
+# The claim that also reads each claimed run as READ does from position 0 (the row as
+# the claim left it, its whole log, its pending inbox): a worker's first read rides
+# in the claim's round trip (Claim.snapshot). The log and inbox are not written by
+# the claim, so the statement's snapshot of them is what a read after it would see.
+_SNAPSHOT_TAIL = """SELECT {c},
+    ARRAY(SELECT l.data FROM {s}.log l WHERE l.run_id = r.run_id ORDER BY l.pos) AS log_data,
+    ARRAY(SELECT b.id FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
+         ORDER BY b.id) AS inbox_ids,
+    ARRAY(SELECT b.data FROM {s}.inbox b WHERE b.run_id = r.run_id AND b.id > r.inbox_pos
+         ORDER BY b.id) AS inbox_data
+  FROM claimed r ORDER BY r.due_at, r.created_at, r.run_id"""
+CLAIM_READ = CLAIM.replace("RETURNING r.run_id, r.lease_token, r.due_at, r.created_at",
+                           "RETURNING r.*").replace(
+    "SELECT run_id, lease_token FROM claimed ORDER BY due_at, created_at, run_id", _SNAPSHOT_TAIL
+)  # fmt: skip
+# The same for a queue that orders by priority (QueueLimits(priority=True)).
+CLAIM_READ_PRIORITY = CLAIM_READ.replace("ORDER BY due_at", "ORDER BY priority, due_at").replace(
+    "ORDER BY r.due_at", "ORDER BY r.priority, r.due_at"
 )
 CLAIM_LIMITED = """SELECT o_ids, o_tokens, o_held
   FROM {s}.claim_limited($1, $2::text[], $3, $4, $5, $6, $7, $8, $9, $10, {t})"""

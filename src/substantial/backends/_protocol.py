@@ -48,7 +48,7 @@ store included.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 from .._types import RunStatus
@@ -121,8 +121,14 @@ class NewRun:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Claim:
+    """One claimed run and its lease token. ``snapshot``: a store that can read
+    the run in the claim's own round trip attaches what ``read(run_id)`` would
+    return right after the claim (the whole log, the pending inbox), sparing
+    the worker that read; None: the worker reads it."""
+
     run_id: str
     token: int
+    snapshot: Snapshot | None = field(default=None, compare=False, repr=False)
 
 
 class Claims(list[Claim]):

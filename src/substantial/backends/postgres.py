@@ -280,9 +280,13 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
             row = await self._q("fetchrow", sql.CLAIM_LIMITED, *args, *lim)
             pairs = zip(row["o_ids"], row["o_tokens"], strict=True)
             return Claims((Claim(run_id=r, token=t) for r, t in pairs), held_until=row["o_held"])
-        template = sql.CLAIM_PRIORITY if limits is not None and limits.priority else sql.CLAIM
+        template = (
+            sql.CLAIM_READ_PRIORITY if limits is not None and limits.priority else sql.CLAIM_READ
+        )
         rows = await self._q("fetch", template, *args)
-        return [Claim(run_id=r["run_id"], token=r["lease_token"]) for r in rows]
+        return [
+            Claim(run_id=r["run_id"], token=r["lease_token"], snapshot=_snapshot(r)) for r in rows
+        ]
 
     async def next_due(self, *, queue: str, workflows: Collection[str], now: float) -> float | None:
         self._count("next_due")
@@ -292,14 +296,7 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
     async def read(self, run_id: str, *, log_from: int = 0) -> Snapshot | None:
         self._count("read")
         row = await self._q("fetchrow", sql.READ, run_id, log_from)
-        if row is None:
-            return None
-        pairs = zip(row["inbox_ids"], row["inbox_data"], strict=True)
-        return Snapshot(
-            run=sql.to_record(row),
-            log=[bytes(d) for d in row["log_data"]],
-            inbox=[InboxItem(id=i, data=bytes(d)) for i, d in pairs],
-        )
+        return None if row is None else _snapshot(row)
 
     async def read_log_page(
         self, run_id: str, *, start: int, stop: int
@@ -482,3 +479,13 @@ class PostgresBackend(PostgresRegistry, PostgresConnections):
     async def drop_everything(self) -> None:
         """Drop the whole schema, tables, functions and all (tests use it to clean up)."""
         await self._q("execute", sql.DROP)
+
+
+def _snapshot(row: Any) -> Snapshot:
+    """A READ-shaped row (the run's columns, log_data, inbox_ids, inbox_data)."""
+    pairs = zip(row["inbox_ids"], row["inbox_data"], strict=True)
+    return Snapshot(
+        run=sql.to_record(row),
+        log=[bytes(d) for d in row["log_data"]],
+        inbox=[InboxItem(id=i, data=bytes(d)) for i, d in pairs],
+    )
