@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from . import _records as R
 from ._interrupts import CancelRun, DeadlineExpired
 from ._replay import Replay, Step
+from ._types import RunStatus
 from .codec import coerce
 from .errors import WorkflowError
 
@@ -168,6 +169,14 @@ class CallCore:
         last = first + len(batch) - 1
         self._replay.advance(last + 1)
         return last
+
+    async def _settle(self, what: str) -> None:
+        """Before user code's effect: the store shows RUNNING and holds every call
+        record made so far (a wait's end rides with the next write; an effect
+        must not run ahead of it). One write if either is missing, else none."""
+        calls_pending = any(r["k"] == R.CALL for r in self._pending)
+        if calls_pending or self._session.shown is not RunStatus.RUNNING:
+            await self._write(what=what)
 
     def flush_records(self) -> list[R.Record]:
         """The buffered log lines, for the write that ends or suspends the run."""

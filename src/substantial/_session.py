@@ -164,9 +164,9 @@ class RunSession:
     async def show(self, status: RunStatus) -> None:
         """Make the store show ``status`` (RUNNING or SUSPENDED) if it does not.
 
-        The rare case where no record carries it: user code (a save's effect)
-        about to run right after an in-place wait, or a wait that a replay
-        continues in place (its record was written before the restart)."""
+        The rare case where no record carries it: a wait that a replay continues
+        in place (its record was written before the restart). (Before a save's
+        effect the engine writes its held-back records instead: ``_settle``.)"""
         if status != self._shown:
             await self.append([], RunUpdate(status=status), "status")
 

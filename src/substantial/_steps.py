@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import _records as R
 from . import telemetry
 from ._threads import run_in_thread
-from ._types import DEFAULT_RETRY, Retry, RunStatus, Seconds, to_seconds
+from ._types import DEFAULT_RETRY, Retry, Seconds, to_seconds
 from ._waits import Waits
 from .codec import coerce, to_json
 from .errors import PayloadTooLarge, SaveFailed, SerializationError
@@ -125,8 +125,7 @@ class Steps(Waits):
         that will be retried and waiting out its backoff. Each record says when
         the effect started (``t0``) and how long it took (``ms``)."""
         session = self._session
-        if session.shown is not RunStatus.RUNNING:  # user code runs: say so first
-            await session.show(RunStatus.RUNNING)
+        await self._settle(run.what)  # user code runs: say so first
         wf = session.run.workflow
         t0 = self._clock()
         p0 = time.perf_counter()  # (the metric's clock: t0 may be a virtual one)

@@ -1,5 +1,6 @@
 """Taking an event in costs no round trip of its own: the event moves from the
-inbox into the log with the record of the call that consumes it."""
+inbox into the log with the record of the call that consumes it, and that
+record goes with the run's next write."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ async def echo_once(c: Context) -> str:
     return got.upper()
 
 
-async def test_an_event_is_written_with_the_receive_that_consumes_it() -> None:
+async def test_an_event_the_receive_that_consumes_it_and_the_end_are_one_write() -> None:
     backend = MemoryBackend()
     c = Conductor(backend)
     c.register(echo_once)
@@ -31,7 +32,7 @@ async def test_an_event_is_written_with_the_receive_that_consumes_it() -> None:
         appends = backend.calls.get("append", 0)
         await h.send("ping", "hi")
         assert await h.result(timeout=10) == "HI"
-    assert backend.calls["append"] - appends == 2  # [event, receive], then the end
+    assert backend.calls["append"] - appends == 1  # [event, receive, end]
     snap = await backend.read(h.run_id)
     assert snap is not None
     kinds = [orjson.loads(r)["k"] for r in snap.log]
