@@ -89,13 +89,19 @@ class Composition(Steps):
         if final is None:
             await self._sync()
             child_id = f"{self.run_id}.{step.seq}"
+            # A child cannot outlive its parent's deadline: it ends with the same
+            # reason when that passes (or at its own, if sooner).
+            deadline = self._session.start.get("deadline")
+            if timeout is not None:
+                own = self._clock() + timeout
+                deadline = own if deadline is None else min(deadline, own)
             await self._session.journal.create(
                 run_id=child_id,
                 workflow=name,
                 kwargs=dict(kwargs or {}),
                 queue=queue or self._session.run.queue,
                 parent_id=self.run_id,
-                timeout=timeout,
+                deadline=deadline,
             )
             final = self._rec(R.CALL, step.seq, "start_child", at, name, v=child_id)
             await self._write(final, what="start_child()")

@@ -60,10 +60,10 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
             session, RunStatus.FAILED, error=str(session.corrupt), error_type="CorruptRecord"
         )
         return None
-    if run.cancel_requested and not run.revert_requested:
-        await _cancel(session)
-        return None  # (a revert replays first: the compensations are in the code)
     deadline = session.start.get("deadline")
+    if run.cancel_requested and not run.revert_requested:
+        await _cancel(session, reason=_overdue(session, deadline))
+        return None  # (a revert replays first: the compensations are in the code)
     if deadline is not None and session.journal.clock() >= deadline:
         await _cancel(session, reason=_expired(deadline))  # no replay: nothing runs now
         return None
@@ -95,7 +95,8 @@ async def drive(session: RunSession, wf: Workflow[Any], *, hot_wait: float) -> f
     if status == RunStatus.COMPLETED:
         await _end(session, status, result=value, extra=ctx.flush_records())
     else:
-        await _cancel(session, ctx.flush_records(), status=status)
+        reason = _overdue(session, deadline) if status == RunStatus.CANCELLED else None
+        await _cancel(session, ctx.flush_records(), status=status, reason=reason)
     return None
 
 
@@ -186,6 +187,14 @@ async def _end(
         with contextlib.suppress(RunNotFound, RunFinished):
             origin = session.start.get("origin", session.run_id)
             await session.journal.deliver(parent, child_event(origin), outcome)
+
+
+def _overdue(session: RunSession, deadline: float | None) -> str | None:
+    """The reason for a cancel that came once the run's deadline had passed (its
+    parent's, expiring, cancelled it): the deadline, not a client's cancel."""
+    if deadline is None or session.journal.clock() < deadline:
+        return None
+    return _expired(deadline)
 
 
 def _expired(deadline: float) -> str:

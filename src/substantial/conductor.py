@@ -39,7 +39,7 @@ from .errors import (
     ConfigurationError,
 )
 from .filters import compile_filter, uses_state
-from .worker import Worker, WorkerOptions, install_sigterm
+from .worker import Worker, WorkerOptions, WorkerTask, install_sigterm
 from .workflow import Workflow, deadline_seconds, workflow_name
 
 __all__ = ["Conductor", "RunHandle"]
@@ -240,7 +240,7 @@ class Conductor:
             burst=burst,
         )
         worker = Worker(self.journal, dict(self.workflows), options, queues=self.queues)
-        task = asyncio.get_running_loop().create_task(self._serve(worker), name="substantial")
+        task = WorkerTask(lambda: self._serve(worker), name="substantial")
         if handle_sigterm and not burst:
             install_sigterm(task)
         return task

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -420,6 +420,29 @@ class Worker:
                 log.warning("run %s: lease lost to another worker; abandoning", run_id)
                 session.lease_lost()
                 task.cancel()
+
+
+class WorkerTask(asyncio.Task[None]):
+    """The task ``Conductor.run()`` returns. Cancelling it stops the worker and
+    awaiting it returns None, also when the cancel comes before the task took its
+    first step: a coroutine that never began cannot catch that cancel (it would
+    be raised from ``await``), so such a cancel makes the task end as it starts."""
+
+    def __init__(self, serve: Callable[[], Coroutine[Any, Any, None]], *, name: str) -> None:
+        self._began = False
+        self._stop_at_start = False
+        super().__init__(self._begin(serve), name=name)
+
+    async def _begin(self, serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._began = True
+        if not self._stop_at_start:
+            await serve()
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._began or self.done():
+            return super().cancel(msg)
+        self._stop_at_start = True
+        return True
 
 
 def install_sigterm(task: asyncio.Task[Any]) -> None:

@@ -57,7 +57,12 @@ async def test_a_deadline_cancels_the_runs_descendants(backend: Backend) -> None
             await h.result(timeout=30)
         await env.run_until_idle()  # the child takes its cancel in
         child = env.conductor.handle(f"{h.run_id}.0")  # its first call's child
-        assert await child.status() == RunStatus.CANCELLED
+        summary = await child.summary()
+        assert summary.status == RunStatus.CANCELLED
+        assert summary.error is not None and "its deadline passed" in summary.error
+        assert summary.error_type == "DeadlineExceeded"
+        with pytest.raises(RunCancelled, match="its deadline passed"):
+            await child.result(timeout=30)
 
 
 async def test_start_timeout_overrides_the_workflows_and_a_quick_run_is_unaffected(

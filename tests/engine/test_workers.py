@@ -3,6 +3,7 @@ serves, beating, back after its entry vanished, gone once it stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from substantial import Conductor, Context, RunStatus, workflow
@@ -50,3 +51,22 @@ async def test_a_worker_is_listed_while_it_serves_and_gone_when_it_stops(
         assert await conductor.served_by(summary)
     assert await conductor.workers() == []
     assert not await conductor.served_by(summary)
+
+
+async def test_a_worker_cancelled_at_any_moment_stops_quietly() -> None:
+    """Awaiting a cancelled ``run()`` task returns None: cancelled before its first
+    step (a task that never began), as it opens the store, and while it serves."""
+    c = Conductor("memory://")
+    c.register(noop)
+    for steps in (0, 1, 3):
+        task = c.run(handle_sigterm=False)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        assert task.cancel()
+        assert await task is None
+    task = c.run(handle_sigterm=False)
+    await (await c.start(noop)).result(timeout=10)  # serving
+    task.cancel()
+    assert await task is None
+    assert await c.workers() == []
+    await c.close()
