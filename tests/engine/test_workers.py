@@ -63,10 +63,10 @@ async def test_a_worker_cancelled_at_any_moment_stops_quietly() -> None:
         for _ in range(steps):
             await asyncio.sleep(0)
         assert task.cancel()
-        assert (await asyncio.gather(task)) == [None]
+        assert list(await asyncio.gather(task)) == [None]
     task = c.run(handle_sigterm=False)
     await (await c.start(noop)).result(timeout=10)  # serving
     task.cancel()
-    assert (await asyncio.gather(task)) == [None]
+    assert list(await asyncio.gather(task)) == [None]
     assert await c.workers() == []
     await c.close()
