@@ -73,10 +73,11 @@ async def test_the_matrix_finds_the_double_charge_of_a_non_idempotent_step(
         m.assert_exactly_once(idempotent={"reserve"})
 
 
-async def test_the_matrix_passes_the_idempotent_version(tmp_path: Path) -> None:
+def test_the_matrix_passes_the_idempotent_version(tmp_path: Path) -> None:
+    """(A plain call, from sync code: DESIGN writes it so.)"""
     ledger = tmp_path / "ledger.txt"
     ledger.touch()
-    m = await crash_matrix(pay_once, {"ledger": str(ledger)}, backend=sqlite(tmp_path))
+    m = crash_matrix(pay_once, {"ledger": str(ledger)}, backend=sqlite(tmp_path))
     m.assert_exactly_once(idempotent={"reserve", "charge"})
     every = ledger.read_text().splitlines()
     runs = {line.split()[0] for line in every}

@@ -5,6 +5,7 @@ a change to an example that would strand its runs in flight fails here."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from substantial import ClientError, Context, NonDeterminismError, Retry, workflow
-from substantial.testing import TestEnvironment, load_histories, replay
+from substantial.testing import Replayed, TestEnvironment, load_histories, replay
 
 from .golden import HERE as GOLDEN
 from .golden import example
@@ -112,6 +113,22 @@ async def test_a_different_result_of_a_finished_run_is_a_divergence() -> None:
     assert (await replay(doc, pay)).outcome == "ended"
     with pytest.raises(NonDeterminismError, match=r"return \"CHARGED 5\".*completing with"):
         await replay(doc, pay_other_result)
+
+
+async def test_replay_works_without_await_in_async_code_too() -> None:
+    doc = await history_of(pay, ship=True)
+    replayed = replay(doc, pay)  # DESIGN writes it as a plain call
+    assert isinstance(replayed, Replayed) and replayed.outcome == "ended"
+    assert await replayed is replayed
+    with pytest.raises(NonDeterminismError):
+        replay(doc, pay_other_result)
+
+
+def test_replay_is_a_plain_call_in_sync_code() -> None:
+    doc = asyncio.run(history_of(pay, ship=True))
+    assert replay(doc, pay).outcome == "ended"
+    with pytest.raises(NonDeterminismError, match="completing with"):
+        replay(doc, pay_other_result)
 
 
 async def test_a_run_that_failed_replays_when_the_code_fails_the_same_way() -> None:

@@ -35,6 +35,7 @@ import orjson
 from ..conductor import Conductor, RunHandle
 from ..errors import ConfigurationError, RunError
 from ..workflow import Workflow
+from ._either import AwaitableResult, run_to_end
 
 __all__ = ["POINTS", "CrashCase", "CrashMatrix", "crash_matrix"]
 
@@ -58,7 +59,7 @@ class CrashCase:
 
 
 @dataclass(frozen=True, slots=True)
-class CrashMatrix:
+class CrashMatrix(AwaitableResult):
     """The baseline and every case (see the module docstring)."""
 
     baseline: tuple[str, Any]
@@ -112,7 +113,7 @@ class CrashMatrix:
             raise AssertionError("crash matrix:\n  " + "\n  ".join(problems))
 
 
-async def crash_matrix(
+def crash_matrix(
     wf: Workflow[Any],
     kwargs: dict[str, Any] | None = None,
     *,
@@ -127,7 +128,8 @@ async def crash_matrix(
     ``backend``: a store URL the worker processes share (not ``memory://``). ``wf``
     must be importable by module and name (not defined in ``__main__`` or a
     function). ``events`` are sent to each run right after it starts. ``lease``:
-    the crashing workers' lease, which is how long the fresh worker waits."""
+    the crashing workers' lease, which is how long the fresh worker waits.
+    Call it plainly or ``await`` it (see ``_either``)."""
     if backend.startswith("memory:"):
         raise ConfigurationError(
             "crash_matrix() needs a store worker processes share, not memory://"
@@ -136,6 +138,22 @@ async def crash_matrix(
         if point not in POINTS:
             raise ValueError(f"unknown boundary {point!r}; expected one of {', '.join(POINTS)}")
     app = _app_spec(wf)
+    return run_to_end(
+        lambda: _matrix(wf, kwargs, app, backend, events, points, lease=lease, timeout=timeout)
+    )
+
+
+async def _matrix(
+    wf: Workflow[Any],
+    kwargs: dict[str, Any] | None,
+    app: str,
+    backend: str,
+    events: Sequence[tuple[str, Any]],
+    points: Sequence[Point],
+    *,
+    lease: float,
+    timeout: float,
+) -> CrashMatrix:
     tag = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="substantial-crash-") as scratch:
         pool = _Processes(Path(scratch), app, backend)

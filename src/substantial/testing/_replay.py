@@ -34,6 +34,7 @@ from ..backends.memory import MemoryBackend
 from ..codec import to_json
 from ..errors import ClientError, NonDeterminismError
 from ..workflow import Workflow
+from ._either import AwaitableResult, run_to_end
 
 __all__ = ["Replayed", "replay", "replay_run"]
 
@@ -51,7 +52,7 @@ def _stop() -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Replayed:
+class Replayed(AwaitableResult):
     """How a replay ended: ``calls`` durable calls were answered by the log, then
     the code ``ended`` (returned or raised as the log says), was ``waiting``
     (a wait the log has not seen end), or went ``live`` (a new call)."""
@@ -61,17 +62,18 @@ class Replayed:
     outcome: Outcome
 
 
-async def replay(
+def replay(
     history: HistoryFile | RunHistory | dict[str, Any] | str | Path,
     workflow: Workflow[Any],
 ) -> Replayed:
     """Replay one exported run (a file path, a loaded document, or a run of one)
-    against ``workflow``; raises NonDeterminismError at the first divergence."""
+    against ``workflow``; raises NonDeterminismError at the first divergence.
+    Call it plainly or ``await`` it (see ``_either``)."""
     runs = load_histories(history)
     if len(runs) != 1:
         ids = ", ".join(r.run_id for r in runs) or "none"
         raise ClientError(f"replay() takes the history of one run; this one has {ids}")
-    return await replay_run(runs[0], workflow)
+    return run_to_end(lambda: replay_run(runs[0], workflow))
 
 
 async def replay_run(run: RunHistory, workflow: Workflow[Any]) -> Replayed:
