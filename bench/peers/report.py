@@ -196,24 +196,25 @@ WHY = """\
 Measured with profilers on this machine (see the issue notes); what would close each:
 
 - **W1 against the peers**: both sides are bound by PostgreSQL commits.
-  Substantial's 200x10 batches its runs' appends into one statement per batch
-  (group commit). What is left per run: its start (a commit of its own), its
-  claim, its snapshot read and its end (a commit, a notification, the client's
-  read of the result). 1000x1 is all of that and one step, so the per-run
-  round trips dominate. To close it: claim returning the snapshot (one round trip
-  less per run), and the end's commit shared with the next claim.
+  Substantial batches its runs' appends into one statement per batch (group
+  commit), and a claim returns each claimed run's log and inbox with its lease
+  (no read of its own). What is left per run: its start (a commit of its own),
+  its end (a commit, a notification) and the client's reads of the result (one
+  before it waits, one when the end's hint comes). 1000x1 is all of that and one
+  step, so the per-run round trips dominate. To close it: starts made at once by
+  one client batched into one transaction, as appends are, and hints that say
+  a run ended, so a waiting client skips the look before it waits and the looks
+  at hints of changes that are not the end.
 - **W2 on PostgreSQL**: one step is one INSERT and its commit. The extra over a
-  raw commit (about 0.15 ms) is the engine (about 0.03 ms: the memory store's
-  ms/step) and asyncpg's per-statement overhead from Python.
-- **W2 on SQLite**: a raw commit here is 0.008 ms; the engine alone costs
-  about 0.025 ms per step, so 3x the commit (0.024 ms) is below what the Python
-  engine costs before it touches the store. Writes already run inline, without a
+  raw commit (about 0.08-0.15 ms) is the engine (about 0.03 ms: the memory
+  store's ms/step), asyncpg's per-statement overhead from Python, and the
+  fencing: the INSERT locks the run's row FOR SHARE so a claim cannot slip
+  between the token check and the commit, and that lock is written to the WAL.
+  To close it: fence with an advisory lock (kept in memory) instead of a row lock.
+- **W2 on SQLite**: a raw commit here is 0.008-0.02 ms; the engine alone costs
+  about 0.025 ms per step, so 3x the commit is below what the Python engine
+  costs before it touches the store. Writes already run inline, without a
   thread hop.
-- **W4**: send to result crosses three durable commits (the delivery, the
-  receive's record, the end) and two notifications between processes, on 2
-  cores shared by the client, the worker and the server. To close it: the
-  receive's record and the end in one write, and the inbox item carried in
-  the hint so the worker skips a read.
 """
 
 
