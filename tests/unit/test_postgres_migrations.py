@@ -76,9 +76,18 @@ async def test_an_older_store_is_upgraded_in_place_with_its_runs(
         await old.open()
         try:
             await old.create_run(_new("r1"))
-            [c] = await old.claim_due(queue="default", workflows=["wf"], limit=1, owner="w",
-                                      lease_seconds=30, now=T0)  # fmt: skip
-            assert await old.append("r1", token=c.token, expected_len=1, records=[b"1"],
+            # claimed as an older release did (today's claim reads today's columns)
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                token = await conn.fetchval(
+                    f"UPDATE \"{schema}\".runs SET status = 'RUNNING', started_at = $1, "
+                    "lease_token = lease_token + 1, lease_owner = 'w', "
+                    "lease_expires_at = $1::float8 + 30 WHERE run_id = 'r1' RETURNING lease_token",
+                    T0,
+                )
+            finally:
+                await conn.close()
+            assert await old.append("r1", token=token, expected_len=1, records=[b"1"],
                                     now=T0) == 2  # fmt: skip
         finally:
             await old.close()
@@ -87,13 +96,13 @@ async def test_an_older_store_is_upgraded_in_place_with_its_runs(
     try:
         assert await new.migrate() == LATEST_VERSION
         run = await new.get_run("r1")
-        assert run is not None and run.log_len == 2 and run.lease_token == c.token
-        assert await new.append("r1", token=c.token, expected_len=2, records=[b"2"], now=T0) == 3
+        assert run is not None and run.log_len == 2 and run.lease_token == token
+        assert await new.append("r1", token=token, expected_len=2, records=[b"2"], now=T0) == 3
         snap = await new.read("r1", log_from=-2)
         assert snap is not None and snap.log == [b"1", b"2"] and snap.run.log_len == 3
         assert snap.run.error_type is None  # the column added by migration 4
         update = RunUpdate(status=RunStatus.FAILED, error="e", error_type="KeyError", ended_at=T0)
-        await new.append("r1", token=c.token, expected_len=3, records=[b"x"], update=update,
+        await new.append("r1", token=token, expected_len=3, records=[b"x"], update=update,
                          now=T0)  # fmt: skip
         run = await new.get_run("r1")
         assert run is not None and run.error_type == "KeyError"
