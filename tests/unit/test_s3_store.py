@@ -13,6 +13,8 @@ import orjson
 import pytest
 
 from substantial.backends import NewRun, RunQuery, RunUpdate, open_backend
+from substantial.backends._s3_claim import Want
+from substantial.backends._s3_layout import RunDoc
 from substantial.backends.s3 import S3Backend
 from substantial.errors import BackendUnavailable, ConfigurationError
 
@@ -84,6 +86,81 @@ async def test_a_step_costs_one_conditional_put() -> None:
     finally:
         await backend.drop_everything()
         await backend.close()
+
+
+async def _claimed_with_stale_peers(
+    peers: int,
+) -> tuple[S3Backend, list[tuple[S3Backend, RunDoc]], int]:
+    """Run ``r`` claimed by a holder, and ``peers`` other workers holding its run object
+    as it was before the claim (they listed the due index first)."""
+    url = _url()
+    holder = open_backend(url)
+    assert isinstance(holder, S3Backend)
+    await holder.open()
+    new = NewRun(run_id="r", workflow="wf", queue="q", first_record=b"0", created_at=T0,
+                 due_at=T0)  # fmt: skip
+    await holder.create_run(new)
+    stale: list[tuple[S3Backend, RunDoc]] = []
+    for _ in range(peers):
+        peer = open_backend(url)
+        assert isinstance(peer, S3Backend)
+        await peer.open()
+        doc = await peer._fetch("r")
+        assert doc is not None
+        stale.append((peer, doc))
+    [claim] = await holder.claim_due(
+        queue="q", workflows=["wf"], limit=1, owner="h", lease_seconds=30, now=T0
+    )
+    return holder, stale, claim.token
+
+
+async def _close(holder: S3Backend, stale: list[tuple[S3Backend, RunDoc]]) -> None:
+    await holder.drop_everything()
+    for b in (holder, *(p for p, _ in stale)):
+        await b.close()
+
+
+async def test_claimers_with_a_stale_run_object_leave_the_holder_s_fence_alone() -> None:
+    """Their claim fails and the holder's first append is still its one request."""
+    holder, stale, token = await _claimed_with_stale_peers(3)
+    try:
+        for peer, doc in stale:
+            want = Want(queue="q", workflows={"wf"}, owner="o", lease_seconds=30, now=T0)
+            assert await peer._claims.claim_doc(doc, want) is None
+        before = dict(holder.requests)
+        assert await holder.append("r", token=token, expected_len=1, records=[b"s"], now=T0) == 2
+        spent = {op: n - before.get(op, 0) for op, n in holder.requests.items()}
+        assert {op: n for op, n in spent.items() if n} == {"put_object": 1}
+    finally:
+        await _close(holder, stale)
+
+
+async def test_the_holder_follows_its_fence_however_often_same_token_claimers_replace_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claimers of the holder's token that lost the run object to it (their fence went
+    in between its fence and its run object write) re-place the fence, one just before
+    each of the holder's tries: its append lands all the same, at the fenced position."""
+    holder, stale, token = await _claimed_with_stale_peers(3)
+    try:
+        waiting = [peer for peer, _ in stale]
+        real_put = holder.bucket.put
+
+        async def raced_put(key: str, data: bytes, **kw: Any) -> str | None:
+            if kw.get("if_match") and waiting:
+                peer = waiting.pop()
+                scan = await peer._logs.scan("r", stale[0][1].gen)
+                assert scan.last is not None and scan.last.fence
+                assert await peer._logs.fence("r", scan, token) is not None
+            return await real_put(key, data, **kw)
+
+        monkeypatch.setattr(holder.bucket, "put", raced_put)
+        assert await holder.append("r", token=token, expected_len=1, records=[b"s"], now=T0) == 2
+        assert not waiting
+        snap = await holder.read("r")
+        assert snap is not None and snap.log == [b"0", b"s"] and snap.run.lease_token == token
+    finally:
+        await _close(holder, stale)
 
 
 async def test_an_unreachable_endpoint_is_backend_unavailable_naming_it(

@@ -156,6 +156,13 @@ class Claims:
             # a newer lease wrote the log: ``doc`` is stale (a fresh one never shows
             # this), and a fence of ours would knock that holder out
             return None
+        if last is not None and last.fence and last.token == next_token:
+            # a fence of the token we would take: a claim that died after placing it,
+            # or one that won and whose run object ``doc`` predates. Replacing the
+            # winner's fence costs it a request at its first append, so look first
+            fresh = await self._fetch(run_id)
+            if fresh is None or fresh.rec.lease_token >= next_token:
+                return None
         fence = await self._logs.fence(run_id, scan, next_token)
         if fence is None:
             return None  # a writer or another claimer got there first

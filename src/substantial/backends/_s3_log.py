@@ -15,7 +15,7 @@ Why what this keeps in memory can never make the store wrong:
   from the run object (the lease) and the log (its end and fence).
 * **A lost reply is told from a lost race** by the nonce each object carries: a failed
   condition on a write of ours that landed (the client retried it) is a success. A fence
-  of our own token that a racing claimer of that token re-placed is followed once.
+  of our own token that racing claimers of that token re-placed is followed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from ._s3_layout import Keys, LogObject, RunDoc, dump_log, load_log, log_pos
 T = TypeVar("T")
 PARALLEL = 16  # requests in flight for one operation (a log read, a claim scan)
 _CACHE = 4096  # log objects kept in memory (they never change once written)
+# times a first append follows a fence of its own token that racing claimers re-placed:
+# each is a claimer that read the run object before our claim, so a few at most
+_FOLLOWS = 8
 
 
 def new_nonce() -> str:
@@ -242,7 +245,7 @@ class RunLogs:
         """Write the log object at the tail's end: replacing our fence, or a new
         position. False if another writer holds that position."""
         key = self._keys.log(run_id, tail.gen, tail.end)
-        for _ in range(2):
+        for _ in range(_FOLLOWS):
             if tail.fence is not None:
                 etag = await self._bucket.put(key, body, if_match=tail.fence)
             else:
@@ -257,7 +260,9 @@ class RunLogs:
             if obj.nonce == nonce:
                 return True  # our write landed; its reply was lost
             if obj.fence and obj.token == tail.token and obj.etag != tail.fence:
-                tail.fence = obj.etag  # a racing claimer of our token re-placed the fence
+                # a claimer of our token that lost the run object to us re-placed the
+                # fence: the position is still ours (no one else holds this token)
+                tail.fence = obj.etag
                 continue
             return False
         return False

@@ -13,6 +13,10 @@ on many machines:
   its new lease token, before it writes that token into the run object. From then on a
   writer with an older token finds its next position taken and gets LeaseLost. The
   new owner's first append replaces the fence (``If-Match`` on the fence's ETag).
+  Claimers of the same token that lose the run object to it may have re-placed that
+  fence meanwhile; a fence of its own token is its own, so it follows the new ETag. A
+  claimer that finds such a fence reads the run object first, so a claim that won
+  is left alone.
 * **The run object is a view of the log**, replaced with ``If-Match`` on its ETag
   (read, change, write; retried when another writer came first). An append that
   carries a run update (a status, a result, a release) writes its log object first,
