@@ -23,7 +23,7 @@ effects: list[str] = []
 
 
 @workflow()
-async def long_step(c: Context, seconds: float = 3.5) -> str:
+async def long_step(c: Context, seconds: float = 2.5) -> str:
     async def work() -> str:
         effects.append(c.run_id)
         await asyncio.sleep(seconds)  # the effect itself takes this long
@@ -52,7 +52,7 @@ async def test_a_failing_heartbeat_is_restarted_and_leases_are_kept(
     conductor.journal.renew = renew_failing_once  # type: ignore[method-assign]
     conductor.register(long_step)
     with caplog.at_level(logging.ERROR, logger="substantial"):
-        async with worker(conductor, lease=1.5):
+        async with worker(conductor, lease=1.0):
             h = await conductor.start(long_step)
             assert await h.result(timeout=30) == "done"
     assert effects == [h.run_id]  # never taken over and run again

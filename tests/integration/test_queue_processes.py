@@ -97,10 +97,10 @@ async def test_per_key_concurrency_holds_across_workers(store: Store, workers: W
 
 
 async def test_rate_holds_across_workers_and_is_used(store: Store, workers: Workers) -> None:
-    """10 starts a second across 3 workers: at most 10 (+1 for the clocks of
+    """20 starts a second across 3 workers: at most 20 (+1 for the clocks of
     several machines) in any one-second window, and at least 90 % of the allowed
-    starts used over 10 s while runs wait."""
-    runs = [f"paced/{i:03d}" for i in range(110)]  # more than 10 s of starts
+    starts used over 5 s while runs wait."""
+    runs = [f"paced/{i:03d}" for i in range(110)]  # more than 5 s of starts
     await start_critical(store, "paced", runs, hold=0.0)
     await workers.start(3, lease=lease_for(store.kind, 2.0), queues=("paced",))
     await wait_all_terminal(store.backend, runs, timeout=60)
@@ -111,6 +111,6 @@ async def test_rate_holds_across_workers_and_is_used(store: Store, workers: Work
     )
     assert len(starts) == len(runs)
     busiest = max(sum(1 for s in starts[i:] if s < start + 1.0) for i, start in enumerate(starts))
-    assert busiest <= 10 + 1, busiest
-    first_ten_seconds = sum(1 for s in starts if s < starts[0] + 10.0)
-    assert first_ten_seconds >= 90, first_ten_seconds
+    assert busiest <= 20 + 1, busiest
+    first_five_seconds = sum(1 for s in starts if s < starts[0] + 5.0)
+    assert first_five_seconds >= 90, first_five_seconds

@@ -143,7 +143,7 @@ def declare_queues(conductor: Conductor) -> None:
     """The limited queues of the flow-control tests (the test's client declares
     the same, as an application's workers and clients import one module)."""
     conductor.queue("narrow", concurrency=5)
-    conductor.queue("paced", rate=(10, timedelta(seconds=1)))
+    conductor.queue("paced", rate=(20, timedelta(seconds=1)))
     conductor.queue("keyed", concurrency=1)
     conductor.queue("ranked", priority=True)
 
