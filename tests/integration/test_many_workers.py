@@ -302,7 +302,7 @@ async def test_store_restart_under_load(kind: str, tmp_path: Path, effects: Path
         shutil.rmtree(root, ignore_errors=True)
 
 
-@on_servers
+@pytest.mark.parametrize("store", SERVERS, indirect=True)  # S3: in test_crash_local
 async def test_killed_worker_mid_compacted_loop_is_finished_by_a_new_one(
     store: Store, workers: Workers, effects: Path
 ) -> None:
