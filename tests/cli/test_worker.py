@@ -75,6 +75,29 @@ def test_a_signal_stops_the_worker_with_exit_0(
     assert "Traceback" not in worker.stderr()
 
 
+SLOW_APP = """\
+import pathlib, time
+pathlib.Path("importing").write_text("")
+time.sleep(1.5)  # an APP that takes a while to import
+from tests.cli.app import conductor
+"""
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_app_loads_stops_the_worker_with_exit_0(
+    sqlite_store: Store, sig: signal.Signals, processes: str
+) -> None:
+    """Before the worker's loop runs, a signal is held, then acted on: exit 0."""
+    Path(sqlite_store.tmp, "slow_app.py").write_text(SLOW_APP)
+    worker = Workers(sqlite_store).spawn("slow_app:conductor", "--processes", processes)
+    marker = sqlite_store.tmp / "importing"
+    wait_until(lambda: marker.exists() or worker.proc.poll() is not None, "APP to be importing")
+    assert worker.signal(sig) == 0, worker.stderr()
+    assert f"{sig.name} received" in worker.stderr()
+    assert "Traceback" not in worker.stderr()
+
+
 def test_a_stopped_worker_hands_back_its_runs(store: Store, workers: Workers) -> None:
     """With a long lease, only a released lease lets another worker take the run at once."""
     worker = workers.start(APP, "--lease", "120")

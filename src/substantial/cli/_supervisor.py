@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._common import USAGE, CliFailure
+from ._signals import SIGNALS, HeldSignals
 
 log = logging.getLogger("substantial.cli.supervisor")
 
@@ -73,17 +74,22 @@ class Supervisor:
         self._pauses: dict[int, float] = {}
         self._stop = asyncio.Event()
 
-    async def run(self) -> None:
+    async def run(self, held: HeldSignals) -> None:
+        """Supervise until a signal; one ``held`` from before this loop counts too."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if held.first is not None:
+            self._on_signal(held.first)
         try:
             for slot in range(self.processes):
+                if self._stop.is_set():
+                    break
                 await self._spawn(slot)
             await self._watch()
         finally:
             await self._stop_all()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:

@@ -24,12 +24,12 @@ import typer
 from ..conductor import Conductor
 from ..workflow import Workflow
 from ._common import settings, usage
+from ._signals import SIGNALS, HeldSignals
 from ._supervisor import Supervisor, worker_argv
 
 log = logging.getLogger("substantial.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +67,8 @@ def worker(
     ] = None,
 ) -> None:
     """Serve the workflows of APP until SIGTERM or SIGINT (then exit 0)."""
+    held = HeldSignals()
+    held.hold()  # a signal while APP loads stops the worker as soon as it runs
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         raise usage(f"unknown --log-level {log_level!r}; expected DEBUG, INFO, WARNING or ERROR")
@@ -83,11 +85,11 @@ def worker(
                 log_level=log_level, metrics_port=port,
             )  # fmt: skip
 
-        asyncio.run(Supervisor(argv, processes).run())
+        asyncio.run(Supervisor(argv, processes).run(held))
         return
     if metrics_port is not None:
         serve_metrics_or_fail(metrics_port)
-    asyncio.run(serve(conductor, queues=queues, concurrency=concurrency, lease=lease))
+    asyncio.run(serve(conductor, held, queues=queues, concurrency=concurrency, lease=lease))
 
 
 def serve_metrics_or_fail(port: int) -> None:
@@ -105,13 +107,20 @@ def serve_metrics_or_fail(port: int) -> None:
 
 
 async def serve(
-    conductor: Conductor, *, queues: tuple[str, ...], concurrency: int, lease: float | None
+    conductor: Conductor,
+    held: HeldSignals,
+    *,
+    queues: tuple[str, ...],
+    concurrency: int,
+    lease: float | None,
 ) -> None:
     """Run one worker until a signal cancels it; leases are released on the way out."""
     loop = asyncio.get_running_loop()
     task = conductor.run(queues=queues, concurrency=concurrency, lease=lease, handle_sigterm=False)
     for sig in SIGNALS:
         loop.add_signal_handler(sig, _stop, loop, task, sig)
+    if held.first is not None:  # it came while APP loaded: stop now, as on a later one
+        _stop(loop, task, held.first)
     try:
         await asyncio.wait({task})
     finally:
