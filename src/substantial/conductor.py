@@ -341,6 +341,28 @@ class Conductor:
         ``concurrency_key`` (the group the queue's concurrency counts) take effect
         on a queue declared with ``Conductor.queue``.
         """
+        handle, _ = await self._start(
+            wf, kwargs, run_id=run_id, queue=queue, connection=connection, timeout=timeout,
+            delay=delay, priority=priority, concurrency_key=concurrency_key,
+        )  # fmt: skip
+        return handle
+
+    async def _start(
+        self,
+        wf: Workflow[Any] | str,
+        kwargs: Mapping[str, Any] | None,
+        *,
+        run_id: str | None,
+        queue: str,
+        connection: Any = None,
+        timeout: timedelta | float | None = None,
+        delay: timedelta | float | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
+    ) -> tuple[RunHandle[Any], bool]:
+        """:meth:`start`, and whether this call made the run (False: ``run_id``
+        existed, and nothing changed). The HTTP API answers 201 or 200 by it, which
+        a look before the start cannot tell when two clients race."""
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ClientError(f"kwargs must be a dict of keyword arguments, got {kwargs!r}")
         if run_id is not None and (not isinstance(run_id, str) or not run_id):
@@ -356,7 +378,7 @@ class Conductor:
         else:
             known = wf if isinstance(wf, Workflow) else self.workflows.get(name)
             limit = None if known is None else known.timeout
-        await self.journal.create(
+        created = await self.journal.create(
             run_id=rid,
             workflow=name,
             kwargs=dict(kwargs or {}),
@@ -366,7 +388,7 @@ class Conductor:
             delay=0.0 if delay is None else _non_negative(delay, "start(delay=)"),
             **self.queues.start_options(queue, priority, concurrency_key),
         )
-        return RunHandle(self, rid)
+        return RunHandle(self, rid), created
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(self, run_id)

@@ -152,14 +152,14 @@ class Api:
         run_id = body.get("run_id")
         if run_id is not None:
             run_id = check_name(run_id, "run_id")
-            if await self._exists(run_id):
+            if await self._exists(run_id):  # 200 at once: nothing of the body applies
                 return JSONResponse({"run_id": run_id}, status_code=200)
-        # Two clients racing with one new run_id both get 201; start is idempotent,
-        # so the run exists once, as the first start made it.
-        handle = await self.conductor.start(
+        # The store says which start made the run: of two clients racing with one new
+        # run_id, one gets 201 and the other 200.
+        handle, created = await self.conductor._start(
             workflow, kwargs, run_id=run_id, queue=queue, **_start_options(body)
         )
-        return JSONResponse({"run_id": handle.run_id}, status_code=201)
+        return JSONResponse({"run_id": handle.run_id}, status_code=201 if created else 200)
 
     async def _exists(self, run_id: str) -> bool:
         try:
