@@ -1,8 +1,8 @@
 """Substantial benchmark: throughput and latency per store, with an in-process worker.
 
-    python bench/run.py [--stores memory,sqlite,fs,redis,postgres] [--quick]
+    python bench/run.py [--stores memory,sqlite,fs,redis,postgres] [--quick] [--out DIR]
 
-Prints a plain-text table and writes bench/reports/latest.{md,json}.
+Prints a plain-text table and writes bench/reports/latest.{md,json} (or DIR/...).
 See bench/README.md for what each figure means.
 """
 
@@ -317,8 +317,8 @@ def errors_text(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{r['store']} [{phase}]: {msg}" for r in rows for phase, msg in r["errors"].items()]
 
 
-def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool) -> None:
-    REPORTS.mkdir(parents=True, exist_ok=True)
+def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     info = machine()
     md = ["# Substantial benchmark" + (" (quick)" if quick else ""), ""]
     md += [f"- {k}: {v}" for k, v in info.items()]
@@ -328,9 +328,9 @@ def write_reports(rows: list[dict[str, Any]], cfg: Config, quick: bool) -> None:
     if errs := errors_text(rows):
         md += ["", "## Errors", "", *(f"- `{e}`" for e in errs)]
     md += ["", "See bench/README.md for what each figure means.", ""]
-    (REPORTS / "latest.md").write_text("\n".join(md))
+    (out / "latest.md").write_text("\n".join(md))
     doc = {"machine": info, "quick": quick, "config": asdict(cfg), "results": rows}
-    (REPORTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 async def main() -> None:
@@ -344,6 +344,7 @@ async def main() -> None:
         default=5.0,
         help="worker hot_wait in seconds (0: waits always suspend)",
     )
+    ap.add_argument("--out", type=Path, default=REPORTS, help="directory of the reports")
     args = ap.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     if unknown := [s for s in stores if s not in URLS]:
@@ -353,8 +354,8 @@ async def main() -> None:
     )
     rows = [await bench_store(store, cfg) for store in stores]
     print("\n".join([text_table(rows, cfg), *errors_text(rows)]))
-    write_reports(rows, cfg, args.quick)
-    print(f"\nwritten: {REPORTS / 'latest.md'}, {REPORTS / 'latest.json'}")
+    write_reports(rows, cfg, args.quick, args.out)
+    print(f"\nwritten: {args.out / 'latest.md'}, {args.out / 'latest.json'}")
 
 
 if __name__ == "__main__":
