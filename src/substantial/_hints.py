@@ -52,8 +52,12 @@ class HintRelay:
         """Return once the store confirmed the subscription: hints now arrive."""
         await self._ready.wait()
 
-    def add(self, target: HintTarget) -> None:
-        self._targets.append(target)
+    def add(self, target: HintTarget, *, first: bool = False) -> None:
+        """Relay hints to ``target`` too; ``first``: before the targets added so far."""
+        if first:
+            self._targets.insert(0, target)
+        else:
+            self._targets.append(target)
 
     def remove(self, target: HintTarget) -> None:
         with contextlib.suppress(ValueError):

@@ -128,6 +128,7 @@ class Journal:
         self.clock = clock
         self._stubs: dict[str, Callable[[], Any]] = {}  # step name -> its stand-in effect
         self._probe: Probe | None = None
+        self._end_watchers: list[Callable[[str], None]] = []
         self._group = GroupCommit(backend)
         # Sessions append through this: batched with the other runs' appends where
         # the store commits them together (see _group_commit), else straight through.
@@ -188,6 +189,19 @@ class Journal:
         if isinstance(self.backend, Migrates):
             return await self.backend.migrate()
         return None
+
+    def watch_ends(self, watcher: Callable[[str], None]) -> None:
+        """Call ``watcher(run_id)`` as soon as a worker of this journal has made a
+        run's end durable: this process's ``result()`` waiters wake then, without
+        waiting for the store's hint of the end to come back (on PostgreSQL or
+        Redis, a round trip through the server; the hint still comes, and finds
+        nobody waiting)."""
+        self._end_watchers.append(watcher)
+
+    def run_ended(self, run_id: str) -> None:
+        """A session's end record is durable (see :meth:`watch_ends`)."""
+        for watcher in self._end_watchers:
+            watcher(run_id)
 
     def hints(self) -> AsyncIterator[str]:
         """The store's change hints; the first, ``""``, once the subscription is live."""

@@ -290,6 +290,7 @@ class RunSession:
             update = RunUpdate(status=status, result=result, ended_at=now)
         await self.append([*extra, end], update, "the run's result")
         self.released = True
+        self.journal.run_ended(self.run_id)
 
     async def suspend(self, due: float | None, pending: Sequence[R.Record] = ()) -> None:
         """Give the run back to the store until ``due`` (or its next event), with

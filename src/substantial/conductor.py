@@ -102,6 +102,7 @@ class Conductor:
         self._open_lock: asyncio.Lock | None = None
         self._hints = HintRelay(self.journal)
         self._hints.add(self._wake_waiters)
+        self.journal.watch_ends(self._wake_waiters)
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
@@ -248,7 +249,9 @@ class Conductor:
     async def _serve(self, worker: Worker) -> None:
         try:
             await self._open_for(worker)
-            self._hints.add(worker.hint)
+            # Workers hear a hint before this process's result() waiters: a run that
+            # takes the hinted event in place (and ends) has then moved on when they look.
+            self._hints.add(worker.hint, first=True)
             try:
                 await worker.run(hints_ready=self._hints.ready)
             finally:

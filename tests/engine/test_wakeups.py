@@ -141,6 +141,44 @@ async def test_result_waiting_before_the_run_exists_elsewhere(store: Any) -> Non
     await served.close()
 
 
+async def test_a_run_this_process_ends_wakes_its_result_without_the_store_s_hint(
+    store: Any,
+) -> None:
+    """The end of a run that this Conductor's own worker made durable wakes the
+    Conductor's result() at once: the store's hint of the end (a round trip
+    through PostgreSQL or Redis) is not waited for. Here it never comes: the
+    hints stop once the run is claimed, and there is no poll."""
+    c = Conductor(store)
+    real_hints = c.journal.hints
+    hinting = True
+    stepping, go = asyncio.Event(), asyncio.Event()
+
+    async def hints_until_claimed() -> AsyncIterator[str]:
+        async for hint in real_hints():
+            if hinting:
+                yield hint
+
+    async def held() -> str:
+        stepping.set()
+        await go.wait()
+        return "ended"
+
+    @workflow(name="held_step")
+    async def held_step(ctx: Context) -> str:
+        return await ctx.save(held)
+
+    c.register(held_step)
+    c.journal.hints = hints_until_claimed  # type: ignore[method-assign]
+    async with worker(c):
+        h = await c.start(held_step)
+        waiting = asyncio.create_task(h.result(timeout=10))
+        await stepping.wait()  # claimed, and in its step: no hint reaches us from now on
+        hinting = False
+        go.set()
+        assert await waiting == "ended"
+    await c.close()
+
+
 CLIENT = """
 import asyncio, sys
 from substantial import Conductor
