@@ -139,9 +139,15 @@ class CallCore:
     async def _sync(self) -> None:
         """Live edge: take in pending events, check for cancellation (but while a
         cancel-revert runs its compensations: that cancel is what they answer)."""
+        if self._session.needs_pull:
+            await self._session.pull()
+        self._at_edge()
+
+    def _at_edge(self) -> None:
+        """:meth:`_sync` once the inbox is taken in. (A save calls the two halves
+        itself: most of the time there is nothing to pull, and then it makes no
+        coroutine for it; this runs once per step.)"""
         session = self._session
-        if session.needs_pull:
-            await session.pull()
         if session.run.cancel_requested and not self._reverting:
             raise CancelRun()
         self._check_deadline()
@@ -170,13 +176,13 @@ class CallCore:
         self._replay.advance(last + 1)
         return last
 
-    async def _settle(self, what: str) -> None:
-        """Before user code's effect: the store shows RUNNING and holds every call
-        record made so far (a wait's end rides with the next write; an effect
-        must not run ahead of it). One write if either is missing, else none."""
-        calls_pending = any(r["k"] == R.CALL for r in self._pending)
-        if calls_pending or self._session.shown is not RunStatus.RUNNING:
-            await self._write(what=what)
+    def _unsettled(self) -> bool:
+        """Whether user code's effect must wait for a write first: the store must
+        show RUNNING and hold every call record made so far (a wait's end rides
+        with the next write; an effect must not run ahead of it)."""
+        if self._session.shown is not RunStatus.RUNNING:
+            return True
+        return bool(self._pending) and any(r["k"] == R.CALL for r in self._pending)
 
     def flush_records(self) -> list[R.Record]:
         """The buffered log lines, for the write that ends or suspends the run."""

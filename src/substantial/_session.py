@@ -166,7 +166,7 @@ class RunSession:
 
         The rare case where no record carries it: a wait that a replay continues
         in place (its record was written before the restart). (Before a save's
-        effect the engine writes its held-back records instead: ``_settle``.)"""
+        effect the engine writes its held-back records instead: ``_unsettled``.)"""
         if status != self._shown:
             await self.append([], RunUpdate(status=status), "status")
 

@@ -66,6 +66,7 @@ class Steps(Waits):
         super().__init__(session, hot_wait=hot_wait)
         self._compensations: list[tuple[int, Callable[[], Any]]] = []
         self._executing: int | None = None  # the save whose effect is running
+        self._meter = telemetry.step_meter(session.run.workflow)
 
     async def _save(
         self,
@@ -108,8 +109,10 @@ class Steps(Waits):
     ) -> R.Record:
         """Attempts until one succeeds or the policy gives up; returns the final
         record (written). Resumes after the attempts a replay found recorded."""
-        await self._sync()
-        tries = [r for r in recs if r["k"] == R.TRY]
+        if self._session.needs_pull:  # (the halves of _sync: no coroutine when idle)
+            await self._session.pull()
+        self._at_edge()
+        tries = [r for r in recs if r["k"] == R.TRY] if recs else recs
         attempt = len(tries)
         if tries:
             await self._wait(tries[-1]["retry"], events=False, budget_end=self._budget())
@@ -125,7 +128,8 @@ class Steps(Waits):
         that will be retried and waiting out its backoff. Each record says when
         the effect started (``t0``) and how long it took (``ms``)."""
         session = self._session
-        await self._settle(run.what)  # user code runs: say so first
+        if self._unsettled():  # user code runs: say so first
+            await self._write(what=run.what)
         wf = session.run.workflow
         t0 = self._clock()
         p0 = time.perf_counter()  # (the metric's clock: t0 may be a virtual one)
@@ -152,9 +156,9 @@ class Steps(Waits):
                 final_err = {**err, "n": n}
                 final = self._rec(R.CALL, run.seq, run.p, run.at, err=final_err, **fields)
         except BaseException:  # interrupted (the worker stops): timed, not counted
-            telemetry.step_done(wf, None, time.perf_counter() - p0, interrupted=True)
+            telemetry.step_done(self._meter, None, time.perf_counter() - p0, interrupted=True)
             raise
-        telemetry.step_done(wf, final, time.perf_counter() - p0)
+        telemetry.step_done(self._meter, final, time.perf_counter() - p0)
         if final is not None:
             return final
         retry_at = self._clock() + run.policy.delay_after(n)

@@ -132,9 +132,9 @@ def claimed(rec: RunRecord, *, owner: str, lease_seconds: float, now: float) -> 
 def apply_update(rec: RunRecord, u: RunUpdate | None, *, log_len: int | None = None) -> RunRecord:
     """The fields of ``u`` that are set (the release rule is :func:`apply_release`),
     and the new ``log_len`` of an append, in one copy."""
+    if u is None:  # a step's records alone: the common append
+        return rec if log_len is None else rec.evolve(log_len=log_len)
     changes: dict[str, Any] = {} if log_len is None else {"log_len": log_len}
-    if u is None:
-        return rec.evolve(**changes) if changes else rec
     if u.status is not None:
         changes["status"] = u.status
     if u.has_result:

@@ -148,16 +148,26 @@ def step(
     return TR.traced_step(tracer, aw, run_id, workflow, step_name(name, at), attempt)
 
 
+def step_meter(workflow: str) -> M.StepMeter | None:
+    """Steps: what a stretch of ``workflow`` counts its executed attempts with
+    (None: metrics are off). Made once per stretch: counting is then arithmetic."""
+    m = M.current()
+    return None if m is None else m.step_meter(workflow)
+
+
 def step_done(
-    workflow: str, final: R.Record | None, seconds: float, *, interrupted: bool = False
+    meter: M.StepMeter | None,
+    final: R.Record | None,
+    seconds: float,
+    *,
+    interrupted: bool = False,
 ) -> None:
     """Steps: an executed attempt of a save spent ``seconds`` in its effect and
     ended with ``final`` (its value or its last error; None: it will be retried).
     An ``interrupted`` attempt (the worker stopping) is timed but not counted."""
-    m = M.current()
-    if m is not None:
+    if meter is not None:
         if interrupted:
             outcome = None
         else:
             outcome = M.RETRY if final is None else M.ERROR if "err" in final else M.OK
-        m.step_done(workflow, outcome, seconds)
+        meter.done(outcome, seconds)

@@ -79,6 +79,29 @@ def _observe(row: list[float], at: int, bounds: tuple[float, ...], seconds: floa
     row[at + 1 + bisect.bisect_left(bounds, seconds)] += 1  # le: bound >= value
 
 
+class StepMeter:
+    """One workflow's step figures as one thread counts them: a stretch makes one
+    and counts every attempt it executes with it, so an attempt costs no lookup.
+    Its row is found on the first count (a stretch that executes nothing adds no
+    row, hence no zero series)."""
+
+    __slots__ = ("_key", "_row", "_tally")
+
+    def __init__(self, tally: Tally, key: Key) -> None:
+        self._tally = tally
+        self._key = key
+        self._row: list[float] | None = None
+
+    def done(self, outcome: int | None, seconds: float) -> None:
+        """One executed attempt: its outcome counted (None: not counted), its time."""
+        row = self._row
+        if row is None:
+            row = self._row = self._tally.row(self._key)
+        if outcome is not None:
+            row[outcome] += 1
+        _observe(row, _STEP_SUM, STEP_BUCKETS, seconds)
+
+
 class Metrics:
     """Substantial's figures on one registry (a collector of its own)."""
 
@@ -96,12 +119,12 @@ class Metrics:
 
     # -- counting (the hot path: plain list arithmetic) ----------------------------
 
+    def step_meter(self, workflow: str) -> StepMeter:
+        return StepMeter(self.steps, (workflow,))
+
     def step_done(self, workflow: str, outcome: int | None, seconds: float) -> None:
         """One executed attempt: its outcome counted (None: not counted), its time."""
-        row = self.steps.row((workflow,))
-        if outcome is not None:
-            row[outcome] += 1
-        _observe(row, _STEP_SUM, STEP_BUCKETS, seconds)
+        self.step_meter(workflow).done(outcome, seconds)
 
     def run_started(self, workflow: str) -> None:
         self.runs.row((workflow,))[STARTED] += 1
