@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import sqlite3
@@ -241,10 +242,17 @@ async def bench_store(store: str, cfg: Config) -> dict[str, Any]:
                 concurrency=cfg.concurrency, hot_wait=cfg.hot_wait, handle_sigterm=False
             )
             try:
-                await guarded("seq", sequential(cond, cfg, raw))
-                await guarded("fan", fanout(cond, cfg))
-                await guarded("start", latency(cond, cfg, "start", start_once))
-                await guarded("send", latency(cond, cfg, "send", send_once))
+                phases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                    ("seq", lambda: sequential(cond, cfg, raw)),
+                    ("fan", lambda: fanout(cond, cfg)),
+                    ("start", lambda: latency(cond, cfg, "start", start_once)),
+                    ("send", lambda: latency(cond, cfg, "send", send_once)),
+                ]
+                for phase, measure in phases:
+                    # A full collection owed to an earlier phase's garbage (tens of ms
+                    # on a big heap) must not land in a short phase's figure.
+                    gc.collect()
+                    await guarded(phase, measure())
             finally:
                 worker.cancel()  # stops cleanly: awaiting it does not raise
                 await guarded("stop", asyncio.wait_for(worker, 10))

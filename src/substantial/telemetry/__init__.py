@@ -1,11 +1,11 @@
 """Prometheus metrics and OpenTelemetry spans, both optional and both cheap.
 
 Neither dependency is imported when this module is: ``prometheus_client``
-(the ``metrics`` extra) and ``opentelemetry`` (the ``otel`` extra, the API
-only) are looked for on first use, and everything here does nothing when they
-are missing. Tracing also does nothing until the application configures an
-OpenTelemetry SDK (a real ``TracerProvider``): without one, no span object is
-ever made.
+(the ``metrics`` extra) is looked for on first use, ``opentelemetry`` (the
+``otel`` extra, the API only) is used once the application has imported it,
+and everything here does nothing when they are missing. Tracing also does
+nothing until the application configures an OpenTelemetry SDK (a real
+``TracerProvider``): without one, no span object is ever made.
 
 Metrics (one set per process, on prometheus_client's default registry unless
 :func:`configure` names another):

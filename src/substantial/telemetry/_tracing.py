@@ -1,12 +1,16 @@
 """The OpenTelemetry side: finding a configured SDK, the W3C trace context a run
 carries in its start record, and the spans of a stretch.
 
-opentelemetry is imported on first use only, and with the API alone (no SDK
-configured) no span object is ever made.
+opentelemetry is never imported from here: it is used once the application has
+imported it (see :func:`otel`), and with the API alone (no SDK configured) no
+span object is ever made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,8 +33,8 @@ stretch_tracer: ContextVar[Tracer | None] = ContextVar("substantial_tracer", def
 
 @dataclass(slots=True)
 class _State:
-    otel: Any = None  # the opentelemetry.trace module, once imported
-    missing: bool = False
+    otel: Any = None  # the opentelemetry.trace module, once the application imported it
+    env_checked: bool = False  # OTEL_PYTHON_TRACER_PROVIDER looked for
     provider: TracerProvider | None = None  # configure()'s, else the global one
     tracer: Tracer | None = None  # made by traced_by, the last real provider seen
     traced_by: Any = None
@@ -40,17 +44,23 @@ _state = _State()
 
 
 def otel() -> Any:
-    """The ``opentelemetry.trace`` module, or None when it is not installed."""
+    """The ``opentelemetry.trace`` module once the application has imported it,
+    else None. Not imported from here (but for a provider named by
+    ``OTEL_PYTHON_TRACER_PROVIDER`` alone): an application that traces has
+    imported it before its runs start (to set a provider, or through
+    ``opentelemetry-instrument``), and one that does not pays nothing for it: no
+    import time, and none of its thousands of objects in every full garbage
+    collection. Once seen, kept (a dict lookup per stretch until then)."""
     mod = _state.otel
-    if mod is not None or _state.missing:
-        return mod
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        _state.missing = True
-        return None
-    _state.otel = trace
-    return trace
+    if mod is None:
+        mod = sys.modules.get("opentelemetry.trace")
+        if mod is None and not _state.env_checked:
+            _state.env_checked = True
+            if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
+                with contextlib.suppress(ImportError):
+                    from opentelemetry import trace as mod
+        _state.otel = mod
+    return mod
 
 
 def use_provider(provider: TracerProvider | None) -> None:
