@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -46,6 +46,20 @@ def _short_name(filename: str) -> str | None:
     """The base name of a user file, None for ours. Cached: every durable call
     walks a few frames."""
     return None if os.path.dirname(filename) == _PKG_DIR else os.path.basename(filename)
+
+
+class Done:
+    """Awaitable no-op: ``c.log.info(...)`` works with or without ``await``, and
+    ``_sync`` answers with one when there is nothing to pull."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_DONE = Done()
 
 
 def one_at_a_time(
@@ -136,17 +150,21 @@ class CallCore:
             rec["t0"] = self._clock()
         return rec
 
-    async def _sync(self) -> None:
+    def _sync(self) -> Awaitable[None]:
         """Live edge: take in pending events, check for cancellation (but while a
-        cancel-revert runs its compensations: that cancel is what they answer)."""
+        cancel-revert runs its compensations: that cancel is what they answer).
+        Not a coroutine: this runs once per step, and most of the time there is
+        nothing to pull; the checks then run at once and no coroutine is made."""
         if self._session.needs_pull:
-            await self._session.pull()
-        self._at_edge()
+            return self._pull_then_check()
+        self._check_edge()
+        return _DONE
 
-    def _at_edge(self) -> None:
-        """:meth:`_sync` once the inbox is taken in. (A save calls the two halves
-        itself: most of the time there is nothing to pull, and then it makes no
-        coroutine for it; this runs once per step.)"""
+    async def _pull_then_check(self) -> None:
+        await self._session.pull()
+        self._check_edge()
+
+    def _check_edge(self) -> None:
         session = self._session
         if session.run.cancel_requested and not self._reverting:
             raise CancelRun()

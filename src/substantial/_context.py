@@ -38,11 +38,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _records as R
-from ._calls import caller, one_at_a_time
+from ._calls import Done, caller, one_at_a_time
 from ._composition import ChildHandle, Composition, child_event, child_outcome
 from ._latches import check_name, emit, wait_in, wake_event
 from ._replay import patch_key
-from ._steps import Done
 from ._types import Retry, Seconds, to_seconds
 from .codec import to_json
 from .workflow import Workflow, workflow_name

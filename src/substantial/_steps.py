@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from inspect import CO_COROUTINE
 from types import FunctionType
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _records as R
 from . import telemetry
+from ._calls import Done
 from ._threads import run_in_thread
 from ._types import DEFAULT_RETRY, Retry, Seconds, to_seconds
 from ._waits import Waits
@@ -34,16 +35,6 @@ if TYPE_CHECKING:
     from ._session import RunSession
 
 run_log = logging.getLogger("substantial.run")
-
-
-class Done:
-    """Awaitable no-op: ``c.log.info(...)`` works with or without ``await``."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield
 
 
 @dataclass(slots=True)
@@ -109,10 +100,8 @@ class Steps(Waits):
     ) -> R.Record:
         """Attempts until one succeeds or the policy gives up; returns the final
         record (written). Resumes after the attempts a replay found recorded."""
-        if self._session.needs_pull:  # (the halves of _sync: no coroutine when idle)
-            await self._session.pull()
-        self._at_edge()
-        tries = [r for r in recs if r["k"] == R.TRY] if recs else recs
+        await self._sync()
+        tries = [r for r in recs if r["k"] == R.TRY]
         attempt = len(tries)
         if tries:
             await self._wait(tries[-1]["retry"], events=False, budget_end=self._budget())

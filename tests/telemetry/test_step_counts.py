@@ -21,17 +21,18 @@ def test_counts_from_several_threads_add_up() -> None:
     counts = Metrics.on(reg)
 
     def work() -> None:
+        meter = counts.step_meter("wf")  # a stretch's meter: one thread counts with it
         for _ in range(1000):
-            counts.step_done("wf", OK, 0.002)
-        counts.step_done("wf", RETRY, 0.0)
+            meter.done(OK, 0.002)
+        meter.done(RETRY, 0.0)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    counts.step_done("other", ERROR, 0.0)
-    counts.step_done("other", None, 0.5)  # interrupted: timed, not counted
+    counts.step_meter("other").done(ERROR, 0.0)
+    counts.step_meter("other").done(None, 0.5)  # interrupted: timed, not counted
     assert sample(reg, "substantial_steps_total", workflow="wf", outcome="ok") == 4000
     assert sample(reg, "substantial_steps_total", workflow="wf", outcome="retry") == 4
     assert sample(reg, "substantial_steps_total", workflow="wf", outcome="error") == 0
@@ -45,9 +46,9 @@ def test_counts_from_several_threads_add_up() -> None:
 def test_a_duration_lands_in_every_bucket_whose_bound_is_at_least_it() -> None:
     reg = CollectorRegistry()
     counts = Metrics.on(reg)
-    counts.step_done("wf", OK, 0.005)  # exactly a bound: counted in it
-    counts.step_done("wf", OK, 0.0051)
-    counts.step_done("wf", OK, 1000.0)  # beyond the last bound: +Inf only
+    counts.step_meter("wf").done(OK, 0.005)  # exactly a bound: counted in it
+    counts.step_meter("wf").done(OK, 0.0051)
+    counts.step_meter("wf").done(OK, 1000.0)  # beyond the last bound: +Inf only
 
     def bucket(le: str) -> float | None:
         return sample(reg, "substantial_step_duration_seconds_bucket", workflow="wf", le=le)

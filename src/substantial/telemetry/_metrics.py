@@ -120,11 +120,8 @@ class Metrics:
     # -- counting (the hot path: plain list arithmetic) ----------------------------
 
     def step_meter(self, workflow: str) -> StepMeter:
+        """What ``workflow``'s executed attempts are counted with (see StepMeter)."""
         return StepMeter(self.steps, (workflow,))
-
-    def step_done(self, workflow: str, outcome: int | None, seconds: float) -> None:
-        """One executed attempt: its outcome counted (None: not counted), its time."""
-        self.step_meter(workflow).done(outcome, seconds)
 
     def run_started(self, workflow: str) -> None:
         self.runs.row((workflow,))[STARTED] += 1
