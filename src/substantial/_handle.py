@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._history import History
-from ._journal import Journal, summarize
+from ._journal import Journal, RunEnd, summarize
 from ._records import published
 from ._types import LogRecord, RunStatus, RunSummary, Seconds, to_seconds
 from .backends import RunRecord
@@ -152,14 +152,14 @@ class RunHandle(Generic[R]):
         return run
 
 
-def continued_to(run: RunRecord) -> str | None:
+def continued_to(run: RunRecord | RunEnd) -> str | None:
     if run.status == RunStatus.CONTINUED and isinstance(run.result, dict):
         successor = run.result.get("continued_to")
         return None if successor is None else str(successor)
     return None
 
 
-def _outcome(run: RunRecord) -> Any:
+def _outcome(run: RunEnd) -> Any:
     if run.status == RunStatus.COMPLETED:
         return run.result
     if run.status == RunStatus.FAILED:

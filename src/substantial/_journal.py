@@ -24,7 +24,7 @@ from ._group_commit import GroupCommit, append_alone
 from ._history import HistoryEntry, PageScan, history_page, parse_cursor
 from ._records import decode_record
 from ._recovery import decoded, fork_point, resume_point
-from ._session import RunSession
+from ._session import RunEnd, RunSession
 from ._types import LogRecord, RunStatus, RunSummary, WorkerInfo
 from .backends import (
     Append,
@@ -54,7 +54,15 @@ from .errors import (
     RunNotFound,
 )
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "Clock", "Journal", "RunSession", "decode_record", "summarize"]
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "Clock",
+    "Journal",
+    "RunEnd",
+    "RunSession",
+    "decode_record",
+    "summarize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +136,7 @@ class Journal:
         self.clock = clock
         self._stubs: dict[str, Callable[[], Any]] = {}  # step name -> its stand-in effect
         self._probe: Probe | None = None
-        self._end_watchers: list[Callable[[str], None]] = []
+        self._end_watchers: list[Callable[[RunEnd], None]] = []
         self._group = GroupCommit(backend)
         # Sessions append through this: batched with the other runs' appends where
         # the store commits them together (see _group_commit), else straight through.
@@ -190,18 +198,18 @@ class Journal:
             return await self.backend.migrate()
         return None
 
-    def watch_ends(self, watcher: Callable[[str], None]) -> None:
-        """Call ``watcher(run_id)`` as soon as a worker of this journal has made a
+    def watch_ends(self, watcher: Callable[[RunEnd], None]) -> None:
+        """Call ``watcher(end)`` as soon as a worker of this journal has made a
         run's end durable: this process's ``result()`` waiters wake then, without
         waiting for the store's hint of the end to come back (on PostgreSQL or
         Redis, a round trip through the server; the hint still comes, and finds
-        nobody waiting)."""
+        nobody waiting), and return ``end`` without reading the run's row back."""
         self._end_watchers.append(watcher)
 
-    def run_ended(self, run_id: str) -> None:
+    def run_ended(self, end: RunEnd) -> None:
         """A session's end record is durable (see :meth:`watch_ends`)."""
         for watcher in self._end_watchers:
-            watcher(run_id)
+            watcher(end)
 
     def hints(self) -> AsyncIterator[str]:
         """The store's change hints; the first, ``""``, once the subscription is live."""

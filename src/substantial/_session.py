@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +26,23 @@ if TYPE_CHECKING:
     from ._journal import Journal
 
 log = logging.getLogger("substantial._journal")
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """How a run ended: the fields of its row that ``result()`` reads. A session
+    makes one from the end it made durable, so this process's waiters need not
+    read the row back; a store's row makes one too (:meth:`of`)."""
+
+    run_id: str
+    status: RunStatus
+    result: Any = None  # JSON form, as the store holds it
+    error: str | None = None
+    error_type: str | None = None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunEnd:
+        return cls(run.run_id, run.status, run.result, run.error, run.error_type)
 
 
 class RunSession:
@@ -290,7 +307,8 @@ class RunSession:
             update = RunUpdate(status=status, result=result, ended_at=now)
         await self.append([*extra, end], update, "the run's result")
         self.released = True
-        self.journal.run_ended(self.run_id)
+        value = update.result if update.has_result else None
+        self.journal.run_ended(RunEnd(self.run_id, status, value, update.error, update.error_type))
 
     async def suspend(self, due: float | None, pending: Sequence[R.Record] = ()) -> None:
         """Give the run back to the store until ``due`` (or its next event), with

@@ -18,7 +18,7 @@ from ._export import HistoryFile, RunHistory
 from ._handle import RunHandle
 from ._hints import HintRelay
 from ._history import History, RunDetails, run_details
-from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, store_label, summarize
+from ._journal import DEFAULT_MAX_PAYLOAD, Clock, Journal, RunEnd, store_label, summarize
 from ._latches import emit, is_latch
 from ._pushdown import RunPage, decode_cursor, encode_cursor, narrowing
 from ._queues import Queue, QueueRegistry, declared
@@ -102,8 +102,9 @@ class Conductor:
         self._open_lock: asyncio.Lock | None = None
         self._hints = HintRelay(self.journal)
         self._hints.add(self._wake_waiters)
-        self.journal.watch_ends(self._wake_waiters)
+        self.journal.watch_ends(self._ended)
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._ends: dict[str, RunEnd] = {}  # ends this process's workers made, of awaited runs
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -171,6 +172,13 @@ class Conductor:
         for events in targets:
             for ev in events:
                 ev.set()
+
+    def _ended(self, end: RunEnd) -> None:
+        """This process's worker made ``end`` durable: a waiter for that run takes it
+        as it is (kept until the run's last waiter leaves), with no read of the row."""
+        if end.run_id in self._waiters:
+            self._ends[end.run_id] = end
+            self._wake_waiters(end.run_id)
 
     async def _patiently(self, op: Callable[[], Awaitable[T]]) -> T:
         """``op()``, retried with backoff while the store is unreachable (the
@@ -582,8 +590,8 @@ class Conductor:
             run_id=run_id, entries=entries, next_cursor=next_cursor, summary=summarize(run)
         )
 
-    async def _wait_terminal(self, run_id: str) -> RunRecord:
-        """The run's record once it ended. Subscribed before each look (no lost
+    async def _wait_terminal(self, run_id: str) -> RunEnd:
+        """How the run ended, once it has. Subscribed before each look (no lost
         wake-up); a store outage is waited out (the caller's timeout decides)."""
         await self._patiently(self._ensure_open)
         ev = asyncio.Event()
@@ -593,9 +601,12 @@ class Conductor:
             await self._hints.ready()
             while True:
                 ev.clear()
+                end = self._ends.get(run_id)
+                if end is not None:
+                    return end
                 run = await self._patiently(lambda: self.journal.get(run_id))
                 if run.status.is_terminal:
-                    return run
+                    return RunEnd.of(run)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(poll):
                         await ev.wait()
@@ -605,3 +616,4 @@ class Conductor:
                 waiters.discard(ev)
                 if not waiters:
                     del self._waiters[run_id]
+                    self._ends.pop(run_id, None)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from substantial import Conductor, Context, workflow
+from substantial import Conductor, Context, RunFailed, workflow
 from substantial.backends import Backend
 
 from ..backends import ALL, SERVERS, make_backend, url_for
@@ -177,6 +177,60 @@ async def test_a_run_this_process_ends_wakes_its_result_without_the_store_s_hint
         go.set()
         assert await waiting == "ended"
     await c.close()
+
+
+async def test_a_result_this_process_s_worker_ended_is_not_read_back(store: Any) -> None:
+    """The waiter takes the end the worker made durable as it is: no read of the run's
+    row follows the wake-up. The value is the JSON form a read gives (a tuple comes
+    back a list), and a failure keeps its type."""
+    c = Conductor(store)
+    stepping, go, looked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def held() -> int:
+        stepping.set()
+        await go.wait()
+        return 1
+
+    @workflow(name="held_pair")
+    async def held_pair(ctx: Context, fail: bool) -> tuple[str, int]:
+        n = await ctx.save(held)
+        if fail:
+            raise KeyError("address")
+        return ("ended", n)
+
+    c.register(held_pair)
+    real_get = c.journal.get
+    reads: list[str] = []
+
+    async def counted_get(run_id: str) -> Any:
+        run = await real_get(run_id)
+        reads.append(run_id)
+        looked.set()
+        return run
+
+    c.journal.get = counted_get  # type: ignore[method-assign]
+    async with worker(c):
+        ids = []
+        for fail in (False, True):
+            for ev in (stepping, go, looked):
+                ev.clear()
+            h = await c.start(held_pair, {"fail": fail})
+            ids.append(h.run_id)
+            waiting = asyncio.create_task(h.result(timeout=10))
+            await stepping.wait()
+            await looked.wait()  # the waiter's first look: the run is in its step
+            reads.clear()
+            go.set()
+            if fail:
+                with pytest.raises(RunFailed) as failed:
+                    await waiting
+                assert failed.value.error_type == "KeyError"
+            else:
+                assert await waiting == ["ended", 1]
+            assert h.run_id not in reads
+    await c.close()
+    async with Conductor(store) as reader:  # what a read of the row gives
+        assert await reader.handle(ids[0]).result(timeout=10) == ["ended", 1]
 
 
 CLIENT = """

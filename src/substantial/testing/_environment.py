@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from .._history import HistoryEntry
+from .._journal import RunEnd
 from .._supervision import reraise_if_cancelling
 from .._types import RunStatus, Seconds, to_seconds
 from ..backends import Backend, RunQuery, RunRecord
@@ -73,7 +74,7 @@ class _TestConductor(Conductor):
         self.worker: Worker | None = None
         self.serving = asyncio.Event()  # its worker serves
 
-    async def _wait_terminal(self, run_id: str) -> RunRecord:
+    async def _wait_terminal(self, run_id: str) -> RunEnd:
         with self._on_wait(run_id):
             return await super()._wait_terminal(run_id)
 
