@@ -327,6 +327,10 @@ class Worker:
 
     async def _drive(self, claim: Claim) -> None:
         session: RunSession | None = None
+        if claim.snapshot is None:
+            # the session's first read is sent after every hint heard so far (the
+            # run's own creation hint, often): it sees what they announce
+            self._early.discard(claim.run_id)
         try:
             session = await self.journal.open_session(claim, self.options.lease)
             if session is None:

@@ -105,8 +105,10 @@ return 1
 """
 
 # KEYS the due indexes of the claimer's workflows; ARGV now, owner, expiry, limit, run-key
-# prefix, the queue's starts and rated keys (the unlimited claim: the limited one, and those
-# keys, are in _redis_limits.py; a rated queue's claims record their first claims)
+# prefix, the queue's starts and rated keys, the store's key prefix (the unlimited claim:
+# the limited one, and those keys, are in _redis_limits.py; a rated queue's claims record
+# their first claims). Each claim comes with what ``read`` would return right after it
+# (run hash, whole log, pending inbox, state hash): the worker's read costs no round trip.
 _CLAIM = """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[4])
 local rated = tonumber(redis.call('GET', ARGV[7]))
@@ -126,7 +128,7 @@ table.sort(cands, function(a, b)
 end)
 local out = {}
 for _, c in ipairs(cands) do
-  if #out >= 2 * limit then break end
+  if #out >= limit then break end
   local rk = ARGV[5] .. c[1]
   local f = redis.call('HMGET', rk, 'status', 'due_at', 'lease_expires_at', 'lease_token',
     'started_at')
@@ -144,8 +146,11 @@ for _, c in ipairs(cands) do
       if rated then redis.call('ZADD', ARGV[6], ARGV[1], c[1]) end
     end
     reindex(rk)
-    out[#out + 1] = c[1]
-    out[#out + 1] = tok
+    local pos = redis.call('HGET', rk, 'inbox_pos')
+    out[#out + 1] = {c[1], tok, redis.call('HGETALL', rk),
+      redis.call('LRANGE', ARGV[8] .. 'log:' .. c[1], 0, -1),
+      redis.call('LRANGE', ARGV[8] .. 'inbox:' .. c[1], pos, -1),
+      redis.call('HGETALL', ARGV[8] .. 'state:' .. c[1])}
   else
     reindex(rk)
   end
@@ -173,58 +178,64 @@ end
 return {h, page, redis.call('HGETALL', KEYS[3])}
 """
 
-# KEYS run, log, state; ARGV token, expected_len, now, channel, nonce, status?, result?,
-# error?, ended_at?, inbox_pos?, release, has_update, due?, error_type?, ns, ns state
-# entries (key, JSON, ...: written only to a run that keeps the index), records...
-_APPEND = """
+# The fence every log-writing script opens with (ARGV token, expected_len, nonce):
+# the lease must be the caller's and the log as long as it expects; a retry of the
+# write that landed (same nonce) gets its first answer again.
+_FENCED = """
 local rk = KEYS[1]
 local f = redis.call('HMGET', rk, 'lease_token', 'log_len', 'op_nonce', 'op_result')
 if not f[1] then return {-1} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
-if f[3] == ARGV[5] then return {1, tonumber(f[4])} end
-if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
-local n, ns = tonumber(f[2]), tonumber(ARGV[15])
-for i = 16 + ns, #ARGV, 1000 do
-  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-redis.call('HSET', rk, 'log_len', n, 'op_nonce', ARGV[5], 'op_result', n)
-if ns > 0 and redis.call('HEXISTS', rk, 'st') == 1 then
-  for i = 16, 15 + ns, 1000 do
-    redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 999, 15 + ns)))
-  end
-end
-if ARGV[12] == '1' then
-  local names = {[6] = 'status', [7] = 'result', [8] = 'error', [9] = 'ended_at',
-    [10] = 'inbox_pos', [14] = 'error_type'}
-  for i, name in pairs(names) do
-    local v = opt(ARGV[i])
-    if v then redis.call('HSET', rk, name, v) end
-  end
-  if ARGV[11] == '1' or TERM[redis.call('HGET', rk, 'status')] then
-    release(rk, opt(ARGV[13]), ARGV[3])
-    redis.call('PUBLISH', ARGV[4], redis.call('HGET', rk, 'run_id'))
-  elseif ARGV[6] ~= '' then
-    recount(rk)
-  end
-end
-return {1, n}
-"""
-
-# KEYS run, log; ARGV token, expected_len, nonce, records...
-_REWRITE = """
-local f = redis.call('HMGET', KEYS[1], 'lease_token', 'log_len', 'op_nonce', 'op_result')
-if not f[1] then return {-1} end
-if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {-2} end
 if f[3] == ARGV[3] then return {1, tonumber(f[4])} end
 if tonumber(f[2]) ~= tonumber(ARGV[2]) then return {-3, tonumber(f[2])} end
-redis.call('DEL', KEYS[2])
-local n = 0
-for i = 4, #ARGV, 1000 do
-  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+"""
+
+
+def _push_from(first: str, last: str = "#ARGV") -> str:
+    """RPUSH ARGV[first..last] onto the log in chunks (Lua's unpack has a limit)."""
+    return f"""for i = {first}, {last}, 1000 do
+  n = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, {last})))
 end
-redis.call('HSET', KEYS[1], 'log_len', n, 'op_nonce', ARGV[3], 'op_result', n)
+redis.call('HSET', rk, 'log_len', n, 'op_nonce', ARGV[3], 'op_result', n)
+"""
+
+
+# KEYS run, log; ARGV token, expected_len, nonce, records... (a step's append: records
+# alone, the common write, with the fewest arguments to send and parse)
+_APPEND_RECORDS = _FENCED + "local n = tonumber(f[2])\n" + _push_from("4") + "return {1, n}\n"
+
+# KEYS run, log, state; ARGV token, expected_len, nonce, now, channel, status?, result?,
+# error?, ended_at?, inbox_pos?, release, due?, error_type?, ns, ns state entries (key,
+# JSON, ...: written only to a run that keeps the index), records...
+_APPEND = (
+    _FENCED
+    + "local n, ns = tonumber(f[2]), tonumber(ARGV[14])\n"
+    + _push_from("15 + ns")
+    + """if ns > 0 and redis.call('HEXISTS', rk, 'st') == 1 then
+  for i = 15, 14 + ns, 1000 do
+    redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 999, 14 + ns)))
+  end
+end
+local names = {[6] = 'status', [7] = 'result', [8] = 'error', [9] = 'ended_at',
+  [10] = 'inbox_pos', [13] = 'error_type'}
+for i, name in pairs(names) do
+  local v = opt(ARGV[i])
+  if v then redis.call('HSET', rk, name, v) end
+end
+if ARGV[11] == '1' or TERM[redis.call('HGET', rk, 'status')] then
+  release(rk, opt(ARGV[12]), ARGV[4])
+  redis.call('PUBLISH', ARGV[5], redis.call('HGET', rk, 'run_id'))
+elseif ARGV[6] ~= '' then
+  recount(rk)
+end
 return {1, n}
 """
+)
+
+# KEYS run, log; ARGV token, expected_len, nonce, records...
+_REWRITE = (
+    _FENCED + "redis.call('DEL', KEYS[2])\nlocal n = 0\n" + _push_from("4") + "return {1, n}\n"
+)
 
 # KEYS run; ARGV token, expiry
 _RENEW = """
@@ -321,6 +332,7 @@ SCRIPTS = dict(
     read=_READ,
     read_page=_READ_PAGE,
     append=_APPEND,
+    append_records=_APPEND_RECORDS,
     rewrite=_REWRITE,
     renew=_RENEW,
     release=_RELEASE,

@@ -34,7 +34,10 @@ One due index per (queue, workflow): ``claim_due`` reads only the workflows the
 claimer serves (``limit`` entries of each, merged), so due runs of a workflow no
 worker registers never starve claims and a claim's work is bounded by
 ``len(workflows) * limit``. Every script recomputes the run's index entry from
-its hash (``reindex``), so the index cannot drift from the record.
+its hash (``reindex``), so the index cannot drift from the record. The plain claim
+returns each claimed run as ``read`` would right after it (``Claim.snapshot``), and
+a step's append (records alone) has a short script of its own: the two writes on
+every run's path, each one round trip with as little to encode as it needs.
 
 The counters follow the status in the script that changes it (``recount``, run by
 every ``reindex``): a run whose ``counted`` differs from its ``status`` moves from
@@ -56,8 +59,8 @@ for 5 minutes (no duplicate item), renew and request_cancel are idempotent. Only
 ``claim_due`` is not de-duplicated: runs of a claim whose reply was lost stay
 leased until the lease expires, then are claimed again.
 
-Scripts touch undeclared keys (the due index named in the hash; run keys in
-claim_due, run and state keys in ``rows``; a queue's lease indexes), all under the
+Scripts touch undeclared keys (the due index named in the hash; run, log, inbox and
+state keys in claim_due, run and state keys in ``rows``; a queue's lease indexes), all under the
 same hash tag: fine on Redis, and in the script's slot on Redis Cluster.
 """
 
@@ -283,11 +286,11 @@ class RedisBackend(RedisRegistry):
             reply = await self._script("claim_due", "claim_limited", keys, args)
             return limiting.parse_claims(reply, limits)
         args = [num(now), owner, num(now + lease_seconds), limit, f"{self._tag}:run:"]
-        flat = await self._script(
-            "claim_due", "claim", keys, args + limiting.keys(self._tag, queue)[:2]
-        )
+        args += [*limiting.keys(self._tag, queue)[:2], f"{self._tag}:"]
+        claims = await self._script("claim_due", "claim", keys, args)
         return [
-            Claim(run_id=flat[i].decode(), token=int(flat[i + 1])) for i in range(0, len(flat), 2)
+            Claim(run_id=rid.decode(), token=int(tok), snapshot=_snapshot(read))
+            for rid, tok, *read in claims
         ]
 
     async def next_due(self, *, queue: str, workflows: Collection[str], now: float) -> float | None:
@@ -315,11 +318,7 @@ class RedisBackend(RedisRegistry):
             self._key("state", run_id),
         ]
         reply = await self._script("read", "read", keys, [log_from])
-        rec = None if reply is None else published.record(reply[0], reply[3])
-        if rec is None:
-            return None
-        inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
-        return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
+        return None if reply is None else _snapshot(reply)
 
     async def read_log_page(
         self, run_id: str, *, start: int, stop: int
@@ -347,8 +346,7 @@ class RedisBackend(RedisRegistry):
             update=update,
             now=now,
         )
-        keys = self._append_keys(run_id)
-        reply = await self._script("append", "append", keys, self._append_args(op))
+        reply = await self._script("append", *self._append_call(op))
         return fence_outcome(run_id, expected_len, reply)
 
     async def append_batch(self, appends: Sequence[Append]) -> list[int | Exception]:
@@ -356,13 +354,12 @@ class RedisBackend(RedisRegistry):
         trip); each script is atomic and fenced on its own. A retry after a lost
         reply re-sends the pipeline with the same nonces, so no append lands twice."""
         self._count("append_batch")
-        script = self._scripts["append"]
-        calls = [(self._append_keys(op.run_id), self._append_args(op)) for op in appends]
+        calls = [self._append_call(op) for op in appends]
 
         async def send(c: aioredis.Redis) -> list[Any]:
             pipe = c.pipeline(transaction=False)
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
+            for name, keys, args in calls:
+                await self._scripts[name](keys=keys, args=args, client=pipe)
             return list(await pipe.execute(raise_on_error=False))
 
         replies = await self._exec("append_batch", send)
@@ -377,32 +374,40 @@ class RedisBackend(RedisRegistry):
                 out.append(exc)
         return out
 
-    def _append_keys(self, run_id: str) -> list[str]:
-        """The append script's keys: the state hash is named even when nothing is
-        published (a name costs no command; the script writes it only if asked)."""
-        return [self._key("run", run_id), self._key("log", run_id), self._key("state", run_id)]
-
-    def _append_args(self, op: Append) -> list[Any]:
-        u = op.update or RunUpdate()
+    def _append_call(self, op: Append) -> tuple[str, list[str], list[Any]]:
+        """The script, keys and arguments of ``op``. A step's append, records alone,
+        has a short script of its own: a third of the arguments to encode and
+        parse, on the path every step takes. With an update, the state hash is
+        named even when nothing is published (a name costs no command; the script
+        writes it only if asked)."""
+        run, log = self._key("run", op.run_id), self._key("log", op.run_id)
+        nonce = uuid.uuid4().hex
+        if op.update is None:
+            return "append_records", [run, log], [op.token, op.expected_len, nonce, *op.records]
+        keys = [run, log, self._key("state", op.run_id)]
+        u = op.update
         result = opt(json.dumps(u.result, separators=(",", ":"))) if u.has_result else ""
-        return [
-            op.token,
-            op.expected_len,
-            num(op.now),
-            self._channel,
-            uuid.uuid4().hex,
-            opt(u.status.value if u.status is not None else None),
-            result,
-            opt(u.error),
-            opt(u.ended_at),
-            opt(u.inbox_pos),
-            "1" if u.release else "0",
-            "0" if op.update is None else "1",
-            opt(u.due_at),
-            opt(u.error_type),
-            *published.state_args(u.state),
-            *op.records,
-        ]
+        return (
+            "append",
+            keys,
+            [
+                op.token,
+                op.expected_len,
+                nonce,
+                num(op.now),
+                self._channel,
+                opt(u.status.value if u.status is not None else None),
+                result,
+                opt(u.error),
+                opt(u.ended_at),
+                opt(u.inbox_pos),
+                "1" if u.release else "0",
+                opt(u.due_at),
+                opt(u.error_type),
+                *published.state_args(u.state),
+                *op.records,
+            ],
+        )
 
     async def rewrite_log(
         self,
@@ -576,3 +581,13 @@ class RedisBackend(RedisRegistry):
     async def corrupt(self, run_id: str, position: int, data: bytes) -> None:
         """Overwrite one stored log record (to test how bad data is handled)."""
         await _cmd(self._require(), "LSET", self._key("log", run_id), position, data)
+
+
+def _snapshot(reply: Sequence[Any]) -> Snapshot | None:
+    """A read script's reply (run hash, log, pending inbox, state hash) as a snapshot;
+    None for a run that is gone."""
+    rec = published.record(reply[0], reply[3])
+    if rec is None:
+        return None
+    inbox = [InboxItem(id=rec.inbox_pos + 1 + i, data=d) for i, d in enumerate(reply[2])]
+    return Snapshot(run=rec, log=list(reply[1]), inbox=inbox)
