@@ -14,13 +14,14 @@ import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from substantial import Conductor, Context, RunFailed, workflow
-from substantial.backends import Backend
+from substantial.backends import Backend, Claims
 
 from ..backends import ALL, SERVERS, make_backend, url_for
 from .helpers import worker
@@ -226,11 +227,57 @@ async def test_a_result_this_process_s_worker_ended_is_not_read_back(store: Any)
                     await waiting
                 assert failed.value.error_type == "KeyError"
             else:
-                assert await waiting == ["ended", 1]
+                value: Any = await waiting  # typed as the workflow's tuple; JSON has lists
+                assert value == ["ended", 1]
             assert h.run_id not in reads
     await c.close()
     async with Conductor(store) as reader:  # what a read of the row gives
         assert await reader.handle(ids[0]).result(timeout=10) == ["ended", 1]
+
+
+class GatedFirstRead(NoPoll):
+    """A store whose first read of a run returns what it read only once the test
+    opens ``gate``: the claimed run's session is still loading meanwhile."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.read_done, self.gate = asyncio.Event(), asyncio.Event()
+        self.reads: list[str] = []
+
+    async def read(self, run_id: str, **kw: Any) -> Any:
+        snap = await self._inner.read(run_id, **kw)
+        self.reads.append(run_id)
+        if len(self.reads) == 1:
+            self.read_done.set()
+            await self.gate.wait()
+        return snap
+
+    async def claim_due(self, **kw: Any) -> Any:
+        # the read happens here: a claim that reads the run itself would skip ours
+        return Claims(replace(c, snapshot=None) for c in await self._inner.claim_due(**kw))
+
+
+@workflow(name="await_go")
+async def await_go(c: Context) -> Any:
+    return await c.receive("go")
+
+
+async def test_an_event_sent_while_the_run_loads_after_its_read_is_taken_in(
+    store: Any,
+) -> None:
+    """The session's first read has been made, without the event; the event's hint
+    comes before the session is ready. It is kept for the session, which takes
+    the event in at once (no poll here, and the run waits in place)."""
+    gated = GatedFirstRead(store._inner)
+    c = Conductor(gated)
+    c.register(await_go)
+    async with worker(c, hot_wait=30):
+        h = await c.start(await_go)
+        await asyncio.wait_for(gated.read_done.wait(), 10)
+        await h.send("go", "after the read")
+        gated.gate.set()
+        assert await h.result(timeout=10) == "after the read"
+    await c.close()
 
 
 CLIENT = """
